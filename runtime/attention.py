@@ -1,0 +1,103 @@
+"""StoryMaker's UNet attention processors: LoRA self-attention and decoupled cross-attention.
+
+Implements the release's attention (paper Sec. 3.3; IP-Adapter's decoupled
+cross-attention with LoRA): every `attn1` adds `lora_scale * up(down(x))` to
+to_q/to_k/to_v/to_out[0]; every `attn2` does the same on the text branch and
+adds an image branch, `h = Attn(Q, K_t, V_t) + ip_scale * Attn(Q, K_ip, V_ip)`
+before to_out, where the first 77 context tokens are text and the rest image
+tokens. One class, `StoryMakerAttnProcessor`, covers the four cases (LoRA or
+fused, with or without the image branch); its parameter names are the
+checkpoint's (`to_q_lora.down.weight`, `to_k_ip.weight`, ...). It follows
+diffusers' processor protocol, and `ip_scale` may be passed per call (a float or
+a 0-d tensor) through `cross_attention_kwargs={"ip_scale": ...}`, which is how
+the exported UNet takes it as a runtime input.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TEXT_TOKENS = 77  # the release splits encoder_hidden_states at 77: text first, then image tokens
+
+
+class LoRALinearLayer(nn.Module):
+    """up(down(x)) with no alpha scaling (the release's LoRA layer)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=False)
+        nn.init.normal_(self.down.weight, std=1.0 / rank)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x.to(self.down.weight.dtype))).to(x.dtype)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask=None) -> torch.Tensor:
+    b, _, inner = q.shape
+    d = inner // heads
+    split = lambda t: t.view(b, -1, heads, d).transpose(1, 2)              # (B, heads, N, d)
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
+    return out.transpose(1, 2).reshape(b, -1, inner).to(q.dtype)          # (B, N, inner)
+
+
+class StoryMakerAttnProcessor(nn.Module):
+    """Attention with optional LoRA (rank > 0) and optional decoupled image branch (ip)."""
+
+    def __init__(self, hidden_size: int, cross_attention_dim: int | None, rank: int = 0, ip: bool = False,
+                 lora_scale: float = 1.0, ip_scale: float = 1.0, text_tokens: int = TEXT_TOKENS):
+        super().__init__()
+        ctx = cross_attention_dim or hidden_size
+        self.rank, self.lora_scale, self.ip_scale, self.text_tokens = rank, lora_scale, ip_scale, text_tokens
+        if rank:
+            self.to_q_lora = LoRALinearLayer(hidden_size, hidden_size, rank)
+            self.to_k_lora = LoRALinearLayer(ctx, hidden_size, rank)
+            self.to_v_lora = LoRALinearLayer(ctx, hidden_size, rank)
+            self.to_out_lora = LoRALinearLayer(hidden_size, hidden_size, rank)
+        self.ip = ip
+        if ip:
+            self.to_k_ip = nn.Linear(ctx, hidden_size, bias=False)
+            self.to_v_ip = nn.Linear(ctx, hidden_size, bias=False)
+
+    def _proj(self, linear: nn.Module, lora_name: str, x: torch.Tensor) -> torch.Tensor:
+        y = linear(x)
+        if self.rank:
+            y = y + self.lora_scale * getattr(self, lora_name)(x)
+        return y
+
+    # __call__ (not forward) so diffusers sees `ip_scale` in the signature and passes it through.
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 ip_scale: torch.Tensor | float | None = None, **kwargs) -> torch.Tensor:
+        if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
+            raise NotImplementedError("StoryMaker processors expect SDXL transformer-block attention (3-D, no norms)")
+        residual = hidden_states
+        b = hidden_states.shape[0]                                            # (B, N, C)
+        if encoder_hidden_states is None:
+            context, ip_context = hidden_states, None
+        elif self.ip:
+            context = encoder_hidden_states[:, : self.text_tokens]            # (B, 77, D)
+            ip_context = encoder_hidden_states[:, self.text_tokens:]          # (B, T_img, D)
+        else:
+            context, ip_context = encoder_hidden_states, None
+        if attn.norm_cross and encoder_hidden_states is not None:
+            context = attn.norm_encoder_hidden_states(context)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], b)
+            attention_mask = attention_mask.view(b, attn.heads, -1, attention_mask.shape[-1])
+
+        q = self._proj(attn.to_q, "to_q_lora", hidden_states)
+        k = self._proj(attn.to_k, "to_k_lora", context)
+        v = self._proj(attn.to_v, "to_v_lora", context)
+        h = _sdpa(q, k, v, attn.heads, attention_mask)
+        if ip_context is not None:
+            scale = self.ip_scale if ip_scale is None else ip_scale
+            h = h + scale * _sdpa(q, self.to_k_ip(ip_context), self.to_v_ip(ip_context), attn.heads)
+
+        h = self._proj(attn.to_out[0], "to_out_lora", h)
+        h = attn.to_out[1](h)                                                 # dropout (identity in eval)
+        if attn.residual_connection:
+            h = h + residual
+        return h / attn.rescale_output_factor

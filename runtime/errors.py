@@ -1,0 +1,19 @@
+"""Error types that carry a message a user can act on.
+
+`WeightsError` is raised for missing or mismatched weight files (it names the
+file, the expected key/shape and the fix); `InputError` for bad request input
+(empty mask, size mismatch, too many characters, ...). Servers turn both into a
+per-request error; CLIs print them without a traceback.
+"""
+
+
+class StoryMakerError(Exception):
+    """Base class: the message is meant for the user, not for a traceback."""
+
+
+class WeightsError(StoryMakerError):
+    """A weight file or folder is missing, or its keys/shapes do not match."""
+
+
+class InputError(StoryMakerError, ValueError):
+    """A request's input cannot be processed (and would not be on retry)."""
