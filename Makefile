@@ -21,7 +21,8 @@ $(STAMP): requirements/constraints.txt requirements/core.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m runtime.generate --demo --story examples/demo_story.yaml --out out/demo
+	$(PY) -m export.demo_bundle build/demo_bundle
+	$(PY) -m runtime.generate --weights build/demo_bundle --story examples/demo_story.yaml --out out/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -1,0 +1,83 @@
+"""Face information per character: insightface `buffalo_l` detection + ArcFace, or a JSON file.
+
+The release runs `FaceAnalysis(name="buffalo_l")` on the BGR photo and keeps
+the largest face by bbox area: its 5 keypoints (`kps`) and the L2-normalised
+512-d ArcFace embedding (`normed_embedding`). `FaceAnalyzer` does the same with
+a local buffalo_l folder (insightface's own SCRFD and ArcFace classes; the
+recognizer runs only on the chosen face, which gives the same numbers as
+recognising all faces). `FaceInfo.from_json` reads `{"kps": 5x2, "embedding":
+512}` for users who computed face info elsewhere.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import InputError, WeightsError
+
+EMBED_DIM = 512
+
+
+@dataclass
+class FaceInfo:
+    kps: np.ndarray        # (5, 2) float32, pixel coordinates in the original photo
+    embedding: np.ndarray  # (512,) float32, L2-normalised
+
+    def __post_init__(self):
+        self.kps = np.asarray(self.kps, dtype=np.float32)
+        emb = np.asarray(self.embedding, dtype=np.float32).reshape(-1)
+        if self.kps.shape != (5, 2):
+            raise InputError(f"face info: kps must be 5x2 keypoints, got shape {self.kps.shape}")
+        if emb.shape != (EMBED_DIM,) or not np.isfinite(emb).all() or not np.isfinite(self.kps).all():
+            raise InputError(f"face info: embedding must be {EMBED_DIM} finite numbers (got shape {emb.shape})")
+        norm = float(np.linalg.norm(emb))
+        if norm == 0.0:
+            raise InputError("face info: embedding is all zeros")
+        self.embedding = emb / norm
+
+    @classmethod
+    def from_json(cls, path: Path | str) -> "FaceInfo":
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls(d["kps"], d["embedding"])
+        except FileNotFoundError:
+            raise InputError(f"face info file {path} not found") from None
+        except (KeyError, json.JSONDecodeError, TypeError) as e:
+            raise InputError(f"face info file {path}: expected JSON with 'kps' (5x2) and 'embedding' (512): {e}") from None
+
+    def to_json(self) -> str:
+        return json.dumps({"kps": self.kps.tolist(), "embedding": self.embedding.tolist()})
+
+
+class FaceAnalyzer:
+    """insightface FaceAnalysis over a local buffalo_l folder (detection + recognition only)."""
+
+    def __init__(self, folder: Path | str, det_size: tuple[int, int] = (640, 640), providers=None):
+        from insightface.app import FaceAnalysis
+
+        folder = Path(folder)
+        for f in ("det_10g.onnx", "w600k_r50.onnx"):
+            if not (folder / f).exists():
+                raise WeightsError(f"{folder / f}: missing (insightface buffalo_l). Unpack buffalo_l.zip into {folder}, "
+                                   "or give each character a face-info JSON instead.")
+        self.app = FaceAnalysis(name=str(folder), allowed_modules=["detection", "recognition"],
+                                providers=providers or ["CPUExecutionProvider"])
+        self.app.prepare(ctx_id=-1, det_size=det_size)
+        self.rec = self.app.models["recognition"]
+
+    def __call__(self, photo_rgb: np.ndarray, name: str = "photo") -> FaceInfo:
+        from insightface.app.common import Face
+
+        bgr = np.ascontiguousarray(photo_rgb[:, :, ::-1])
+        boxes, kpss = self.app.det_model.detect(bgr, max_num=0, metric="default")
+        if boxes.shape[0] == 0:
+            raise InputError(f"{name}: no face found. Use a photo with a clearly visible face, or pass face info as "
+                             "JSON (kps 5x2 + 512-d embedding).")
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        i = int(np.argmax(area))  # the release keeps the largest face
+        face = Face(bbox=boxes[i, :4], kps=kpss[i], det_score=boxes[i, 4])
+        self.rec.get(bgr, face)
+        return FaceInfo(face.kps, face.embedding)

@@ -1,0 +1,119 @@
+"""`python -m runtime.generate`: in-process StoryMaker generation (the PyTorch reference backend).
+
+Either a story YAML (`--story`, see runtime/story.py) or one frame from
+`--prompt` and `--character PHOTO,MASK[,FACE_JSON]` (repeat for 2-3
+characters). Weights come from `--weights DIR` (see runtime/loaders.py for the
+layout; `python -m export.demo_bundle DIR` writes a tiny random one). Writes
+PNGs, `contact_sheet.png` and `settings.json` to `--out`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from runtime.errors import StoryMakerError
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _lora(s: str) -> tuple[Path, float]:
+    file, _, scale = s.rpartition(":")
+    try:
+        return (Path(file), float(scale)) if file else (Path(s), 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lora expects FILE or FILE:SCALE, got {s!r}") from None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m runtime.generate", description=__doc__.split("\n\n")[1])
+    ap.add_argument("--weights", type=Path, required=True, help="weights folder (sdxl/, mask.bin, image_encoder/, ...)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--story", type=Path, help="story YAML: characters once, a list of frames")
+    src.add_argument("--prompt", help="a single frame's prompt (with --character)")
+    ap.add_argument("--character", action="append", default=[], metavar="PHOTO,MASK[,FACE_JSON]")
+    ap.add_argument("--cloth", action="append", default=[], metavar="INDEX:IMAGE", help="cloth swap for character INDEX (1-based)")
+    ap.add_argument("--pose", type=Path, help="OpenPose map for the ControlNet (needs controlnet/ in the weights)")
+    ap.add_argument("--out", type=Path, default=Path("out/generate"))
+    ap.add_argument("--lora", type=_lora, action="append", default=[], metavar="FILE[:SCALE]", help="style LoRA to fuse")
+    g = ap.add_argument_group("sampling (override the story's defaults)")
+    for name, typ in (("steps", int), ("guidance", float), ("width", int), ("height", int), ("seed", int),
+                      ("ip-scale", float), ("controlnet-scale", float), ("negative-prompt", str)):
+        g.add_argument(f"--{name}", type=typ)
+    ap.add_argument("--lora-scale", type=float, default=0.8, help="StoryMaker LoRA scale (fused at load)")
+    ap.add_argument("--identity-only", action="store_true", help="zero the character-image tokens (face identity only)")
+    ap.add_argument("--interpolation", type=float, help="blend characters 1 and 2 with this weight")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", choices=sorted(DTYPES), default="fp32")
+    return ap.parse_args(argv)
+
+
+def _single_frame_story(a) -> "Story":
+    from runtime.story import Frame, Story
+
+    if not a.character:
+        raise StoryMakerError("--prompt needs at least one --character PHOTO,MASK[,FACE_JSON]")
+    chars = []
+    for i, spec in enumerate(a.character):
+        parts = spec.split(",")
+        if len(parts) not in (2, 3):
+            raise StoryMakerError(f"--character {spec!r}: expected PHOTO,MASK or PHOTO,MASK,FACE_JSON")
+        chars.append({"name": f"character{i + 1}", "photo": parts[0], "mask": parts[1], "face": (parts[2:] or [None])[0]})
+    cloth = {}
+    for c in a.cloth:
+        idx, _, img = c.partition(":")
+        cloth[f"character{int(idx)}"] = img
+    frame = Frame(a.prompt, cloth=cloth, pose=str(a.pose) if a.pose else None, identity_only=a.identity_only,
+                  interpolation=a.interpolation)
+    return Story(chars, [frame], {})
+
+
+def quiet_libraries() -> None:
+    """CLI only: hide diffusers/transformers progress bars and info chatter; keep warnings we log."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from runtime.loaders import WeightsLayout, load_storymaker
+    from runtime.pipeline import StoryMakerPipeline
+    from runtime.story import Story, run_story
+
+    a = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    quiet_libraries()
+    try:
+        story = Story.load(a.story) if a.story else _single_frame_story(a)
+        overrides = {k: v for k, v in {"steps": a.steps, "guidance": a.guidance, "width": a.width, "height": a.height,
+                                       "seed": a.seed, "ip_scale": a.ip_scale, "controlnet_scale": a.controlnet_scale,
+                                       "negative_prompt": a.negative_prompt}.items() if v is not None}
+        if a.story and (a.identity_only or a.interpolation is not None):
+            for f in story.frames:
+                f.identity_only = f.identity_only or a.identity_only
+                f.interpolation = a.interpolation if a.interpolation is not None else f.interpolation
+        t0 = time.perf_counter()
+        print(f"loading weights from {a.weights} ...", flush=True)
+        layout = WeightsLayout.from_dir(a.weights, style_loras=a.lora or None)
+        models = load_storymaker(layout, lora_scale=a.lora_scale, dtype=getattr(torch, DTYPES[a.precision]),
+                                 device=a.device)
+        print(f"loaded in {time.perf_counter() - t0:.1f} s; generating {len(story.frames)} frame(s) "
+              f"with {len(story.characters)} character(s)", flush=True)
+        paths = run_story(StoryMakerPipeline(models), story, a.out, overrides, progress=lambda s: print(s, flush=True))
+    except StoryMakerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(paths)} frame(s), contact_sheet.png and settings.json to {a.out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
