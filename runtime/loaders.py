@@ -201,7 +201,10 @@ def load_storymaker(layout: WeightsLayout, *, lora_scale: float = 0.8, ip_scale:
     face = FaceAnalyzer(layout.buffalo_l) if layout.buffalo_l else None
     cn = load_controlnet(layout.controlnet) if layout.controlnet else None
     for m in (parts.unet, parts.text_encoder, parts.text_encoder_2, ppr, enc, cn):
-        if m is not None and (m.dtype != dtype or m.device.type != torch.device(device).type):
+        if m is None:
+            continue
+        p = next(m.parameters())
+        if p.dtype != dtype or p.device != torch.device(device):
             m.to(device=device, dtype=dtype)
     parts.vae.to(device=device)  # kept in float32: SDXL's VAE overflows in fp16
     return StoryMakerModels(parts, ppr, enc, face, cn, lora_scale)
