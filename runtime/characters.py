@@ -33,10 +33,17 @@ class Character:
     name: str = "character"
 
     @classmethod
-    def load(cls, photo, mask, face=None, cloth=None, name: str | None = None) -> "Character":
+    def load(cls, photo, mask, face=None, cloth=None, name: str | None = None, mask_channel: int = 0) -> "Character":
+        """Decode inputs. `mask_channel` picks one character of a colour-coded mask (one character per
+        RGB channel, as in multi-person segmentation maps); it becomes channel 0, which the release reads."""
         name = name or (Path(photo).stem if isinstance(photo, (str, Path)) else "character")
         face_info = face if isinstance(face, FaceInfo) or face is None else FaceInfo.from_json(face)
-        return cls(decode_image(photo, f"{name} photo"), decode_image(mask, f"{name} mask"), face_info,
+        m = decode_image(mask, f"{name} mask")
+        if mask_channel not in (0, 1, 2):
+            raise InputError(f"{name}: mask_channel must be 0, 1 or 2, got {mask_channel}")
+        if mask_channel:
+            m = np.repeat(m[:, :, mask_channel:mask_channel + 1], 3, axis=2)
+        return cls(decode_image(photo, f"{name} photo"), m, face_info,
                    None if cloth is None else decode_image(cloth, f"{name} cloth"), name)
 
 

@@ -54,7 +54,9 @@ def mask_bbox(mask: np.ndarray, name: str = "mask") -> tuple[int, int, int, int]
     m = mask[:, :, 0] if mask.ndim == 3 else mask
     contours, _ = cv2.findContours(np.ascontiguousarray(m), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
-        raise InputError(f"{name}: mask is empty (no white pixels); give a mask that covers the character")
+        raise InputError(f"{name}: mask is empty (no white pixels in channel 0); give a mask that covers the "
+                         "character, or, for a colour-coded multi-person mask, pick the character's channel "
+                         "with mask_channel")
     rects = np.array([cv2.boundingRect(c) for c in contours])  # (k, 4): x, y, w, h
     return (int(rects[:, 0].min()), int(rects[:, 1].min()),
             int((rects[:, 0] + rects[:, 2]).max()), int((rects[:, 1] + rects[:, 3]).max()))

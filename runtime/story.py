@@ -7,6 +7,7 @@ A story YAML (paths relative to the file) looks like:
     characters:
       - {name: man, photo: man.png, mask: man_mask.png, face: man.face.json}   # face optional
       - {name: woman, photo: woman.png, mask: woman_mask.png}
+      - {name: b, photo: two.jpg, mask: two_mask.png, mask_channel: 1}  # colour-coded mask: channel 1
     frames:
       - prompt: "a man and a woman walking in a park"
       - {prompt: "the man in a cafe", characters: [man], cloth: {man: coat.png}, seed: 7}
@@ -66,7 +67,7 @@ class Story:
             if "photo" not in c or "mask" not in c:
                 raise InputError(f"{path}: character {i + 1} needs 'photo' and 'mask'")
             chars.append({"name": c.get("name", f"character{i + 1}"), "photo": rel(c["photo"]),
-                          "mask": rel(c["mask"]), "face": rel(c.get("face"))})
+                          "mask": rel(c["mask"]), "face": rel(c.get("face")), "mask_channel": c.get("mask_channel", 0)})
         frames = []
         for i, f in enumerate(doc.get("frames") or []):
             f = {"prompt": f} if isinstance(f, str) else dict(f)
@@ -120,8 +121,8 @@ def run_story(pipe, story: Story, out: Path, overrides: dict | None = None, prog
             raise InputError(f"frame {i + 1}: unknown characters {missing}; the story defines {list(by_name)}")
         key = (tuple(names), tuple(sorted(fr.cloth.items())), fr.identity_only, fr.interpolation)
         if key not in token_cache:
-            chars = [Character.load(by_name[n]["photo"], by_name[n]["mask"], by_name[n]["face"], fr.cloth.get(n), n)
-                     for n in names]
+            chars = [Character.load(by_name[n]["photo"], by_name[n]["mask"], by_name[n]["face"], fr.cloth.get(n), n,
+                                    by_name[n].get("mask_channel", 0)) for n in names]
             token_cache[key] = pipe.encode_characters(chars, fr.identity_only, fr.interpolation)
         opts = GenerateOptions(prompt=fr.prompt, **{**story.defaults, **fr.options, **(overrides or {})})
         if fr.pose:
@@ -135,7 +136,8 @@ def run_story(pipe, story: Story, out: Path, overrides: dict | None = None, prog
         settings.append({**s, "characters": names, "cloth": fr.cloth, "pose": fr.pose,
                          "identity_only": fr.identity_only, "interpolation": fr.interpolation, "file": p.name})
         progress(f"frame {i + 1}/{len(story.frames)}: {p}  ({fr.prompt[:50]})")
-    refs = [character_image(decode_image(c["photo"]), decode_image(c["mask"]), c["name"]) for c in story.characters]
+    refs = [character_image(ch.photo, ch.mask, ch.name) for ch in
+            (Character.load(c["photo"], c["mask"], None, None, c["name"], c.get("mask_channel", 0)) for c in story.characters)]
     contact_sheet(refs, images, [f["file"] + ": " + f["prompt"] for f in settings]).save(out / "contact_sheet.png")
     (out / "settings.json").write_text(json.dumps({"characters": story.characters, "frames": settings}, indent=2))
     return paths

@@ -1,0 +1,55 @@
+"""Shared fixtures: the demo bundle (written once per session) and loaded models.
+
+Everything runs offline on a CPU: HF_HUB_OFFLINE is set before any
+huggingface import, and all weights come from the demo bundle that our own
+code writes in the real formats.
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory) -> Path:
+    from export.demo_bundle import write_demo_bundle
+
+    return write_demo_bundle(tmp_path_factory.mktemp("bundle") / "demo")
+
+
+@pytest.fixture(scope="session")
+def layout(bundle):
+    from runtime.loaders import WeightsLayout
+
+    return WeightsLayout.from_dir(bundle)
+
+
+@pytest.fixture(scope="session")
+def models(layout):
+    """Fused StoryMaker models (the production path)."""
+    from runtime.loaders import load_storymaker
+
+    torch.manual_seed(0)
+    return load_storymaker(layout, lora_scale=0.8, ip_scale=0.8, fuse=True)
+
+
+@pytest.fixture(scope="session")
+def pipe(models):
+    from runtime.pipeline import StoryMakerPipeline
+
+    return StoryMakerPipeline(models)
+
+
+@pytest.fixture(scope="session")
+def two_characters():
+    from runtime.characters import Character
+
+    return [Character.load(DATA / "ldh.png", DATA / "ldh_mask.png", DATA / "ldh.face.json", name="man"),
+            Character.load(DATA / "tsy.png", DATA / "tsy_mask.png", DATA / "tsy.face.json", name="woman")]

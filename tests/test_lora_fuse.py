@@ -1,0 +1,83 @@
+"""(b) The LoRA-fused UNet equals the release's unfused LoRA processors (<= 1e-5 max abs)."""
+import pytest
+import torch
+
+from runtime.adapter import attach_storymaker, set_ip_scale
+from runtime.attention import StoryMakerAttnProcessor
+from runtime.loaders import load_mask_bin, load_sdxl
+
+TOL = 1e-5
+
+
+def unet_with(bundle, fuse, lora_scale=0.8):
+    _, ip = load_mask_bin(bundle / "mask.bin")
+    unet = load_sdxl(bundle / "sdxl").unet.eval()
+    return attach_storymaker(unet, ip, lora_scale=lora_scale, ip_scale=0.8, fuse=fuse), ip
+
+
+def unet_inputs(unet, t_img=60, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = unet.config.cross_attention_dim
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    return dict(sample=torch.randn(2, 4, 24, 32, generator=g), timestep=torch.tensor(500),
+                encoder_hidden_states=torch.randn(2, 77 + t_img, d, generator=g),
+                added_cond_kwargs={"text_embeds": torch.randn(2, pooled, generator=g),
+                                   "time_ids": torch.tensor([[192., 256, 0, 0, 192, 256]] * 2)})
+
+
+@pytest.fixture(scope="module")
+def pair(bundle):
+    return unet_with(bundle, fuse=False), unet_with(bundle, fuse=True)
+
+
+@pytest.mark.parametrize("t_img", [40, 60, 80])
+def test_fused_equals_unfused(pair, t_img):
+    (ref, _), (fused, _) = pair
+    x = unet_inputs(ref, t_img)
+    with torch.no_grad():
+        a = ref(**x).sample
+        b = fused(**x).sample
+    err = (a - b).abs().max().item()
+    assert err <= TOL, err
+    assert a.abs().max() > 0.1  # not a trivially small output
+
+
+def test_fused_weight_is_exact_formula(bundle, pair):
+    (_, ip), (fused, _) = pair
+    base = load_sdxl(bundle / "sdxl").unet
+    name = next(n for n in base.attn_processors if n.endswith("attn2.processor"))
+    idx = list(base.attn_processors).index(name)
+    path = name.rsplit(".", 1)[0]
+    w0 = base.get_submodule(path).to_k.weight.double()
+    want = w0 + 0.8 * ip[f"{idx}.to_k_lora.up.weight"].double() @ ip[f"{idx}.to_k_lora.down.weight"].double()
+    got = fused.get_submodule(path).to_k.weight.double()
+    assert (got - want).abs().max() < 1e-7
+    assert (want - w0).abs().max() > 1e-3  # the LoRA delta is not negligible in the demo bundle
+
+
+def test_fused_unet_is_plain_plus_ip_layers(pair):
+    (_, _), (fused, _) = pair
+    procs = list(fused.attn_processors.values())
+    assert all(isinstance(p, StoryMakerAttnProcessor) and p.rank == 0 for p in procs)
+    assert sum(p.ip for p in procs) == len(procs) // 2
+    assert not any("lora" in k for k in fused.state_dict())
+
+
+def test_ip_scale_is_a_runtime_input(pair):
+    (_, _), (fused, _) = pair
+    x = unet_inputs(fused)
+    with torch.no_grad():
+        a = fused(**x, cross_attention_kwargs={"ip_scale": torch.tensor(0.8)}).sample
+        b = fused(**x, cross_attention_kwargs={"ip_scale": torch.tensor(0.3)}).sample
+        set_ip_scale(fused, 0.3)
+        c = fused(**x).sample
+        set_ip_scale(fused, 0.8)
+    assert (a - b).abs().max() > 1e-3
+    assert torch.allclose(b, c, atol=1e-6)
+
+
+def test_lora_scale_zero_is_base_unet(bundle):
+    (lora0, _), base = unet_with(bundle, fuse=True, lora_scale=0.0), load_sdxl(bundle / "sdxl").unet
+    fused = lora0.state_dict()
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, fused[k]), k

@@ -1,0 +1,79 @@
+"""(d) Preprocessing of the real photo/mask pairs: crop box, 224 character image, aligned face, CLIP input."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from runtime.errors import InputError
+from runtime.face import FaceInfo
+from runtime.preprocess import aligned_face, character_image, clip_pixels, decode_image, mask_bbox
+
+from conftest import DATA
+
+# the two-person mask is colour-coded: person 1 in the blue channel, person 2 in the green one
+PAIRS = [("ldh.png", "ldh_mask.png", 0), ("tsy.png", "tsy_mask.png", 0),
+         ("two_people.jpg", "two_people_mask.png", 2), ("two_people.jpg", "two_people_mask.png", 1)]
+
+
+@pytest.mark.parametrize("photo,mask,channel", PAIRS)
+def test_crop_box_equals_numpy_bbox(photo, mask, channel):
+    from runtime.characters import Character
+
+    m = Character.load(DATA / photo, DATA / mask, mask_channel=channel).mask
+    ys, xs = np.nonzero(np.asarray(Image.open(DATA / mask).convert("RGB"))[:, :, channel] > 0)  # non-black pixels
+    want = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    assert mask_bbox(m) == want
+    img = character_image(decode_image(DATA / photo), m)
+    assert img.size == (224, 224) and img.mode == "RGB"
+
+
+def test_composite_is_white_outside_mask():
+    photo = np.zeros((64, 64, 3), np.uint8)     # black photo
+    mask = np.zeros((64, 64, 3), np.uint8)
+    mask[10:50, 20:40] = 255
+    mask[10:20, 20:30] = 0                      # a hole in the top-left corner -> white after compositing
+    arr = np.asarray(character_image(photo, mask))
+    assert arr[0, 0].min() > 250 and arr[160, 112].max() < 5
+
+
+@pytest.mark.parametrize("name", ["ldh", "tsy"])
+def test_aligned_face_and_clip_pixels(name):
+    photo = decode_image(DATA / f"{name}.png")
+    face = FaceInfo.from_json(DATA / f"{name}.face.json")
+    aligned = aligned_face(photo, face.kps)
+    assert aligned.shape == (224, 224, 3) and aligned.dtype == np.uint8
+    px = clip_pixels([aligned, character_image(photo, decode_image(DATA / f"{name}_mask.png"))])
+    assert px.shape == (2, 3, 224, 224)
+    # CLIP normalisation: (x/255 - mean)/std, so values lie within [(0-mean)/std, (1-mean)/std]
+    assert px.min() >= -1.80 and px.max() <= 2.15
+
+
+def test_empty_mask_is_a_clear_error():
+    with pytest.raises(InputError, match="mask is empty"):
+        character_image(np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32, 3), np.uint8), "hero")
+    with pytest.raises(InputError, match="mask_channel"):   # colour-coded mask read at channel 0
+        character_image(decode_image(DATA / "two_people.jpg"), decode_image(DATA / "two_people_mask.png"))
+
+
+def test_mask_photo_size_mismatch():
+    with pytest.raises(InputError, match="mask is 16x32 but the photo is 32x32"):
+        character_image(np.zeros((32, 32, 3), np.uint8), np.full((32, 16, 3), 255, np.uint8))
+
+
+def test_undecodable_and_oversized_images():
+    with pytest.raises(InputError, match="cannot decode"):
+        decode_image(b"not an image", "photo")
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 300)).save(buf, format="PNG")
+    with pytest.raises(InputError, match="exceeds the limit"):
+        decode_image(buf.getvalue(), "photo", max_pixels=256 * 256)
+
+
+def test_face_json_validation(tmp_path):
+    bad = tmp_path / "f.json"
+    bad.write_text('{"kps": [[0, 0]], "embedding": []}')
+    with pytest.raises(InputError, match="5x2"):
+        FaceInfo.from_json(bad)
+    emb = FaceInfo.from_json(DATA / "ldh.face.json").embedding
+    assert abs(np.linalg.norm(emb) - 1) < 1e-6
