@@ -19,6 +19,7 @@ from torch import nn
 
 STRIDES = (8, 16, 32)
 ANCHORS = 2
+SCORE_GAIN, SCORE_BIAS = 5.0, -2.0
 
 
 class TinySCRFD(nn.Module):
@@ -29,10 +30,16 @@ class TinySCRFD(nn.Module):
         self.score = nn.ModuleList([nn.Conv2d(width, ANCHORS, 1) for _ in STRIDES])
         self.box = nn.ModuleList([nn.Conv2d(width, ANCHORS * 4, 1) for _ in STRIDES])
         self.kps = nn.ModuleList([nn.Conv2d(width, ANCHORS * 10, 1) for _ in STRIDES])
-        with torch.no_grad():  # few anchors above insightface's 0.5 threshold, mostly on the coarse level
-            for i, head in enumerate(self.score):
-                head.weight.mul_(20.0)
-                head.bias.fill_((-6.0, -5.0, -0.3)[i])
+        with torch.no_grad():
+            # Structured, not arbitrary: zero-mean stem filters and zero biases give no features on a flat
+            # image (no face found there); positive score weights fire on textured regions, and the score
+            # bias keeps only the strongest few anchors above insightface's 0.5 threshold.
+            self.stem.weight.sub_(self.stem.weight.mean(dim=(1, 2, 3), keepdim=True))
+            for conv in (self.stem, *self.down):
+                conv.bias.zero_()
+            for head in self.score:
+                head.weight.abs_().mul_(SCORE_GAIN)
+                head.bias.fill_(SCORE_BIAS)
 
     def forward(self, x: torch.Tensor):
         feats = [F.relu(self.stem(x))]

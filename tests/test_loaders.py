@@ -1,0 +1,95 @@
+"""Loaders: weights layout, missing/mismatched files with clear errors, style LoRAs fused exactly."""
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from runtime.errors import WeightsError
+from runtime.loaders import WeightsLayout, fuse_style_loras, load_sdxl, load_storymaker
+
+ATTN = "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
+
+
+def test_layout_finds_conventional_names(layout, bundle):
+    assert layout.sdxl == bundle / "sdxl" and layout.mask_bin == bundle / "mask.bin"
+    assert layout.buffalo_l == bundle / "buffalo_l" and layout.controlnet == bundle / "controlnet"
+
+
+def test_missing_weight_file_is_named(bundle, tmp_path):
+    w = tmp_path / "w"
+    shutil.copytree(bundle, w, ignore=shutil.ignore_patterns("mask.bin"))
+    with pytest.raises(WeightsError, match=r"lacks mask.bin \(StoryMaker adapter\)"):
+        WeightsLayout.from_dir(w)
+    (w / "sdxl" / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(WeightsError, match="vae"):
+        load_sdxl(w / "sdxl")
+    with pytest.raises(WeightsError, match="does not exist"):
+        WeightsLayout.from_dir(tmp_path / "nope")
+
+
+def test_single_file_needs_local_config(tmp_path):
+    f = tmp_path / "sdxl.safetensors"
+    save_file({"x": torch.zeros(1)}, f)
+    with pytest.raises(WeightsError, match="needs a local config folder.*Nothing is downloaded"):
+        load_sdxl(f)
+
+
+def test_adapter_for_another_width_rejected(bundle, tmp_path):
+    from runtime.loaders import load_mask_bin
+
+    proj, ip = load_mask_bin(bundle / "mask.bin")
+    proj = {k: v for k, v in proj.items()}
+    proj["pos_embed"] = torch.zeros(3, 20, 256)   # D=256 resampler into a D=128 UNet
+    w = tmp_path / "w"
+    shutil.copytree(bundle, w)
+    torch.save({"image_proj_model": proj, "ip_adapter": ip}, w / "mask.bin")
+    with pytest.raises(WeightsError, match="pos_embed: got \\(3, 20, 256\\), expected \\(3, 20, 128\\)"):
+        load_storymaker(WeightsLayout.from_dir(w))
+
+
+def _base_weight(bundle):
+    return load_sdxl(bundle / "sdxl").unet.get_submodule(ATTN).to_q.weight.detach().clone()
+
+
+def test_style_lora_diffusers_format(bundle, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    parts = load_sdxl(bundle / "sdxl")
+    parts.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k"], init_lora_weights=False))
+    sd = get_peft_model_state_dict(parts.unet)
+    StableDiffusionXLPipeline.save_lora_weights(str(tmp_path), unet_lora_layers=sd, safe_serialization=True)
+    a, b = sd[f"{ATTN}.to_q.lora_A.weight"], sd[f"{ATTN}.to_q.lora_B.weight"]
+
+    fresh = load_sdxl(bundle / "sdxl")
+    w0 = fresh.unet.get_submodule(ATTN).to_q.weight.detach().clone()
+    fuse_style_loras(fresh, [(tmp_path / "pytorch_lora_weights.safetensors", 0.5)])
+    w1 = fresh.unet.get_submodule(ATTN).to_q.weight
+    want = w0 + 0.5 * b @ a  # alpha == rank: diffusers-format files carry no alpha
+    assert (w1 - want).abs().max() < 1e-5 and (want - w0).abs().max() > 1e-3
+    assert type(fresh.unet.get_submodule(ATTN).to_q) is torch.nn.Linear  # unloaded: a plain Linear again
+
+
+def test_style_lora_kohya_format(bundle, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    w0 = _base_weight(bundle)
+    out_f, in_f = w0.shape
+    down, up = torch.randn(4, in_f, generator=g), torch.randn(out_f, 4, generator=g) * 0.1
+    key = "lora_unet_" + ATTN.replace(".", "_") + "_to_q"
+    save_file({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(2.0)},
+              tmp_path / "style.safetensors")
+    parts = load_sdxl(bundle / "sdxl")
+    fuse_style_loras(parts, [(tmp_path / "style.safetensors", 0.7)])
+    want = w0 + 0.7 * (2.0 / 4) * up @ down
+    assert (parts.unet.get_submodule(ATTN).to_q.weight - want).abs().max() < 1e-5
+
+
+def test_bad_style_lora(bundle, tmp_path):
+    f = tmp_path / "junk.safetensors"
+    save_file({"nothing.here": torch.zeros(2)}, f)
+    with pytest.raises(WeightsError, match="junk.safetensors"):
+        fuse_style_loras(load_sdxl(bundle / "sdxl"), [(f, 1.0)])
+    with pytest.raises(WeightsError, match="missing"):
+        fuse_style_loras(load_sdxl(bundle / "sdxl"), [(tmp_path / "absent.safetensors", 1.0)])
