@@ -94,6 +94,8 @@ class StoryMakerAttnProcessor(nn.Module):
         h = _sdpa(q, k, v, attn.heads, attention_mask)
         if ip_context is not None:
             scale = self.ip_scale if ip_scale is None else ip_scale
+            if torch.is_tensor(scale) and scale.ndim == 1:   # per-sample (batched requests): (B,) -> (B, 1, 1)
+                scale = scale.view(-1, 1, 1)
             h = h + scale * _sdpa(q, self.to_k_ip(ip_context), self.to_v_ip(ip_context), attn.heads)
 
         h = self._proj(attn.to_out[0], "to_out_lora", h)

@@ -1,0 +1,108 @@
+"""One I/O spec per exported component: the single source of tensor names, dtypes and dims.
+
+A `ComponentSpec` lists its inputs and outputs as `TensorSpec`s whose dims are
+ints or symbolic expressions over named symbols (`"B"`, `"2*B"`, `"h"`,
+`"h/2"`, `"T_img"`), plus each symbol's (min, opt, max) range. Everything
+else derives from it (TensorRT demo/Diffusion's contract, STYLE.md): ONNX
+`dynamic_axes`, TensorRT min/opt/max profile shapes, Triton `dims` (-1 for a
+dynamic axis), seeded sample inputs, and the shape assignments that parity
+validation tries (every symbol at >= 2 values).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+DIM = re.compile(r"^(?:(\d+)\*)?([A-Za-z_]\w*)(?:/(\d+))?$")
+NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+
+
+def eval_dim(dim: int | str, values: dict[str, int]) -> int:
+    if isinstance(dim, int):
+        return dim
+    m = DIM.match(dim)
+    if not m:
+        raise ValueError(f"bad dim expression {dim!r}: use SYM, K*SYM or SYM/K")
+    mul, sym, div = int(m.group(1) or 1), m.group(2), int(m.group(3) or 1)
+    v = values[sym] * mul
+    if v % div:
+        raise ValueError(f"dim {dim} is not integral for {sym}={values[sym]}")
+    return v // div
+
+
+def dim_name(dim: str) -> str:
+    """ONNX dynamic-axis name for an expression: '2*B' -> 'B_x2', 'h/2' -> 'h_d2'."""
+    m = DIM.match(dim)
+    return m.group(2) + (f"_x{m.group(1)}" if m.group(1) else "") + (f"_d{m.group(3)}" if m.group(3) else "")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                       # float32 | float16 | int64 | int32
+    dims: tuple[int | str, ...]
+    low: float = -1.0                # sample-input value range (uniform); ints: [low, high)
+    high: float = 1.0
+
+    def shape(self, values: dict[str, int]) -> tuple[int, ...]:
+        return tuple(eval_dim(d, values) for d in self.dims)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    symbols: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # sym -> (min, opt, max)
+    tolerance: float = 1e-4          # fp32 max abs error vs the PyTorch reference
+    note: str = ""
+
+    # ---- derived views (never written by hand elsewhere) ----
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        axes = {}
+        for t in self.inputs + self.outputs:
+            dyn = {i: dim_name(d) for i, d in enumerate(t.dims) if isinstance(d, str)}
+            if dyn:
+                axes[t.name] = dyn
+        return axes
+
+    def assignment(self, which: str) -> dict[str, int]:
+        idx = {"min": 0, "opt": 1, "max": 2}[which]
+        return {s: r[idx] for s, r in self.symbols.items()}
+
+    def profile(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """TensorRT optimisation profile: input -> {min, opt, max} shapes."""
+        return {t.name: {w: t.shape(self.assignment(w)) for w in ("min", "opt", "max")} for t in self.inputs}
+
+    def triton_dims(self, tensor: TensorSpec, batch_dim: bool = False) -> list[int]:
+        dims = [d if isinstance(d, int) else -1 for d in tensor.dims]
+        return dims[1:] if batch_dim else dims
+
+    def parity_assignments(self) -> list[dict[str, int]]:
+        """min, opt and max of every symbol: each dynamic axis is tried at >= 2 values."""
+        seen, out = set(), []
+        for w in ("min", "opt", "max"):
+            a = self.assignment(w)
+            key = tuple(sorted(a.items()))
+            if key not in seen:
+                seen.add(key)
+                out.append(a)
+        return out
+
+    def sample_inputs(self, values: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        out = {}
+        for t in self.inputs:
+            shape = t.shape(values)
+            if t.dtype.startswith("int"):
+                out[t.name] = rng.integers(int(t.low), int(t.high), size=shape).astype(NP_DTYPES[t.dtype])
+            else:
+                out[t.name] = rng.uniform(t.low, t.high, size=shape).astype(NP_DTYPES[t.dtype])
+        return out
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["profile"] = self.profile()
+        return d
