@@ -81,10 +81,11 @@ class ComponentSpec:
         return dims[1:] if batch_dim else dims
 
     def parity_assignments(self) -> list[dict[str, int]]:
-        """min, opt and max of every symbol: each dynamic axis is tried at >= 2 values."""
+        """min, opt and max of every symbol (each dynamic axis at >= 2 values), plus a mixed one
+        (symbols alternately at min and max, e.g. a non-square latent) when there are several symbols."""
         seen, out = set(), []
-        for w in ("min", "opt", "max"):
-            a = self.assignment(w)
+        mixed = {s: r[0] if i % 2 else r[2] for i, (s, r) in enumerate(self.symbols.items())}
+        for a in [self.assignment(w) for w in ("min", "opt", "max")] + [mixed]:
             key = tuple(sorted(a.items()))
             if key not in seen:
                 seen.add(key)

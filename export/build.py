@@ -1,0 +1,222 @@
+"""`python -m export.build`: StoryMaker weights -> ONNX (+ TensorRT engines) + parity + manifest.
+
+Stages per component (face_detector, face_recognizer, clip_vision, ppr,
+text_encoder, text_encoder_2, unet, controlnet, vae_decoder): export (or copy,
+for the insightface files), optional fp16 conversion, parity against the
+PyTorch reference with onnxruntime, TensorRT engine where TensorRT and a GPU
+exist. Stages are cached by content hash; a failing parity check fails the
+build (exit 1) after printing the table. `--demo` builds the tiny random demo
+bundle first (CPU, no downloads).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from export import manifest as mf
+from export.components import ExportProfile
+from export.faces import FILES as FACE_FILES
+from export.onnx_export import check_opset
+from runtime.errors import StoryMakerError
+
+log = logging.getLogger(__name__)
+TORCH_COMPONENTS = ("clip_vision", "ppr", "text_encoder", "text_encoder_2", "unet", "controlnet", "vae_decoder")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m export.build", description=__doc__.split("\n\n")[1])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", type=Path, help="weights folder (sdxl/, mask.bin, image_encoder/, buffalo_l/, controlnet/)")
+    src.add_argument("--demo", action="store_true", help="write and build the tiny random demo bundle (CPU, offline)")
+    ap.add_argument("--out", type=Path, required=True, help="build folder (manifest.json, onnx/, engines/)")
+    ap.add_argument("--fp16", action="store_true", help="fp16 ONNX (float32 I/O, sensitive ops in fp32); VAE stays fp32")
+    ap.add_argument("--fp16-vae", action="store_true", help="also the VAE in fp16 (only for an fp16-fixed VAE)")
+    ap.add_argument("--opset", type=int, default=17)
+    ap.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="style LoRA fused before export")
+    ap.add_argument("--lora-scale", type=float, default=0.8, help="StoryMaker LoRA scale fused into the UNet")
+    ap.add_argument("--max-characters", type=int, default=3)
+    ap.add_argument("--min-size", type=int, help="smallest image side in pixels (default 768; demo 64)")
+    ap.add_argument("--opt-size", type=int, help="TensorRT optimisation size (default 1024; demo 128)")
+    ap.add_argument("--max-size", type=int, help="largest image side (default 1536; demo 256)")
+    ap.add_argument("--max-batch", type=int, help="images per UNet call (CFG doubles it; default 2)")
+    ap.add_argument("--components", help="comma-separated subset to build (default: all available)")
+    ap.add_argument("--engines", choices=("auto", "off"), default="auto",
+                    help="TensorRT engines: auto = build where TensorRT and a CUDA GPU exist (default), off = ONNX only")
+    ap.add_argument("--refittable", action="store_true", help="TensorRT: refittable UNet engine (lora_scale/style refit)")
+    return ap.parse_args(argv)
+
+
+def _profile(a) -> ExportProfile:
+    p = ExportProfile.demo() if a.demo else ExportProfile()
+    for k in ("min_size", "opt_size", "max_size", "max_batch"):
+        if getattr(a, k) is not None:
+            setattr(p, k, getattr(a, k))
+    p.max_characters = a.max_characters
+    if not p.min_size <= p.opt_size <= p.max_size or p.min_size % 64:
+        raise StoryMakerError(f"sizes must satisfy min <= opt <= max and be multiples of 64 (got {p.min_size}, "
+                              f"{p.opt_size}, {p.max_size})")
+    return p
+
+
+def _sources(layout, hasher) -> dict[str, dict[str, str]]:
+    sd = layout.sdxl
+    sub = (lambda s: sd / s) if sd.is_dir() else (lambda s: sd)
+    loras = {f"{p}:{s}": hasher.file_sha(Path(p)) for p, s in layout.style_loras}
+    src = {
+        "clip_vision": hasher.tree(layout.image_encoder), "ppr": hasher.tree(layout.mask_bin),
+        "text_encoder": {**hasher.tree(sub("text_encoder")), **hasher.tree(sub("tokenizer")), **loras},
+        "text_encoder_2": {**hasher.tree(sub("text_encoder_2")), **hasher.tree(sub("tokenizer_2")), **loras},
+        "unet": {**hasher.tree(sub("unet")), **hasher.tree(layout.mask_bin), **loras},
+        "vae_decoder": hasher.tree(sub("vae")),
+    }
+    if layout.controlnet:
+        src["controlnet"] = hasher.tree(layout.controlnet)
+    if layout.buffalo_l:
+        for name, f in FACE_FILES.items():
+            src[name] = hasher.tree(layout.buffalo_l / f)
+    return src
+
+
+def _precision(name: str, a) -> str:
+    if name == "vae_decoder":
+        return "fp16" if a.fp16_vae else "fp32"
+    return "fp16" if a.fp16 else "fp32"
+
+
+def _build_one(name, stage, a, out, hasher) -> dict:
+    """Export/copy, convert, check one component; returns its manifest record."""
+    from export.faces import OnnxReference, build_face_model
+    from export.onnx_export import export_onnx, to_fp16
+    from export.parity import check
+
+    prec = _precision(name, a)
+    t0 = time.perf_counter()
+    if name in FACE_FILES:
+        spec, files, src = build_face_model(name, stage.layout.buffalo_l, out / "onnx" / name, prec)
+        ref, info = OnnxReference(src, spec), {"exporter": "copied from buffalo_l", "opset": None, "slimmed": False}
+        fp32_parity = None
+    else:
+        comp = stage.components()[name]
+        spec, ref = comp.spec, comp.reference
+        info = export_onnx(comp.graph, spec, out / "onnx" / name / "model.onnx", a.opset)
+        files = info.pop("files")
+        fp32_parity = check(spec, files[0], ref, "fp32")
+        if prec == "fp16":
+            files = to_fp16(files[0], out / "onnx" / name / "model.fp16.onnx")
+    parity = check(spec, files[0], ref, prec) if (prec == "fp16" or fp32_parity is None) else fp32_parity
+    rec = {"files": mf.file_records(files, out, hasher), "precision": prec, "opset": info.pop("opset") or None,
+           "spec": spec.to_json(), "inputs": [asdict(t) for t in spec.inputs], "outputs": [asdict(t) for t in spec.outputs],
+           "profile": spec.profile(), "parity": parity.to_json(), "export_seconds": round(time.perf_counter() - t0, 2),
+           **info}
+    if fp32_parity is not None and prec == "fp16":
+        rec["parity_fp32_export"] = fp32_parity.to_json()
+    return rec
+
+
+class _Stage:
+    """Loads the models once, only if some torch component must be (re)built."""
+
+    def __init__(self, layout, a, prof):
+        self.layout, self.a, self.prof, self._comps = layout, a, prof, None
+
+    def components(self):
+        if self._comps is None:
+            from export.components import build_components
+            from runtime.adapter import attach_storymaker
+            from runtime.loaders import fuse_style_loras, load_mask_bin, load_sdxl, load_storymaker
+
+            print("  loading weights (fused UNet for export, unfused release processors as the reference) ...", flush=True)
+            m = load_storymaker(self.layout, lora_scale=self.a.lora_scale)
+            ref = load_sdxl(self.layout.sdxl, self.layout.sdxl_config)
+            fuse_style_loras(ref, self.layout.style_loras)
+            attach_storymaker(ref.unet, load_mask_bin(self.layout.mask_bin)[1], lora_scale=self.a.lora_scale, fuse=False)
+            self._comps = build_components(m, ref.unet.eval(), self.prof)
+        return self._comps
+
+
+def _table(records: dict) -> str:
+    rows = [("component", "precision", "max_abs_err", "cos_sim", "tolerance", "status", "shapes")]
+    for name, r in records.items():
+        p = r["parity"]
+        fmt = lambda v, f: "-" if v is None else format(v, f)
+        rows.append((name, r["precision"], fmt(p["max_abs_err"], ".2e"), fmt(p["cos_sim"], ".6f"), p["tolerance"],
+                     p["status"][:40], str(len(p["shapes"]))))
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
+
+
+def build(a) -> int:
+    from export import tensorrt as trt_build
+    from runtime.loaders import WeightsLayout
+
+    check_opset(a.opset)
+    prof = _profile(a)
+    out = a.out
+    out.mkdir(parents=True, exist_ok=True)
+    if a.demo:
+        from export.demo_bundle import write_demo_bundle
+
+        print(f"demo bundle -> {out / 'demo_bundle'}", flush=True)
+        weights = write_demo_bundle(out / "demo_bundle")
+    else:
+        weights = a.weights
+    loras = [(Path(s.rpartition(":")[0] or s), float(s.rpartition(":")[2]) if ":" in s else 1.0) for s in a.lora]
+    layout = WeightsLayout.from_dir(weights, style_loras=loras or None)
+    hasher = mf.Hasher(out / ".hashcache.json")
+    sources = _sources(layout, hasher)
+    wanted = a.components.split(",") if a.components else [c for c in (*FACE_FILES, *TORCH_COMPONENTS) if c in sources]
+    unknown = [c for c in wanted if c not in sources]
+    if unknown:
+        raise StoryMakerError(f"cannot build {unknown}: unknown component or its weights are absent; available: {sorted(sources)}")
+    old = mf.load(out).get("components", {})
+    stage, records = _Stage(layout, a, prof), {}
+    settings = dict(opset=a.opset, profile=asdict(prof), lora_scale=a.lora_scale)
+    for i, name in enumerate(wanted, 1):
+        key = mf.stage_key({}, sources[name], precision=_precision(name, a), **settings)
+        if mf.cached(old.get(name), key, out, hasher):
+            records[name] = old[name]
+            print(f"[{i}/{len(wanted)}] {name}: cached (inputs unchanged, files verified by sha256)", flush=True)
+            continue
+        print(f"[{i}/{len(wanted)}] {name}: building ({_precision(name, a)}) ...", flush=True)
+        records[name] = {**_build_one(name, stage, a, out, hasher), "key": key}
+        p = records[name]["parity"]
+        num = lambda v, f: "n/a" if v is None else format(v, f)
+        print(f"[{i}/{len(wanted)}] {name}: {records[name]['export_seconds']:.1f} s, parity {p['status']} "
+              f"(max_abs {num(p['max_abs_err'], '.2e')}, cos {num(p['cos_sim'], '.6f')})", flush=True)
+    engines = trt_build.build_engines(records, out, refittable=a.refittable) if a.engines == "auto" else \
+        {"status": "skipped", "reason": "--engines off"}
+    if engines["status"] != "built":
+        print(f"TensorRT engines: {engines['status']}: {engines['reason']}", flush=True)
+    hasher.save()
+    path = mf.write(out, {"format": 1, "precision": "fp16" if a.fp16 else "fp32", "tools": mf.tool_versions(),
+                          "weights": {k: v for s in sources.values() for k, v in s.items()}, "profile": asdict(prof),
+                          "lora_scale": a.lora_scale, "style_loras": [f"{p}:{s}" for p, s in loras],
+                          "engines": engines, "components": {**old, **records}})
+    print("\nparity (onnxruntime CPU vs PyTorch reference)\n" + _table(records))
+    failed = [n for n, r in records.items() if r["parity"]["status"] == "failed"]
+    print(f"\nmanifest: {path}")
+    if failed:
+        print(f"BUILD FAILED: parity failed for {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    from runtime.generate import quiet_libraries
+
+    quiet_libraries()
+    try:
+        return build(a)
+    except (StoryMakerError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
