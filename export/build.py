@@ -50,8 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _profile(a) -> ExportProfile:
-    p = ExportProfile.demo() if a.demo else ExportProfile()
+def _is_demo_bundle(weights: Path) -> bool:
+    stamp = Path(weights) / "bundle.json"
+    return stamp.exists() and "storymaker-demo-bundle" in stamp.read_text()
+
+
+def _profile(a, weights: Path) -> ExportProfile:
+    """Shape ranges: the demo profile (64..256 px) for the demo bundle, SDXL's (768..1536 px) otherwise."""
+    p = ExportProfile.demo() if _is_demo_bundle(weights) else ExportProfile()
     for k in ("min_size", "opt_size", "max_size", "max_batch"):
         if getattr(a, k) is not None:
             setattr(p, k, getattr(a, k))
@@ -154,7 +160,6 @@ def build(a) -> int:
     from runtime.loaders import WeightsLayout
 
     check_opset(a.opset)
-    prof = _profile(a)
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
     if a.demo:
@@ -164,6 +169,7 @@ def build(a) -> int:
         weights = write_demo_bundle(out / "demo_bundle")
     else:
         weights = a.weights
+    prof = _profile(a, weights)
     loras = [(Path(s.rpartition(":")[0] or s), float(s.rpartition(":")[2]) if ":" in s else 1.0) for s in a.lora]
     layout = WeightsLayout.from_dir(weights, style_loras=loras or None)
     hasher = mf.Hasher(out / ".hashcache.json")

@@ -1,0 +1,39 @@
+"""Triton `config.pbtxt` for an exported component, derived from its I/O spec.
+
+The config is built as Triton's own `ModelConfig` protobuf (from tritonclient)
+and printed with protobuf's text format, so a field Triton does not know fails
+here, at build time, not when the server loads the repository. Dims come from
+the spec (-1 for a dynamic axis). With `max_batch_size > 0` the spec's first
+axis is the batch axis and is left out of `dims`, as Triton expects.
+"""
+from __future__ import annotations
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+from export.spec import ComponentSpec
+
+DTYPES = {"float32": pb.TYPE_FP32, "float16": pb.TYPE_FP16, "int64": pb.TYPE_INT64, "int32": pb.TYPE_INT32}
+BACKENDS = {"onnxruntime": ("onnxruntime", "model.onnx"), "tensorrt": ("tensorrt", "model.plan")}
+
+
+def model_config(spec: ComponentSpec, backend: str = "onnxruntime", max_batch_size: int = 0,
+                 instances: int = 1, kind: str = "KIND_CPU") -> pb.ModelConfig:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: use one of {sorted(BACKENDS)}")
+    name, filename = BACKENDS[backend]
+    cfg = pb.ModelConfig(name=spec.name, backend=name, max_batch_size=max_batch_size, default_model_filename=filename)
+    batched = max_batch_size > 0
+    for tensors, field in ((spec.inputs, cfg.input), (spec.outputs, cfg.output)):
+        for t in tensors:
+            field.add(name=t.name, data_type=DTYPES[t.dtype], dims=spec.triton_dims(t, batch_dim=batched))
+    cfg.instance_group.add(count=instances, kind=getattr(pb.ModelInstanceGroup, kind))
+    return cfg
+
+
+def to_pbtxt(cfg: pb.ModelConfig) -> str:
+    return text_format.MessageToString(cfg)
+
+
+def parse_pbtxt(text: str) -> pb.ModelConfig:
+    return text_format.Parse(text, pb.ModelConfig())

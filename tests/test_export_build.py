@@ -1,0 +1,104 @@
+"""`python -m export.build --demo`: every component exported, checked against PyTorch, recorded, cached."""
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.build import main
+
+COMPONENTS = {"face_detector", "face_recognizer", "clip_vision", "ppr", "text_encoder", "text_encoder_2", "unet",
+              "controlnet", "vae_decoder"}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("build") / "demo"
+    assert main(["--demo", "--out", str(out)]) == 0
+    return out
+
+
+def test_manifest_records_every_component(built, capsys):
+    m = json.loads((built / "manifest.json").read_text())
+    assert set(m["components"]) == COMPONENTS
+    for name, c in m["components"].items():
+        assert c["parity"]["passed"] is True and c["precision"] == "fp32", name
+        assert c["parity"]["max_abs_err"] <= c["spec"]["tolerance"], name
+        for f in c["files"]:
+            assert (built / f["path"]).exists() and len(f["sha256"]) == 64
+        assert c["profile"] and c["inputs"] and c["outputs"] and "export_seconds" in c
+    assert m["components"]["unet"]["opset"] == 17 and m["tools"]["onnxruntime"]
+    assert m["engines"]["status"] == "skipped" and m["engines"]["reason"]
+    assert {s["n"] for s in m["components"]["ppr"]["parity"]["shapes"]} == {1, 2, 3}
+    assert {s["S"] for s in m["components"]["unet"]["parity"]["shapes"]} == {117, 137, 157}
+    assert all(k.startswith(str(built / "demo_bundle")) for k in m["weights"])
+
+
+def test_second_build_reuses_cache(built, capsys):
+    before = json.loads((built / "manifest.json").read_text())["components"]
+    capsys.readouterr()
+    assert main(["--demo", "--out", str(built)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("cached") == len(COMPONENTS) and "building" not in out
+    after = json.loads((built / "manifest.json").read_text())["components"]
+    assert {k: v["files"] for k, v in before.items()} == {k: v["files"] for k, v in after.items()}
+
+
+def _unet_feeds(built, ip_scale):
+    spec = json.loads((built / "manifest.json").read_text())["components"]["unet"]["spec"]
+    from export.spec import ComponentSpec, TensorSpec
+
+    s = ComponentSpec(spec["name"], tuple(TensorSpec(**{**t, "dims": tuple(t["dims"])}) for t in spec["inputs"]),
+                      tuple(TensorSpec(**{**t, "dims": tuple(t["dims"])}) for t in spec["outputs"]),
+                      {k: tuple(v) for k, v in spec["symbols"].items()})
+    feeds = s.sample_inputs(s.assignment("opt"), seed=5)
+    feeds["ip_scale"] = np.full_like(feeds["ip_scale"], ip_scale)
+    for k in feeds:                        # no pose map: ControlNet residuals are zeros
+        if k.endswith("_res") or k.startswith("down_res"):
+            feeds[k] = np.zeros_like(feeds[k])
+    return feeds
+
+
+def test_ip_scale_is_a_runtime_input_of_the_onnx_unet(built, bundle):
+    """Changing ip_scale at run time changes the ONNX output exactly as it changes the reference's."""
+    from runtime.adapter import attach_storymaker
+    from runtime.loaders import load_mask_bin, load_sdxl
+
+    sess = ort.InferenceSession(str(built / "onnx/unet/model.onnx"), providers=["CPUExecutionProvider"])
+    ref = load_sdxl(bundle / "sdxl").unet.eval()
+    attach_storymaker(ref, load_mask_bin(bundle / "mask.bin")[1], lora_scale=0.8, fuse=False)  # the release's processors
+    outs = {}
+    for s in (0.0, 0.8):
+        f = _unet_feeds(built, s)
+        onnx_out = sess.run(["noise_pred"], f)[0]
+        with torch.no_grad():
+            t = {k: torch.from_numpy(v) for k, v in f.items()}
+            ref_out = ref(t["sample"], t["timestep"], encoder_hidden_states=t["encoder_hidden_states"],
+                          added_cond_kwargs={"text_embeds": t["text_embeds"], "time_ids": t["time_ids"]},
+                          cross_attention_kwargs={"ip_scale": t["ip_scale"]}).sample.numpy()
+        assert np.abs(onnx_out - ref_out).max() <= 1e-4
+        outs[s] = onnx_out
+    assert np.abs(outs[0.8] - outs[0.0]).max() > 1e-3
+
+
+def test_fp16_build_subset(tmp_path, bundle):
+    out = tmp_path / "b16"
+    assert main(["--weights", str(bundle), "--fp16", "--out", str(out), "--components", "ppr,unet,vae_decoder"]) == 0
+    c = json.loads((out / "manifest.json").read_text())["components"]
+    assert c["unet"]["precision"] == "fp16" and c["unet"]["parity"]["cos_sim"] >= 0.999
+    assert c["unet"]["files"][0]["path"].endswith("model.fp16.onnx") and c["unet"]["parity_fp32_export"]["passed"]
+    assert c["vae_decoder"]["precision"] == "fp32"   # SDXL's VAE stays fp32 unless --fp16-vae
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--weights", "/nonexistent/weights"], "does not exist"),
+    (["--demo", "--opset", "12"], "opset 12 is not supported"),
+    (["--demo", "--max-characters", "4"], "4 characters requested.*1 to 3"),
+    (["--demo", "--components", "unet,imaginary"], "cannot build \\['imaginary'\\]"),
+])
+def test_bad_build_inputs(tmp_path, capsys, args, msg):
+    import re
+
+    assert main(args + ["--out", str(tmp_path / "o")]) == 2
+    assert re.search(msg, capsys.readouterr().err)
