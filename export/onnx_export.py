@@ -66,22 +66,53 @@ def export_onnx(graph: torch.nn.Module, spec: ComponentSpec, path: Path, opset: 
             torch.onnx.export(graph, args, str(raw), input_names=[t.name for t in spec.inputs],
                               output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes(),
                               opset_version=check_opset(opset), dynamo=False, do_constant_folding=True)
-        model = onnx.load(str(raw))
-    slimmed = False
-    if model.ByteSize() < TWO_GB:
-        import onnxslim
+        large = sum(f.stat().st_size for f in Path(tmp).iterdir()) >= TWO_GB
+        if large:   # never materialise > 2 GB of weights in protobuf: stream them into one data file
+            files, slimmed = consolidate_external_data(raw, path), False
+        else:
+            import onnxslim
 
-        model = onnxslim.slim(model)
-        slimmed = True
-    files = _save(model, path)
+            files, slimmed = _save(onnxslim.slim(onnx.load(str(raw))), path), True
     return {"files": files, "seconds": time.perf_counter() - t0, "exporter": f"torch.onnx (dynamo=False) {torch.__version__}",
             "opset": opset, "slimmed": slimmed}
 
 
+def consolidate_external_data(raw: Path, path: Path) -> list[Path]:
+    """Rewrite a model whose tensors live in many external files to `path` + one `path.data`, tensor by tensor."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    model = onnx.load(str(raw), load_external_data=False)
+    data_name = path.name + ".data"
+    for old in path.parent.glob(path.name + "*"):
+        old.unlink()
+    offset = 0
+    with open(path.parent / data_name, "wb") as out:
+        for t in model.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = ExternalDataInfo(t)
+            with open(raw.parent / info.location, "rb") as f:
+                f.seek(info.offset or 0)
+                blob = f.read(info.length) if info.length else f.read()
+            pad = (-offset) % 4096                       # page-aligned tensors (mmap-friendly)
+            out.write(b"\0" * pad)
+            offset += pad
+            out.write(blob)
+            del t.external_data[:]
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(blob)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(blob)
+    onnx.save_model(model, str(path))
+    return [path, path.parent / data_name]
+
+
 def to_fp16(src: Path, dst: Path) -> list[Path]:
-    """fp16 weights/compute with float32 I/O; sensitive ops stay float32."""
+    """fp16 weights/compute with float32 I/O; sensitive ops stay float32 (the converter needs ONNX shape
+    inference to put Casts around them, which works on graphs under 2 GB; larger fp16 graphs: see README)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(src))
-    half = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS, disable_shape_infer=True)
+    half = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS, disable_shape_infer=False)
     return _save(half, dst)
+
