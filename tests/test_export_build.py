@@ -102,3 +102,23 @@ def test_bad_build_inputs(tmp_path, capsys, args, msg):
 
     assert main(args + ["--out", str(tmp_path / "o")]) == 2
     assert re.search(msg, capsys.readouterr().err)
+
+
+def test_style_lora_is_fused_before_export(tmp_path, bundle, built):
+    """--lora FILE:SCALE changes the exported UNet (new cache key) and parity still holds against a
+    reference that has the same style LoRA fused."""
+    from safetensors.torch import save_file
+
+    attn = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_q"
+    g = torch.Generator().manual_seed(0)
+    save_file({f"{attn}.lora_down.weight": torch.randn(4, 64, generator=g),
+               f"{attn}.lora_up.weight": torch.randn(64, 4, generator=g) * 0.1, f"{attn}.alpha": torch.tensor(4.0)},
+              tmp_path / "style.safetensors")
+    out = tmp_path / "styled"
+    assert main(["--weights", str(built / "demo_bundle"), "--out", str(out), "--components", "unet",
+                 "--lora", f"{tmp_path / 'style.safetensors'}:0.7"]) == 0
+    styled = json.loads((out / "manifest.json").read_text())
+    plain = json.loads((built / "manifest.json").read_text())["components"]["unet"]
+    assert styled["components"]["unet"]["parity"]["passed"]
+    assert styled["style_loras"] == [f"{tmp_path / 'style.safetensors'}:0.7"]
+    assert styled["components"]["unet"]["files"][0]["sha256"] != plain["files"][0]["sha256"]
