@@ -124,11 +124,7 @@ def fuse_lora(unet, procs: dict[str, StoryMakerAttnProcessor], lora_scale: float
             lora = getattr(p, lora_name)
             delta = lora.up.weight.double() @ lora.down.weight.double()               # (out, in)
             lin.weight.copy_((lin.weight.double() + lora_scale * delta).to(lin.weight.dtype))
-        q = StoryMakerAttnProcessor(p.to_q_lora.up.out_features, p.to_k_ip.in_features if p.ip else None,
-                                    rank=0, ip=p.ip, ip_scale=p.ip_scale)
-        if p.ip:
-            q.to_k_ip, q.to_v_ip = p.to_k_ip, p.to_v_ip
-        fused[name] = q
+        fused[name] = StoryMakerAttnProcessor.from_processor(p, drop_lora=True)
     return fused
 
 

@@ -50,6 +50,7 @@ class StoryMakerAttnProcessor(nn.Module):
                  lora_scale: float = 1.0, ip_scale: float = 1.0, text_tokens: int = TEXT_TOKENS):
         super().__init__()
         ctx = cross_attention_dim or hidden_size
+        self.hidden_size, self.cross_attention_dim = hidden_size, cross_attention_dim
         self.rank, self.lora_scale, self.ip_scale, self.text_tokens = rank, lora_scale, ip_scale, text_tokens
         if rank:
             self.to_q_lora = LoRALinearLayer(hidden_size, hidden_size, rank)
@@ -61,11 +62,29 @@ class StoryMakerAttnProcessor(nn.Module):
             self.to_k_ip = nn.Linear(ctx, hidden_size, bias=False)
             self.to_v_ip = nn.Linear(ctx, hidden_size, bias=False)
 
+    @classmethod
+    def from_processor(cls, p: "StoryMakerAttnProcessor", drop_lora: bool = False) -> "StoryMakerAttnProcessor":
+        """A processor of class `cls` sharing p's weights (to_k_ip/to_v_ip, and LoRA unless drop_lora)."""
+        new = cls(p.hidden_size, p.cross_attention_dim, rank=0, ip=False, lora_scale=p.lora_scale,
+                  ip_scale=p.ip_scale, text_tokens=p.text_tokens)
+        new.rank, new.ip = (0 if drop_lora else p.rank), p.ip
+        for name, child in p.named_children():
+            if not (drop_lora and name.endswith("_lora")):
+                setattr(new, name, child)
+        return new
+
     def _proj(self, linear: nn.Module, lora_name: str, x: torch.Tensor) -> torch.Tensor:
         y = linear(x)
         if self.rank:
             y = y + self.lora_scale * getattr(self, lora_name)(x)
         return y
+
+    def dual_attention(self, q, k, v, k_ip, v_ip, heads: int, mask, scale) -> torch.Tensor:
+        """Attn(q, k, v) + scale * Attn(q, k_ip, v_ip), all (B, N, heads*d); scale float, 0-d or (B,).
+        The reference: two SDPA calls. kernels/ overrides this with one fused kernel."""
+        if torch.is_tensor(scale) and scale.ndim == 1:   # per-sample (batched requests): (B,) -> (B, 1, 1)
+            scale = scale.view(-1, 1, 1)
+        return _sdpa(q, k, v, heads, mask) + scale * _sdpa(q, k_ip, v_ip, heads)
 
     # __call__ (not forward) so diffusers sees `ip_scale` in the signature and passes it through.
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
@@ -91,13 +110,12 @@ class StoryMakerAttnProcessor(nn.Module):
         q = self._proj(attn.to_q, "to_q_lora", hidden_states)
         k = self._proj(attn.to_k, "to_k_lora", context)
         v = self._proj(attn.to_v, "to_v_lora", context)
-        h = _sdpa(q, k, v, attn.heads, attention_mask)
-        if ip_context is not None:
+        if ip_context is None:
+            h = _sdpa(q, k, v, attn.heads, attention_mask)
+        else:
             scale = self.ip_scale if ip_scale is None else ip_scale
-            if torch.is_tensor(scale) and scale.ndim == 1:   # per-sample (batched requests): (B,) -> (B, 1, 1)
-                scale = scale.view(-1, 1, 1)
-            h = h + scale * _sdpa(q, self.to_k_ip(ip_context), self.to_v_ip(ip_context), attn.heads)
-
+            h = self.dual_attention(q, k, v, self.to_k_ip(ip_context), self.to_v_ip(ip_context), attn.heads,
+                                    attention_mask, scale)
         h = self._proj(attn.to_out[0], "to_out_lora", h)
         h = attn.to_out[1](h)                                                 # dropout (identity in eval)
         if attn.residual_connection:

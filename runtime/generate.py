@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--identity-only", action="store_true", help="zero the character-image tokens (face identity only)")
     ap.add_argument("--interpolation", type=float, help="blend characters 1 and 2 with this weight")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dual-attention-kernel", action="store_true",
+                    help="fused Triton kernel for the decoupled cross-attention (CUDA; reference elsewhere)")
     ap.add_argument("--precision", choices=sorted(DTYPES), default="fp32")
     return ap.parse_args(argv)
 
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
         print(f"loading weights from {a.weights} ...", flush=True)
         layout = WeightsLayout.from_dir(a.weights, style_loras=a.lora or None)
         models = load_storymaker(layout, lora_scale=a.lora_scale, dtype=getattr(torch, DTYPES[a.precision]),
-                                 device=a.device)
+                                 device=a.device, dual_attention_kernel=a.dual_attention_kernel)
         print(f"loaded in {time.perf_counter() - t0:.1f} s; generating {len(story.frames)} frame(s) "
               f"with {len(story.characters)} character(s)", flush=True)
         paths = run_story(StoryMakerPipeline(models), story, a.out, overrides, progress=lambda s: print(s, flush=True))

@@ -182,13 +182,18 @@ class StoryMakerModels:
 
 
 def load_storymaker(layout: WeightsLayout, *, lora_scale: float = 0.8, ip_scale: float = 0.8, fuse: bool = True,
-                    dtype: torch.dtype = torch.float32, device: str = "cpu") -> StoryMakerModels:
+                    dtype: torch.dtype = torch.float32, device: str = "cpu",
+                    dual_attention_kernel: bool = False) -> StoryMakerModels:
     from runtime.face import FaceAnalyzer
 
     proj_sd, ip_sd = load_mask_bin(layout.mask_bin)
     parts = load_sdxl(layout.sdxl, layout.sdxl_config)
     fuse_style_loras(parts, layout.style_loras)
     attach_storymaker(parts.unet, ip_sd, lora_scale=lora_scale, ip_scale=ip_scale, fuse=fuse, source=str(layout.mask_bin))
+    if dual_attention_kernel:  # fused Triton kernel for text + image attention (falls back off-GPU)
+        from runtime.kernel_attention import use_dual_attention_kernel
+
+        use_dual_attention_kernel(parts.unet)
     ppr = load_ppr(proj_sd, str(layout.mask_bin))
     if ppr.cfg.cross_attention_dim != parts.unet.config.cross_attention_dim:
         raise WeightsError(f"{layout.mask_bin}: resampler outputs D={ppr.cfg.cross_attention_dim} but the UNet's "

@@ -9,10 +9,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # OpenAI Triton kernels run on CPU tensors through Triton's interpreter; must be set before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path
 
 import pytest
-import torch
 
 DATA = Path(__file__).parent / "data"
 

@@ -1,0 +1,53 @@
+"""Decoupled cross-attention through the fused Triton kernel (kernels/dual_attention.py).
+
+`KernelAttnProcessor` is a `StoryMakerAttnProcessor` whose text + image
+attention step runs as one fused kernel launch when it can: CUDA tensors (or
+CPU tensors under `TRITON_INTERPRET=1`, which is how the tests exercise it), no
+attention mask, a head dim the kernel supports. Otherwise it falls back to the
+reference (two SDPA calls), so the processor is always safe to install.
+`use_dual_attention_kernel(unet)` swaps it into every cross-attention of a
+StoryMaker UNet in place, keeping the to_k_ip/to_v_ip modules (and any LoRA).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from runtime.attention import StoryMakerAttnProcessor
+
+log = logging.getLogger(__name__)
+
+
+def kernel_available(device: torch.device) -> bool:
+    try:
+        from kernels.dual_attention import INTERPRET
+    except ImportError:  # triton missing
+        return False
+    return device.type == "cuda" or (INTERPRET and device.type == "cpu")
+
+
+class KernelAttnProcessor(StoryMakerAttnProcessor):
+    def dual_attention(self, q, k, v, k_ip, v_ip, heads: int, mask, scale) -> torch.Tensor:
+        d = q.shape[-1] // heads
+        if mask is not None or d not in (16, 32, 64, 128) or not kernel_available(q.device):
+            return super().dual_attention(q, k, v, k_ip, v_ip, heads, mask, scale)
+        from kernels.dual_attention import dual_attention
+
+        b = q.shape[0]
+        split = lambda t: t.view(b, -1, heads, d).transpose(1, 2)              # (B, heads, N, d), no copy
+        out = dual_attention(split(q), split(k), split(v), split(k_ip), split(v_ip), scale)  # (B, heads, M, d)
+        return out.transpose(1, 2).reshape(b, -1, heads * d)                  # (B, M, heads*d), a view
+
+
+def use_dual_attention_kernel(unet) -> int:
+    """Install KernelAttnProcessor on every decoupled cross-attention; returns how many."""
+    procs, n = {}, 0
+    for name, p in unet.attn_processors.items():
+        if isinstance(p, StoryMakerAttnProcessor) and p.ip:
+            procs[name], n = KernelAttnProcessor.from_processor(p), n + 1
+        else:
+            procs[name] = p
+    unet.set_attn_processor(procs)
+    log.info("dual-attention kernel installed on %d cross-attention processors", n)
+    return n
