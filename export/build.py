@@ -144,6 +144,24 @@ class _Stage:
         return self._comps
 
 
+def _assets(layout, out: Path) -> dict[str, str]:
+    """Copy what the served models need besides ONNX files: both tokenizers and the scheduler config."""
+    import shutil
+
+    base = layout.sdxl if layout.sdxl.is_dir() else layout.sdxl_config
+    if base is None:
+        raise StoryMakerError(f"{layout.sdxl}: a single-file SDXL needs its config folder (tokenizers) at WEIGHTS/sdxl_config/")
+    assets = {}
+    for name in ("tokenizer", "tokenizer_2"):
+        dst = out / "assets" / name
+        shutil.copytree(base / name, dst, dirs_exist_ok=True)
+        assets[name] = str(dst.relative_to(out))
+    sched = out / "assets" / "scheduler_config.json"
+    shutil.copyfile(base / "scheduler" / "scheduler_config.json", sched)
+    assets["scheduler_config"] = str(sched.relative_to(out))
+    return assets
+
+
 def _table(records: dict) -> str:
     rows = [("component", "precision", "max_abs_err", "cos_sim", "tolerance", "status", "shapes")]
     for name, r in records.items():
@@ -198,11 +216,16 @@ def build(a) -> int:
     if engines["status"] != "built":
         print(f"TensorRT engines: {engines['status']}: {engines['reason']}", flush=True)
     hasher.save()
-    path = mf.write(out, {"format": 1, "precision": "fp16" if a.fp16 else "fp32", "tools": mf.tool_versions(),
+    assets = _assets(layout, out)
+    path = mf.write(out, {"format": 1, "assets": assets, "precision": "fp16" if a.fp16 else "fp32", "tools": mf.tool_versions(),
                           "weights": {k: v for s in sources.values() for k, v in s.items()}, "profile": asdict(prof),
                           "lora_scale": a.lora_scale, "style_loras": [f"{p}:{s}" for p, s in loras],
                           "engines": engines, "components": {**old, **records}})
     print("\nparity (onnxruntime CPU vs PyTorch reference)\n" + _table(records))
+    from export.triton_repo import write_repo
+
+    if all(n in {**old, **records} for n in ("unet", "vae_decoder", "ppr", "clip_vision", "text_encoder")):
+        print(f"Triton model repository: {write_repo(out)}")
     failed = [n for n, r in records.items() if r["parity"]["status"] == "failed"]
     print(f"\nmanifest: {path}")
     if failed:

@@ -14,7 +14,8 @@ from tritonclient.grpc import model_config_pb2 as pb
 from export.spec import ComponentSpec
 
 DTYPES = {"float32": pb.TYPE_FP32, "float16": pb.TYPE_FP16, "int64": pb.TYPE_INT64, "int32": pb.TYPE_INT32}
-BACKENDS = {"onnxruntime": ("onnxruntime", "model.onnx"), "tensorrt": ("tensorrt", "model.plan")}
+BACKENDS = {"onnxruntime": ("onnxruntime", "model.onnx"), "tensorrt": ("tensorrt", "model.plan"),
+            "python": ("python", "model.py")}
 
 
 def model_config(spec: ComponentSpec, backend: str = "onnxruntime", max_batch_size: int = 0,

@@ -53,26 +53,36 @@ class FaceInfo:
 
 
 class FaceAnalyzer:
-    """insightface FaceAnalysis over a local buffalo_l folder (detection + recognition only)."""
+    """insightface SCRFD detector + ArcFace recognizer from two ONNX files (buffalo_l's or a build's copies).
 
-    def __init__(self, folder: Path | str, det_size: tuple[int, int] = (640, 640), providers=None):
-        from insightface.app import FaceAnalysis
+    Equivalent to `FaceAnalysis(allowed_modules=["detection", "recognition"]).prepare(det_size=640)`:
+    the same insightface classes (routed by `model_zoo.get_model`), prepared the same way."""
 
+    def __init__(self, det_path: Path | str, rec_path: Path | str, det_size: tuple[int, int] = (640, 640), providers=None):
+        from insightface.model_zoo import get_model
+
+        for f in (det_path, rec_path):
+            if not Path(f).exists():
+                raise WeightsError(f"{f}: missing (insightface buffalo_l). Unpack buffalo_l.zip there, or give each "
+                                   "character a face-info JSON instead.")
+        providers = providers or ["CPUExecutionProvider"]
+        self.det = get_model(str(det_path), providers=providers)
+        self.rec = get_model(str(rec_path), providers=providers)
+        if self.det is None or self.det.taskname != "detection" or self.rec is None or self.rec.taskname != "recognition":
+            raise WeightsError(f"{det_path} / {rec_path}: not an insightface detector / recognizer pair")
+        self.det.prepare(ctx_id=-1, input_size=det_size, det_thresh=0.5)
+        self.rec.prepare(ctx_id=-1)
+
+    @classmethod
+    def from_folder(cls, folder: Path | str, **kw) -> "FaceAnalyzer":
         folder = Path(folder)
-        for f in ("det_10g.onnx", "w600k_r50.onnx"):
-            if not (folder / f).exists():
-                raise WeightsError(f"{folder / f}: missing (insightface buffalo_l). Unpack buffalo_l.zip into {folder}, "
-                                   "or give each character a face-info JSON instead.")
-        self.app = FaceAnalysis(name=str(folder), allowed_modules=["detection", "recognition"],
-                                providers=providers or ["CPUExecutionProvider"])
-        self.app.prepare(ctx_id=-1, det_size=det_size)
-        self.rec = self.app.models["recognition"]
+        return cls(folder / "det_10g.onnx", folder / "w600k_r50.onnx", **kw)
 
     def __call__(self, photo_rgb: np.ndarray, name: str = "photo") -> FaceInfo:
         from insightface.app.common import Face
 
         bgr = np.ascontiguousarray(photo_rgb[:, :, ::-1])
-        boxes, kpss = self.app.det_model.detect(bgr, max_num=0, metric="default")
+        boxes, kpss = self.det.detect(bgr, max_num=0, metric="default")
         if boxes.shape[0] == 0:
             raise InputError(f"{name}: no face found. Use a photo with a clearly visible face, or pass face info as "
                              "JSON (kps 5x2 + 512-d embedding).")

@@ -203,7 +203,7 @@ def load_storymaker(layout: WeightsLayout, *, lora_scale: float = 0.8, ip_scale:
     if enc.config.hidden_size != ppr.cfg.clip_dim:
         raise WeightsError(f"{layout.image_encoder}: hidden size {enc.config.hidden_size} but {layout.mask_bin} expects "
                            f"CLIP features of width {ppr.cfg.clip_dim} (CLIP ViT-H/14: 1280).")
-    face = FaceAnalyzer(layout.buffalo_l) if layout.buffalo_l else None
+    face = FaceAnalyzer.from_folder(layout.buffalo_l) if layout.buffalo_l else None
     cn = load_controlnet(layout.controlnet) if layout.controlnet else None
     for m in (parts.unet, parts.text_encoder, parts.text_encoder_2, ppr, enc, cn):
         if m is None:

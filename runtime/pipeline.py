@@ -57,16 +57,22 @@ class TextEmbeds:
     pooled: torch.Tensor          # (2, P)
 
 
+def tokenize(tok, prompt: str) -> tuple[np.ndarray, bool]:
+    """SDXL tokenisation: padded/truncated to 77 ids (int64 [1, 77]); True if the prompt was truncated."""
+    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="np").input_ids
+    truncated = len(tok(prompt).input_ids) > tok.model_max_length
+    if truncated:
+        log.warning("prompt longer than %d tokens was truncated (as SDXL does): %.60s...", tok.model_max_length, prompt)
+    return ids.astype(np.int64), truncated
+
+
 @torch.no_grad()
 def encode_prompt(sdxl, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden [1, 77, D], pooled [1, P]) as SDXL's encode_prompt (truncation to 77 warns)."""
     hidden, pooled = [], None
     for tok, enc in ((sdxl.tokenizer, sdxl.text_encoder), (sdxl.tokenizer_2, sdxl.text_encoder_2)):
-        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        if len(tok(prompt).input_ids) > tok.model_max_length:
-            log.warning("prompt longer than %d tokens was truncated (as SDXL does): %.60s...", tok.model_max_length, prompt)
-        out = enc(ids.to(enc.device), output_hidden_states=True)
+        ids, _ = tokenize(tok, prompt)
+        out = enc(torch.from_numpy(ids).to(enc.device), output_hidden_states=True)
         if out[0].ndim == 2:
             pooled = out[0]                      # text_encoder_2's projected pooled output
         hidden.append(out.hidden_states[-2])
@@ -102,38 +108,63 @@ def pose_tensor(pose: np.ndarray, height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]  # (1, 3, H, W)
 
 
-@torch.no_grad()
-def sample(unet, text: TextEmbeds, tokens: tuple[torch.Tensor, torch.Tensor], opts: GenerateOptions,
-           scheduler_config: dict, controlnet=None, step_callback=None) -> torch.Tensor:
-    """UniPC loop with CFG; returns final latents (1, 4, h, w) float32. `step_callback(i, n)` may raise to cancel."""
-    p = next(unet.parameters())
-    dev, dt = p.device, p.dtype
-    sched = make_scheduler(scheduler_config)
-    sched.set_timesteps(opts.steps, device=dev)
-    latents = initial_latents(opts.seed, opts.height, opts.width, unet.config.in_channels).to(dev) * sched.init_noise_sigma
-    pos_tok, neg_tok = tokens
-    ehs = torch.cat([torch.cat([text.prompt_embeds[:1], neg_tok.to(text.prompt_embeds)], 1),
-                     torch.cat([text.prompt_embeds[1:], pos_tok.to(text.prompt_embeds)], 1)]).to(dev, dt)  # (2, 77+T, D)
-    time_ids = torch.tensor([[opts.height, opts.width, 0, 0, opts.height, opts.width]] * 2, device=dev, dtype=dt)
-    cond = {"text_embeds": text.pooled.to(dev, dt), "time_ids": time_ids}
-    ip_scale = torch.tensor(opts.ip_scale, device=dev, dtype=dt)
-    cn_img = None
+def step_inputs(text: TextEmbeds, tokens: tuple[torch.Tensor, torch.Tensor], opts: GenerateOptions) -> dict:
+    """The per-request UNet inputs that stay fixed over the loop, CFG batch [negative, positive], float32 CPU."""
+    pos_tok, neg_tok = (t.detach().float().cpu() for t in tokens)
+    pe = text.prompt_embeds.detach().float().cpu()
+    ehs = torch.cat([torch.cat([pe[:1], neg_tok], 1), torch.cat([pe[1:], pos_tok], 1)])    # (2, 77+T, D)
+    out = {"encoder_hidden_states": ehs, "text_embeds": text.pooled.detach().float().cpu(),
+           "time_ids": torch.tensor([[opts.height, opts.width, 0, 0, opts.height, opts.width]] * 2, dtype=torch.float32),
+           "ip_scale": torch.full((2,), float(opts.ip_scale)), "pose": None}
     if opts.pose_image is not None:
-        if controlnet is None:
+        out["pose"] = pose_tensor(opts.pose_image, opts.height, opts.width).repeat(2, 1, 1, 1)  # (2, 3, H, W)
+        out["controlnet_scale"] = torch.full((2,), float(opts.controlnet_scale))
+    return out
+
+
+class TorchDenoiser:
+    """eps(x, t) with the PyTorch UNet (and ControlNet when the request has a pose map)."""
+
+    def __init__(self, unet, controlnet=None):
+        self.unet, self.controlnet = unet, controlnet
+        p = next(unet.parameters())
+        self.dev, self.dt = p.device, p.dtype
+
+    def prepare(self, inputs: dict) -> None:
+        if inputs["pose"] is not None and self.controlnet is None:
             raise InputError("a pose image was given but no ControlNet is loaded; add controlnet/ to the weights")
-        cn_img = pose_tensor(opts.pose_image, opts.height, opts.width).to(dev, dt).repeat(2, 1, 1, 1)
+        self.inp = {k: (v.to(self.dev, self.dt) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        i = self.inp
+        cond = {"text_embeds": i["text_embeds"], "time_ids": i["time_ids"]}
+        x = x.to(self.dev, self.dt)
+        extra = {}
+        if i["pose"] is not None:
+            down, mid = self.controlnet(x, t, encoder_hidden_states=i["encoder_hidden_states"][:, :TEXT_LEN],
+                                        controlnet_cond=i["pose"], conditioning_scale=float(i["controlnet_scale"][0]),
+                                        added_cond_kwargs=cond, return_dict=False)
+            extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        return self.unet(x, t, encoder_hidden_states=i["encoder_hidden_states"], added_cond_kwargs=cond,
+                         cross_attention_kwargs={"ip_scale": i["ip_scale"]}, return_dict=False, **extra)[0].float()
+
+
+@torch.no_grad()
+def sample(denoiser, inputs: dict, opts: GenerateOptions, scheduler_config: dict, in_channels: int = 4,
+           step_callback=None) -> torch.Tensor:
+    """UniPC loop with CFG on any denoiser (torch or served engines); returns latents (1, 4, h, w) float32 CPU.
+
+    `step_callback(i, n)` runs before each step and may raise to stop (cancellation)."""
+    denoiser.prepare(inputs)
+    sched = make_scheduler(scheduler_config)
+    sched.set_timesteps(opts.steps)
+    latents = initial_latents(opts.seed, opts.height, opts.width, in_channels) * sched.init_noise_sigma
     for i, t in enumerate(sched.timesteps):
         if step_callback is not None:
             step_callback(i, len(sched.timesteps))
-        x = sched.scale_model_input(torch.cat([latents] * 2), t).to(dt)       # (2, 4, h, w)
-        extra = {}
-        if cn_img is not None:
-            down, mid = controlnet(x, t, encoder_hidden_states=ehs[:, :TEXT_LEN], controlnet_cond=cn_img,
-                                   conditioning_scale=opts.controlnet_scale, added_cond_kwargs=cond, return_dict=False)
-            extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-        eps = unet(x, t, encoder_hidden_states=ehs, added_cond_kwargs=cond,
-                   cross_attention_kwargs={"ip_scale": ip_scale}, return_dict=False, **extra)[0]
-        uncond, cond_eps = eps.float().chunk(2)
+        x = sched.scale_model_input(torch.cat([latents] * 2), t)                 # (2, 4, h, w)
+        uncond, cond_eps = denoiser(x, t).float().cpu().chunk(2)
         latents = sched.step(uncond + opts.guidance * (cond_eps - uncond), t, latents, return_dict=False)[0]
     return latents
 
@@ -143,8 +174,12 @@ def decode(vae, latents: torch.Tensor) -> np.ndarray:
     """Latents -> uint8 (H, W, 3); the VAE runs in float32 (SDXL's VAE overflows in fp16)."""
     z = latents.to(vae.device, torch.float32) / vae.config.scaling_factor
     img = vae.decode(z, return_dict=False)[0]
-    img = (img / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
-    return (img * 255).round().astype(np.uint8)
+    return to_uint8((img / 2 + 0.5).clamp(0, 1)[0].cpu().numpy())
+
+
+def to_uint8(chw01: np.ndarray) -> np.ndarray:
+    """(3, H, W) in [0, 1] -> uint8 (H, W, 3), rounding as diffusers' postprocess."""
+    return (np.transpose(chw01, (1, 2, 0)) * 255).round().astype(np.uint8)
 
 
 class StoryMakerPipeline:
@@ -165,5 +200,6 @@ class StoryMakerPipeline:
     def generate(self, opts: GenerateOptions, tokens, step_callback=None) -> np.ndarray:
         opts.validate(self.vae_factor)
         text = encode_text(self.m.sdxl, opts.prompt, opts.negative_prompt)
-        lat = sample(self.m.sdxl.unet, text, tokens, opts, self.m.sdxl.scheduler_config, self.m.controlnet, step_callback)
+        lat = sample(TorchDenoiser(self.m.sdxl.unet, self.m.controlnet), step_inputs(text, tokens, opts), opts,
+                     self.m.sdxl.scheduler_config, self.m.sdxl.unet.config.in_channels, step_callback)
         return decode(self.m.sdxl.vae, lat)

@@ -1,0 +1,88 @@
+"""Engine runners driven by a build's `manifest.json` (the export/runtime contract).
+
+`Build(path)` reads the manifest; `build.engine(name)` returns an
+`OrtEngine` for that component: an onnxruntime session plus the tensor names,
+dtypes and profile from the manifest's spec, so served models never restate a
+tensor list. `OrtEngine.run_batched` concatenates several requests' inputs
+along axis 0 when their other dims agree (Triton's dynamic batcher hands the
+Python backend a list of requests, not one tensor), runs once and splits the
+outputs back. TensorRT engines plug in here once built (written for the GPU
+path, see export/tensorrt.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import InputError, WeightsError
+
+
+class OrtEngine:
+    def __init__(self, path: Path, record: dict, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.record = record
+        self.inputs = [t["name"] for t in record["inputs"]]
+        self.outputs = [t["name"] for t in record["outputs"]]
+        self.profile = record["profile"]
+
+    def check_profile(self, feeds: dict[str, np.ndarray], skip_batch: bool = False) -> None:
+        """Reject shapes outside the engine's min/max profile with a message naming the input.
+        skip_batch: a dynamically batched request's own batch may be below the profile's minimum."""
+        for name, arr in feeds.items():
+            p = self.profile.get(name)
+            if p is None:
+                continue
+            lo, hi = list(p["min"]), list(p["max"])
+            if skip_batch and lo:
+                lo[0] = 1
+            if len(arr.shape) != len(lo) or any(not (a <= s <= b) for s, a, b in zip(arr.shape, lo, hi)):
+                raise InputError(f"{self.record['spec']['name']}: input {name} has shape {list(arr.shape)}, outside "
+                                 f"the engine profile {list(lo)}..{list(hi)}; rebuild with wider --min-size/--max-size")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.outputs, self.sess.run(self.outputs, {k: feeds[k] for k in self.inputs})))
+
+    def run_batched(self, many: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """Run compatible feeds as one batch (grouped by non-batch shapes); results in input order."""
+        groups: dict[tuple, list[int]] = {}
+        for i, f in enumerate(many):
+            groups.setdefault(tuple((k, f[k].shape[1:]) for k in self.inputs), []).append(i)
+        results: list = [None] * len(many)
+        for idx in groups.values():
+            sizes = [many[i][self.inputs[0]].shape[0] for i in idx]
+            feeds = {k: np.concatenate([many[i][k] for i in idx]) for k in self.inputs}
+            out = self.run(feeds)
+            offsets = np.cumsum([0] + sizes)
+            for j, i in enumerate(idx):
+                results[i] = {k: v[offsets[j]:offsets[j + 1]] for k, v in out.items()}
+        return results
+
+
+class Build:
+    """A build folder: manifest + files."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        mf = self.path / "manifest.json"
+        if not mf.exists():
+            raise WeightsError(f"{mf}: missing. Run `python -m export.build --out {self.path}` first.")
+        self.manifest = json.loads(mf.read_text())
+
+    def engine(self, name: str, threads: int | None = None) -> OrtEngine:
+        rec = self.manifest["components"].get(name)
+        if rec is None:
+            raise WeightsError(f"{self.path}: the build has no '{name}' component; rebuild including it")
+        threads = threads or int(os.environ.get("STORYMAKER_ORT_THREADS", "0")) or None
+        return OrtEngine(self.path / rec["files"][0]["path"], rec, threads)
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest["components"]

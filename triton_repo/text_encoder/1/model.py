@@ -1,0 +1,29 @@
+"""Triton model: both SDXL text encoders with their tokenizers (runtime.served.TextEncoding).
+
+PROMPT (and optional NEGATIVE_PROMPT; absent = zero embeddings, as SDXL) ->
+PROMPT_EMBEDS [2, 77, D] (negative, positive), POOLED [2, P], TRUNCATED
+(the prompt exceeded 77 tokens and was cut, as SDXL does; also logged).
+"""
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from runtime.engines import Build
+from runtime.served import TextEncoding
+from runtime.triton_glue import Glue, setup
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        _, params = setup(args)
+        self.glue = Glue(pb_utils)
+        self.te = TextEncoding(Build(params["build_dir"]))
+
+    def _one(self, r):
+        prompt = self.glue.texts(r, "PROMPT", required=True)[0]
+        neg = self.glue.texts(r, "NEGATIVE_PROMPT")
+        text, truncated = self.te(prompt, neg[0] if neg else None)
+        return {"PROMPT_EMBEDS": text.prompt_embeds.numpy(), "POOLED": text.pooled.numpy(),
+                "TRUNCATED": np.array([truncated])}
+
+    def execute(self, requests):
+        return self.glue.run_each(requests, self._one)
