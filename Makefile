@@ -20,9 +20,10 @@ $(STAMP): requirements/constraints.txt requirements/core.txt pyproject.toml
 	$(PIP) install -q -c requirements/constraints.txt --no-deps -e .
 	touch $(STAMP)
 
+# demo bundle -> export (ONNX, parity, Triton repository) -> real tritonserver -> story over gRPC -> stop
 demo: $(STAMP)
-	$(PY) -m export.demo_bundle build/demo_bundle
-	$(PY) -m runtime.generate --weights build/demo_bundle --story examples/demo_story.yaml --out out/demo
+	$(PY) -m export.build --demo --out build/demo
+	$(PY) -m runtime.client examples/demo_story.yaml --serve build/demo/triton_repo --out out/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
