@@ -7,7 +7,7 @@ plus its 3.x stub into a private backend folder. Secure defaults: loopback
 addresses, model control mode `none` (no remote model loading, which would run
 arbitrary code), and the administrative protocols (model repository, shared
 memory, trace, logging) restricted to clients that send the operator's key in
-the `admin-key` header. `TritonServer` is also a context manager for tests and
+the `admin-key` header (gRPC clients send it as `triton-grpc-protocol-admin-key`). `TritonServer` is also a context manager for tests and
 the demo; it waits for readiness and stops the process it started on exit.
 """
 from __future__ import annotations
@@ -165,7 +165,8 @@ def main(argv=None) -> int:
     except StoryMakerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"ready: gRPC {srv.url}; admin-key for restricted APIs: {srv.admin_key}", flush=True)
+    print(f"ready: gRPC {srv.url}; restricted APIs need header triton-grpc-protocol-admin-key (gRPC) or "
+          f"admin-key (HTTP) = {srv.admin_key}", flush=True)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         while srv.proc.poll() is None:

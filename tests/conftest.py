@@ -58,3 +58,13 @@ def two_characters():
 
     return [Character.load(DATA / "ldh.png", DATA / "ldh_mask.png", DATA / "ldh.face.json", name="man"),
             Character.load(DATA / "tsy.png", DATA / "tsy_mask.png", DATA / "tsy.face.json", name="woman")]
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory) -> Path:
+    """`python -m export.build --demo` once per session: ONNX, manifest and Triton repository."""
+    from export.build import main
+
+    out = tmp_path_factory.mktemp("build") / "demo"
+    assert main(["--demo", "--out", str(out)]) == 0
+    return out

@@ -12,13 +12,6 @@ COMPONENTS = {"face_detector", "face_recognizer", "clip_vision", "ppr", "text_en
               "controlnet", "vae_decoder"}
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    out = tmp_path_factory.mktemp("build") / "demo"
-    assert main(["--demo", "--out", str(out)]) == 0
-    return out
-
-
 def test_manifest_records_every_component(built, capsys):
     m = json.loads((built / "manifest.json").read_text())
     assert set(m["components"]) == COMPONENTS

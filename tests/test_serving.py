@@ -1,0 +1,196 @@
+"""A real tritonserver on loopback serving the demo build: parity with the in-process pipeline, bad requests,
+cancellation, a bounded load test and the security defaults."""
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from runtime.client import StoryMakerClient
+from runtime.errors import StoryMakerError
+from runtime.serve import TritonServer
+
+from conftest import DATA
+
+SMALL = dict(width=64, height=64, steps=3, seed=11)
+MAN = {"photo": DATA / "ldh.png", "mask": DATA / "ldh_mask.png", "face": DATA / "ldh.face.json"}
+WOMAN = {"photo": DATA / "tsy.png", "mask": DATA / "tsy_mask.png"}          # face detected by buffalo_l
+
+
+@pytest.fixture(scope="module")
+def server(built):
+    with TritonServer(built / "triton_repo") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return StoryMakerClient(server.url, retries=2)
+
+
+def test_served_frame_equals_in_process_pipeline(built, client):
+    from runtime.characters import Character
+    from runtime.loaders import WeightsLayout, load_storymaker
+    from runtime.pipeline import GenerateOptions, StoryMakerPipeline
+
+    img, info = client.generate("a man and a woman in a park", characters=[MAN, WOMAN], negative_prompt="blurry",
+                                **SMALL)
+    pipe = StoryMakerPipeline(load_storymaker(WeightsLayout.from_dir(built / "demo_bundle")))
+    chars = [Character.load(MAN["photo"], MAN["mask"], MAN["face"]), Character.load(WOMAN["photo"], WOMAN["mask"])]
+    ref = pipe.generate(GenerateOptions("a man and a woman in a park", negative_prompt="blurry", **SMALL),
+                        pipe.encode_characters(chars))
+    assert img.shape == ref.shape == (64, 64, 3) and img.dtype == np.uint8
+    assert np.abs(img.astype(int) - ref).max() <= 1
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(info["png"]))), img) and not info["truncated"]
+
+
+def test_encode_once_then_frames_equals_full_requests(client):
+    tokens = client.encode_characters([MAN, WOMAN])
+    assert tokens[0].shape == tokens[1].shape == (1, 60, 128)
+    for seed, prompt in [(1, "walking"), (2, "in a cafe"), (3, "on a bridge")]:
+        cached, _ = client.generate(prompt, tokens=tokens, **{**SMALL, "seed": seed})
+        full, _ = client.generate(prompt, characters=[MAN, WOMAN], **{**SMALL, "seed": seed})
+        assert np.array_equal(cached, full)
+
+
+def _png(size=(32, 32), value=255, mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, value).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+BAD = [
+    ("missing prompt", dict(prompt=""), "prompt is missing"),
+    ("undecodable image", dict(characters=[{**MAN, "photo": b"not an image"}]), "cannot decode image"),
+    ("empty mask", dict(characters=[{**MAN, "mask": _png((448, 640), 0, "L")}]), "mask is empty"),
+    ("size mismatch", dict(characters=[{**MAN, "mask": _png((100, 100))}]), "mask is 100x100 but the photo is 448x640"),
+    ("4 characters", dict(characters=[MAN, WOMAN, MAN, WOMAN]), "4 characters given"),
+    ("outside profile", dict(width=1024), "width=1024 is outside this engine's profile"),
+    ("not multiple of 8", dict(height=60), "height=60 must be a positive multiple of 8"),
+    ("steps <= 0", dict(steps=0), "steps must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("case,kw,msg", BAD, ids=[b[0] for b in BAD])
+def test_bad_request_gets_clear_error_and_server_keeps_serving(client, case, kw, msg):
+    args = {"prompt": "a man", "characters": [MAN], **SMALL, **kw}
+    with pytest.raises(StoryMakerError, match=msg):
+        client.generate(args.pop("prompt"), **args)
+    img, _ = client.generate("a man", characters=[MAN], **{**SMALL, "steps": 1})   # still serving
+    assert img.shape == (64, 64, 3)
+
+
+def test_nan_embeddings_and_long_prompt(client):
+    pos, neg = client.encode_characters([MAN])
+    bad = pos.copy()
+    bad[0, 3, 5] = np.nan
+    with pytest.raises(StoryMakerError, match="NaN"):
+        client.generate("a man", tokens=(bad, neg), **SMALL)
+    _, info = client.generate(" ".join(["cat"] * 120), tokens=(pos, neg), **SMALL)
+    assert info["truncated"] is True          # cut to 77 tokens, as SDXL does, and flagged
+
+
+def test_cancellation_stops_the_denoising_loop(server, client):
+    import tritonclient.grpc as grpcclient
+
+    admin = grpcclient.InferenceServerClient(server.url)
+    unet_count = lambda: int(admin.get_inference_statistics("unet", as_json=True)["model_stats"][0]["inference_count"])
+    done = threading.Event()
+    handle = client.generate_async("a man", lambda result, error: done.set(), characters=[MAN],
+                                   **{**SMALL, "steps": 200})
+    t0 = unet_count()
+    deadline = time.time() + 60
+    while unet_count() < t0 + 6 and time.time() < deadline:   # a few denoising steps have run
+        time.sleep(0.05)
+    handle.cancel()
+    time.sleep(1.0)
+    after_cancel = unet_count()
+    time.sleep(2.0)
+    assert unet_count() - after_cancel <= 2 * 2     # at most a step or two (each step = 2 CFG rows) after cancel
+    assert unet_count() - t0 < 2 * 200 // 2          # far from the 200 requested steps
+    img, _ = client.generate("a man", characters=[MAN], **SMALL)   # the next request is served
+    assert img.shape == (64, 64, 3)
+
+
+def test_bounded_load_none_lost(client, capsys):
+    tokens = client.encode_characters([MAN])
+    n_clients, per_client = 8, 3
+    results, lock = [], threading.Lock()
+
+    def worker(k):
+        for j in range(per_client):
+            t = time.perf_counter()
+            try:
+                img, _ = client.generate("a man", tokens=tokens, width=64, height=64, steps=2, seed=k * 10 + j)
+                status = "ok" if img.shape == (64, 64, 3) else "bad shape"
+            except StoryMakerError as e:
+                status = f"rejected: {e}"
+            with lock:
+                results.append((status, time.perf_counter() - t))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(n_clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    wall = time.perf_counter() - t0
+    assert len(results) == n_clients * per_client                     # every request answered
+    ok = [r for r in results if r[0] == "ok"]
+    assert all(r[0] == "ok" or r[0].startswith("rejected") for r in results)
+    lat = sorted(r[1] for r in ok)
+    with capsys.disabled():
+        print(f"\nload test: {n_clients} clients x {per_client} requests: {len(ok)} ok, {len(results) - len(ok)} "
+              f"rejected, {wall:.1f} s wall, {len(results) / wall:.2f} req/s, p50 {lat[len(lat) // 2]:.2f} s, "
+              f"max {lat[-1]:.2f} s")
+
+
+def test_security_defaults(server, built):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from runtime.serve import server_command
+
+    cmd, _ = server_command(built / "triton_repo", 1, 2, 3, "127.0.0.1", "k", built)
+    assert {"--model-control-mode=none", "--grpc-address=127.0.0.1", "--http-address=127.0.0.1",
+            "--metrics-address=127.0.0.1"} <= set(cmd)
+    c = grpcclient.InferenceServerClient(server.url)
+    with pytest.raises(InferenceServerException):             # no remote model loading
+        c.load_model("unet", headers={"triton-grpc-protocol-admin-key": server.admin_key})
+    with pytest.raises(InferenceServerException):             # admin protocol without the key
+        c.get_model_repository_index()
+    assert c.get_model_repository_index(headers={"triton-grpc-protocol-admin-key": server.admin_key}).models
+    with pytest.raises(InferenceServerException):
+        c.get_log_settings()
+    assert c.is_model_ready("storymaker")                     # inference/health stay open
+
+
+def test_decompression_bomb_and_oversized_bytes_rejected(client):
+    bomb = _png((5000, 5000), 0, "L")                         # 25 MP in a few kB
+    with pytest.raises(StoryMakerError, match="exceeds the limit"):
+        client.generate("a man", characters=[{**MAN, "photo": bomb, "mask": bomb}], **SMALL)
+    with pytest.raises(StoryMakerError, match="exceeds the limit"):
+        client.encode_characters([{**MAN, "photo": b"\0" * (33 << 20)}])
+    img, _ = client.generate("a man", characters=[MAN], **{**SMALL, "steps": 1})
+    assert img.shape == (64, 64, 3)
+
+
+def test_server_listens_on_loopback_only(server):
+    """Every listening socket of the server's three ports is bound to 127.0.0.1 (/proc/net/tcp)."""
+    ports = {server.grpc_port, server.http_port, server.metrics_port}
+    seen = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, port = local.split(":")
+            if state == "0A" and int(port, 16) in ports:            # LISTEN
+                seen[int(port, 16)] = addr
+    assert set(seen) == ports
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1 and ::ffff:127.0.0.1 (hex, as the kernel writes)
+    assert set(seen.values()) <= loopback, seen
