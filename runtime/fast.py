@@ -1,0 +1,157 @@
+"""`torch-opt`: the optimised PyTorch backend (GPU first; every option also runs on a CPU).
+
+One `FastOptions` flag per optimisation (all positive; benchmarks/run.py
+exposes each): `precision` (fp32/fp16/bf16 for UNet, text encoders, CLIP,
+resampler; the VAE stays fp32 unless `vae_precision` says otherwise, since SDXL's
+VAE overflows in fp16), LoRA fused at load (always: exact), SDPA self-attention
+(diffusers' default), `dual_attention_kernel` (kernels/dual_attention.py for
+every decoupled cross-attention), `channels_last` (UNet/VAE memory format),
+`cuda_graph` (the UNet step captured once per static shape and replayed),
+`compile` (torch.compile of the UNet, mode max-autotune). The UniPC loop uses
+host-precomputed scalars (runtime/unipc.py), keeps latents on the device and
+never synchronises with the host inside the loop; character tokens are
+computed once per story by the caller. Parity with the reference:
+tests/test_fast.py (cosine >= 0.999 on latents after 25 steps, fp32, CPU).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from runtime.pipeline import GenerateOptions, TextEmbeds, encode_text, initial_latents, step_inputs, to_uint8
+from runtime.unipc import UniPCPlan, UniPCSampler
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class FastOptions:
+    precision: str = "fp16"
+    vae_precision: str = "fp32"
+    dual_attention_kernel: bool = False
+    channels_last: bool = False
+    cuda_graph: bool = False
+    compile: bool = False
+
+
+class _GraphedUNet:
+    """The UNet step as a CUDA graph: static input/output buffers, capture once per shape, replay per step."""
+
+    def __init__(self, fn):
+        self.fn, self.graphs = fn, {}
+
+    def __call__(self, x, t, inp):
+        key = (tuple(x.shape), tuple(inp["encoder_hidden_states"].shape))
+        if key not in self.graphs:
+            static = {"x": x.clone(), "t": t.clone(), **{k: v.clone() for k, v in inp.items() if torch.is_tensor(v)}}
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):                                    # warm-up outside the graph
+                    self.fn(static["x"], static["t"], static)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                static["out"] = self.fn(static["x"], static["t"], static)
+            self.graphs[key] = (g, static)
+        g, static = self.graphs[key]
+        static["x"].copy_(x)
+        static["t"].copy_(t)
+        for k, v in inp.items():
+            if torch.is_tensor(v) and k in static:
+                static[k].copy_(v)
+        g.replay()
+        return static["out"]
+
+
+@dataclass
+class StageTimes:
+    seconds: dict = field(default_factory=dict)
+
+    def add(self, name: str, dt: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + dt
+
+
+class FastPipeline:
+    def __init__(self, models, opts: FastOptions = FastOptions()):
+        self.m, self.o = models, opts
+        unet = models.sdxl.unet
+        p = next(unet.parameters())
+        self.dev, self.dt = p.device, DTYPES[opts.precision]
+        for mod in (unet, models.sdxl.text_encoder, models.sdxl.text_encoder_2, models.ppr, models.image_encoder):
+            mod.to(self.dev, self.dt)
+        models.sdxl.vae.to(self.dev, DTYPES[opts.vae_precision])
+        if opts.dual_attention_kernel:
+            from runtime.kernel_attention import use_dual_attention_kernel
+
+            use_dual_attention_kernel(unet)
+        if opts.channels_last:
+            unet.to(memory_format=torch.channels_last)
+            models.sdxl.vae.to(memory_format=torch.channels_last)
+        self.unet_fn = torch.compile(unet, mode="max-autotune", fullgraph=False) if opts.compile else unet
+        step = self._unet_step
+        self.step = _GraphedUNet(step) if (opts.cuda_graph and self.dev.type == "cuda") else step
+        self.plans: dict = {}
+
+    def _sync(self):
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _unet_step(self, x, t, inp):
+        cond = {"text_embeds": inp["text_embeds"], "time_ids": inp["time_ids"]}
+        return self.unet_fn(x, t, encoder_hidden_states=inp["encoder_hidden_states"], added_cond_kwargs=cond,
+                            cross_attention_kwargs={"ip_scale": inp["ip_scale"]}, return_dict=False)[0]
+
+    def encode_characters(self, chars, identity_only=False, interpolation=None):
+        from runtime.characters import character_features, image_tokens, interpolate
+
+        f = character_features(self.m, chars)
+        return image_tokens(self.m.ppr, interpolate(f, interpolation) if interpolation is not None else f, identity_only)
+
+    @torch.no_grad()
+    def latents(self, opts: GenerateOptions, text: TextEmbeds, tokens, times: StageTimes | None = None) -> torch.Tensor:
+        """The denoising loop on the device: no host synchronisation until the caller reads the result."""
+        if opts.pose_image is not None:
+            raise NotImplementedError("torch-opt has no ControlNet path yet; use the reference backend for pose maps")
+        key = (opts.steps,)
+        if key not in self.plans:
+            self.plans[key] = UniPCPlan(self.m.sdxl.scheduler_config, opts.steps)
+        plan = self.plans[key]
+        sampler = UniPCSampler(plan)
+        inp = {k: v.to(self.dev, self.dt) for k, v in step_inputs(text, tokens, opts).items() if torch.is_tensor(v)}
+        x = (initial_latents(opts.seed, opts.height, opts.width) * plan.init_noise_sigma).to(self.dev)   # fp32 latents
+        if self.o.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ts = torch.tensor(plan.timesteps, device=self.dev, dtype=self.dt)   # uploaded once
+        t0 = time.perf_counter()
+        for i in range(len(plan.timesteps)):
+            eps = self.step(torch.cat([x, x]).to(self.dt), ts[i], inp).float()      # (2, 4, h, w)
+            uncond, cond = eps.chunk(2)
+            x = sampler.step(uncond + opts.guidance * (cond - uncond), i, x)
+        if times is not None:
+            self._sync()
+            times.add("denoise", time.perf_counter() - t0)
+        return x
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor):
+        vae = self.m.sdxl.vae
+        z = x.to(next(vae.parameters()).dtype) / vae.config.scaling_factor
+        img = vae.decode(z, return_dict=False)[0]
+        return to_uint8((img.float() / 2 + 0.5).clamp(0, 1)[0].cpu().numpy())
+
+    def generate(self, opts: GenerateOptions, tokens, times: StageTimes | None = None):
+        opts.validate(8)
+        t0 = time.perf_counter()
+        text = encode_text(self.m.sdxl, opts.prompt, opts.negative_prompt)
+        if times is not None:
+            self._sync()
+            times.add("text", time.perf_counter() - t0)
+        x = self.latents(opts, text, tokens, times)
+        t1 = time.perf_counter()
+        img = self.decode(x)
+        if times is not None:
+            times.add("vae", time.perf_counter() - t1)
+        return img
