@@ -1,0 +1,275 @@
+"""`python -m benchmarks.run`: end-to-end latency of StoryMaker backends side by side, one JSON line per run.
+
+Backends: `reference` (the release's semantics: unfused LoRA processors, eager;
+fp16 on a GPU), `torch-opt` (runtime/fast.py, one positive flag per
+optimisation), `onnxruntime` (the build's ONNX engines in-process, the served
+logic without a server), `triton` (a real tritonserver on loopback, sweeping
+client concurrency). Weights: `demo` (the tiny bundle, exported on first use),
+`random-full` (released sizes, random weights, for timing on a GPU) or a
+weights folder. Each backend gets explicit warm-up runs, then `--repeats`
+timed runs; medians and p90 of end-to-end seconds plus a per-stage breakdown
+(character encoders + resampler, text encoders, denoise, VAE). Every line
+carries all flags, device, torch/CUDA/driver versions, git commit, peak GPU
+memory (torch.cuda.max_memory_allocated) and peak host RSS; triton lines also
+the server's steady-state host memory. `--quick` is the CPU smoke setting
+(demo, 128 px, 8 steps, all backends, concurrency 1/2/4; a few minutes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+CHARS = [("ldh.png", "ldh_mask.png", "ldh.face.json"), ("tsy.png", "tsy_mask.png", "tsy.face.json")]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run: demo weights, 128 px, 8 steps, all backends")
+    ap.add_argument("--backends", default="reference,torch-opt")
+    ap.add_argument("--weights", default="demo", help="demo | random-full | a weights folder")
+    ap.add_argument("--build", type=Path, help="ONNX build folder for onnxruntime/triton (default: build/bench_<weights>)")
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--characters", type=int, default=1, choices=(1, 2))
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="default: fp16 on GPU, fp32 on CPU")
+    ap.add_argument("--dual-attention-kernel", action="store_true")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--cuda-graph", action="store_true")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--concurrency", default="1,2,4", help="triton backend: client concurrency levels")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/runs.jsonl")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.weights, a.size, a.steps, a.repeats, a.warmup = "demo", 128, 8, 3, 1
+        a.backends = "reference,torch-opt,onnxruntime,triton"
+    a.precision = a.precision or ("fp16" if a.device == "cuda" else "fp32")
+    return a
+
+
+def environment() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    env = {"host": platform.node(), "cpu_count": __import__("os").cpu_count(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "git_commit": commit, "device_name": "cpu", "driver": None}
+    if torch.cuda.is_available():
+        env["device_name"] = torch.cuda.get_device_name()
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True)
+        env["driver"] = smi.stdout.strip() or None
+    return env
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"median_s": float(np.median(xs)), "p90_s": float(np.percentile(xs, 90)), "runs_s": [round(x, 4) for x in xs]}
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _weights(a):
+    """(weights dir or None, loader) for the torch backends."""
+    if a.weights == "random-full":
+        from runtime.random_models import random_full_models
+
+        return None, lambda fuse: random_full_models(a.device, torch.float16 if a.precision == "fp16" else torch.float32,
+                                                     fuse=fuse)
+    if a.weights == "demo":
+        from export.demo_bundle import write_demo_bundle
+
+        wdir = write_demo_bundle(ROOT / "build/bench_demo/demo_bundle")
+    else:
+        wdir = Path(a.weights)
+    from runtime.loaders import WeightsLayout, load_storymaker
+
+    return wdir, lambda fuse: load_storymaker(WeightsLayout.from_dir(wdir), fuse=fuse, device=a.device)
+
+
+def _characters(n):
+    from runtime.characters import Character
+
+    return [Character.load(DATA / p, DATA / m, DATA / f) for p, m, f in CHARS[:n]]
+
+
+def _opts(a, seed=0):
+    from runtime.pipeline import GenerateOptions
+
+    return GenerateOptions("a man walking in a park, cinematic", negative_prompt="blurry", steps=a.steps,
+                           guidance=a.guidance, width=a.size, height=a.size, seed=seed)
+
+
+def bench_torch(a, backend: str) -> dict:
+    from runtime.fast import FastOptions, FastPipeline, StageTimes
+    from runtime.pipeline import StoryMakerPipeline, TorchDenoiser, decode, encode_text, sample, step_inputs
+
+    _, load = _weights(a)
+    models = load(backend != "reference")
+    if backend == "reference":
+        for mod in (models.sdxl.unet, models.sdxl.text_encoder, models.sdxl.text_encoder_2, models.ppr, models.image_encoder):
+            mod.to(a.device, {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[a.precision])
+        pipe = StoryMakerPipeline(models)
+    else:
+        pipe = FastPipeline(models, FastOptions(a.precision, "fp32", a.dual_attention_kernel, a.channels_last,
+                                                a.cuda_graph, a.compile))
+    chars = _characters(a.characters) if a.weights != "random-full" else None
+    totals, stages = [], []
+    for r in range(a.warmup + a.repeats):
+        st: dict = {}
+        t0 = time.perf_counter()
+        if chars is not None:
+            tokens = pipe.encode_characters(chars)
+        else:   # random-full: tokens of the real shape, as the resampler would produce
+            tokens = tuple(models.ppr(torch.randn(1, 512, device=a.device, dtype=next(models.ppr.parameters()).dtype),
+                                      *(torch.randn(1, 257, 1280, device=a.device, dtype=next(models.ppr.parameters()).dtype),) * 2)
+                           for _ in range(2))
+        _sync()
+        st["encoders+ppr"] = time.perf_counter() - t0
+        opts = _opts(a, r)
+        t1 = time.perf_counter()
+        text = encode_text(models.sdxl, opts.prompt, opts.negative_prompt)
+        _sync()
+        st["text"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        if backend == "reference":
+            lat = sample(TorchDenoiser(models.sdxl.unet), step_inputs(text, tokens, opts), opts, models.sdxl.scheduler_config)
+        else:
+            lat = pipe.latents(opts, text, tokens)
+        _sync()
+        st["denoise"] = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        decode(models.sdxl.vae, lat) if backend == "reference" else pipe.decode(lat)
+        _sync()
+        st["vae"] = time.perf_counter() - t3
+        if r >= a.warmup:
+            totals.append(time.perf_counter() - t0)
+            stages.append(st)
+    return {**_stats(totals), "stages_median_s": {k: float(np.median([s[k] for s in stages])) for k in stages[0]}}
+
+
+def _build(a) -> Path:
+    from export.build import main as build_main
+
+    out = a.build or ROOT / f"build/bench_{a.weights if a.weights in ('demo', 'random-full') else 'weights'}"
+    args = ["--demo"] if a.weights == "demo" else ["--weights", a.weights]
+    if build_main(args + ["--out", str(out)]) != 0:
+        raise SystemExit(f"export.build failed for {out}")
+    return out
+
+
+def bench_onnxruntime(a) -> dict:
+    from runtime.engines import Build
+    from runtime.served import (CharacterEncoding, CharacterRequest, EngineDenoiser, TextEncoding, decode_image,
+                                generate_latents)
+
+    b = Build(_build(a))
+    te, ce = TextEncoding(b), CharacterEncoding(b)
+    unet, vae = b.engine("unet"), b.engine("vae_decoder")
+    sched = json.loads((b.path / b.manifest["assets"]["scheduler_config"]).read_text())
+    req = CharacterRequest(*[[(DATA / c[k]).read_bytes() for c in CHARS[:a.characters]] for k in (0, 1)],
+                           [None] * a.characters, [(DATA / c[2]).read_text() for c in CHARS[:a.characters]],
+                           [0] * a.characters)
+    totals, stages = [], []
+    for r in range(a.warmup + a.repeats):
+        st, t0 = {}, time.perf_counter()
+        tokens = ce(req)
+        st["encoders+ppr"] = time.perf_counter() - t0
+        opts = _opts(a, r)
+        t1 = time.perf_counter()
+        text, _ = te(opts.prompt, opts.negative_prompt)
+        st["text"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        lat = generate_latents(opts, text, tokens, EngineDenoiser(b.manifest["components"]["unet"], unet.run), sched)
+        st["denoise"] = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        decode_image(vae.run, lat)
+        st["vae"] = time.perf_counter() - t3
+        if r >= a.warmup:
+            totals.append(time.perf_counter() - t0)
+            stages.append(st)
+    return {**_stats(totals), "stages_median_s": {k: float(np.median([s[k] for s in stages])) for k in stages[0]}}
+
+
+def _tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants (the server and its Python-backend stubs)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += int(next(l for l in open(f"/proc/{p}/status") if l.startswith("VmRSS")).split()[1]) * 1024
+            todo += [int(c) for c in open(f"/proc/{p}/task/{p}/children").read().split()]
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+def bench_triton(a) -> list[dict]:
+    import tritonclient.grpc as grpcclient
+
+    from benchmarks.load import run_level
+    from runtime.client import StoryMakerClient
+    from runtime.serve import TritonServer
+
+    rows = []
+    with TritonServer(_build(a) / "triton_repo") as srv:
+        client, admin = StoryMakerClient(srv.url), grpcclient.InferenceServerClient(srv.url)
+        chars = [{"photo": DATA / p, "mask": DATA / m, "face": DATA / f} for p, m, f in CHARS[:a.characters]]
+        tokens = client.encode_characters(chars)
+        opts = {"width": a.size, "height": a.size, "steps": a.steps, "guidance": a.guidance}
+        for _ in range(a.warmup):
+            client.generate("warm-up", tokens=tokens, **opts)
+        for c in (int(x) for x in a.concurrency.split(",")):
+            level = run_level(client, admin, tokens, c, a.repeats, opts)
+            rows.append({**level, "median_s": level["p50_s"], "server_rss_bytes": _tree_rss_bytes(srv.proc.pid)})
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    a = parse_args(argv)
+    env = environment()
+    flags = {k: getattr(a, k) for k in ("weights", "size", "steps", "characters", "guidance", "repeats", "warmup",
+                                        "device", "precision", "dual_attention_kernel", "channels_last", "cuda_graph",
+                                        "compile")}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for backend in a.backends.split(","):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        print(f"[{backend}] {a.weights}, {a.size}x{a.size}, {a.steps} steps, {a.characters} character(s) ...", flush=True)
+        if backend in ("reference", "torch-opt"):
+            results = [bench_torch(a, backend)]
+        elif backend == "onnxruntime":
+            results = [bench_onnxruntime(a)]
+        elif backend == "triton":
+            results = bench_triton(a)
+        else:
+            raise SystemExit(f"unknown backend {backend}; use reference, torch-opt, onnxruntime, triton")
+        for res in results:
+            line = {"bench": "e2e", "backend": backend, **flags, **env, **res,
+                    "peak_gpu_mem_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+                    "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            lines.append(line)
+            with a.out.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+            extra = f" concurrency {res['concurrency']}: {res['req_per_s']} req/s" if "concurrency" in res else ""
+            print(f"[{backend}] median {res['median_s']:.3f} s, p90 {res['p90_s']:.3f} s{extra}", flush=True)
+    print(f"results appended to {a.out}; charts: python -m benchmarks.plot")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
