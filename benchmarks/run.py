@@ -229,8 +229,7 @@ def bench_triton(a) -> list[dict]:
         chars = [{"photo": DATA / p, "mask": DATA / m, "face": DATA / f} for p, m, f in CHARS[:a.characters]]
         tokens = client.encode_characters(chars)
         opts = {"width": a.size, "height": a.size, "steps": a.steps, "guidance": a.guidance}
-        for _ in range(a.warmup):
-            client.generate("warm-up", tokens=tokens, **opts)
+        run_level(client, admin, tokens, 2, a.warmup, opts)    # warm both storymaker instances, not just one
         for c in (int(x) for x in a.concurrency.split(",")):
             level = run_level(client, admin, tokens, c, a.repeats, opts)
             rows.append({**level, "median_s": level["p50_s"], "server_rss_bytes": _tree_rss_bytes(srv.proc.pid)})
