@@ -149,24 +149,26 @@ def fuse_style_loras(parts: SDXLParts, loras: list[tuple[Path, float]]) -> None:
     pipe.unload_lora_weights()
 
 
+def _from_pretrained(cls, path: Path, what: str, fix: str):
+    path = _require(Path(path), what, fix)
+    try:
+        return cls.from_pretrained(str(path), local_files_only=True).eval()
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{path}: {what} could not be loaded: {e}") from None
+
+
 def load_image_encoder(path: Path):
     from transformers import CLIPVisionModelWithProjection
 
-    path = _require(Path(path), "CLIP image encoder", "Pass the CLIP ViT-H/14 image encoder folder (transformers layout).")
-    try:
-        return CLIPVisionModelWithProjection.from_pretrained(str(path), local_files_only=True).eval()
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"{path}: CLIP image encoder could not be loaded: {e}") from None
+    return _from_pretrained(CLIPVisionModelWithProjection, path, "CLIP image encoder",
+                            "Pass the CLIP ViT-H/14 image encoder folder (transformers layout).")
 
 
 def load_controlnet(path: Path):
     from diffusers import ControlNetModel
 
-    path = _require(Path(path), "SDXL ControlNet", "Pass a diffusers SDXL ControlNet folder (e.g. an OpenPose model).")
-    try:
-        return ControlNetModel.from_pretrained(str(path), local_files_only=True).eval()
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"{path}: ControlNet could not be loaded: {e}") from None
+    return _from_pretrained(ControlNetModel, path, "SDXL ControlNet",
+                            "Pass a diffusers SDXL ControlNet folder (e.g. an OpenPose model).")
 
 
 @dataclass

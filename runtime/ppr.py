@@ -107,6 +107,15 @@ def _layers(dim: int, depth: int, dim_head: int, ff_mult: int) -> nn.ModuleList:
     )
 
 
+def _perceive(m: nn.Module, latents: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """proj_in, then residual [attention, feed-forward] layers, proj_out, norm_out (both resamplers)."""
+    x = m.proj_in(x)
+    for attn, ff in m.layers:
+        latents = attn(x, latents) + latents
+        latents = ff(latents) + latents
+    return m.norm_out(m.proj_out(latents))
+
+
 class FacePerceiverResampler(nn.Module):
     """Refines given latents (the id tokens) with CLIP features of the aligned face."""
 
@@ -118,11 +127,7 @@ class FacePerceiverResampler(nn.Module):
         self.layers = _layers(dim, depth, dim_head, ff_mult)
 
     def forward(self, latents: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj_in(x)
-        for attn, ff in self.layers:
-            latents = attn(x, latents) + latents
-            latents = ff(latents) + latents
-        return self.norm_out(self.proj_out(latents))
+        return _perceive(self, latents, x)
 
 
 class Resampler(nn.Module):
@@ -138,12 +143,7 @@ class Resampler(nn.Module):
         self.layers = _layers(dim, depth, dim_head, ff_mult)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        latents = self.latents.repeat(x.size(0), 1, 1)
-        x = self.proj_in(x)
-        for attn, ff in self.layers:
-            latents = attn(x, latents) + latents
-            latents = ff(latents) + latents
-        return self.norm_out(self.proj_out(latents))
+        return _perceive(self, self.latents.repeat(x.size(0), 1, 1), x)
 
 
 class PositionalPerceiverResampler(nn.Module):

@@ -146,3 +146,23 @@ def generate_options(glue: Glue, r, prompt: str = "(embeddings given)"):
         seed=glue.scalar(r, "SEED", 0, int), ip_scale=glue.scalar(r, "IP_SCALE", 0.8),
         pose_image=decode_image(pose[0], "pose map") if pose and pose[0] else None,
         controlnet_scale=glue.scalar(r, "CONTROLNET_SCALE", 1.0))
+
+
+class Sampling:
+    """What a BLS model running the UniPC loop needs from a build: the unet record, the scheduler
+    config, the token width and a factory of denoisers that call `unet` (and `controlnet`) via BLS."""
+
+    def __init__(self, glue: Glue, build_dir: str):
+        from runtime.engines import Build
+
+        b = Build(build_dir)
+        self.glue, self.unet = glue, b.manifest["components"]["unet"]
+        self.dim = self.unet["spec"]["inputs"][2]["dims"][2]
+        self.scheduler = json.loads((b.path / b.manifest["assets"]["scheduler_config"]).read_text())
+        outs = [t["name"] for t in b.manifest["components"]["controlnet"]["outputs"]] if b.has("controlnet") else None
+        self.controlnet = (lambda f: glue.engine("controlnet", f, outs)) if outs else None
+
+    def denoiser(self):
+        from runtime.served import EngineDenoiser
+
+        return EngineDenoiser(self.unet, lambda f: self.glue.engine("unet", f, ["noise_pred"]), self.controlnet)

@@ -9,18 +9,16 @@ than a static ensemble: its inputs are optional and cancellation must reach
 the denoising loop. Outputs IMAGE [H, W, 3] uint8, PNG [1] bytes, TRUNCATED [1].
 """
 import io
-import json
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 from PIL import Image
 
-from runtime.engines import Build
 from runtime.errors import InputError
 from runtime.pipeline import TextEmbeds
-from runtime.served import EngineDenoiser, check_tokens, decode_image, generate_latents, validate_options
-from runtime.triton_glue import Glue, generate_options, setup
+from runtime.served import check_tokens, decode_image, generate_latents, validate_options
+from runtime.triton_glue import Glue, Sampling, generate_options, setup
 
 CHAR_INPUTS = ("PHOTOS", "MASKS", "CLOTHS", "FACE_INFO", "MASK_CHANNELS", "IDENTITY_ONLY", "INTERPOLATION")
 
@@ -29,12 +27,7 @@ class TritonPythonModel:
     def initialize(self, args):
         _, params = setup(args)
         self.glue = Glue(pb_utils)
-        b = Build(params["build_dir"])
-        self.unet = b.manifest["components"]["unet"]
-        self.dim = self.unet["spec"]["inputs"][2]["dims"][2]
-        self.sched = json.loads((b.path / b.manifest["assets"]["scheduler_config"]).read_text())
-        outs = [t["name"] for t in b.manifest["components"]["controlnet"]["outputs"]] if b.has("controlnet") else None
-        self.cn = (lambda f: self.glue.engine("controlnet", f, outs)) if outs else None
+        self.s = Sampling(self.glue, params["build_dir"])
 
     def _tokens(self, r):
         g = self.glue
@@ -45,14 +38,14 @@ class TritonPythonModel:
             fwd = {k: v for k in CHAR_INPUTS if (v := g.array(r, k)) is not None}
             out = g.bls("encode_characters", fwd, ["IMAGE_TOKENS", "NEG_IMAGE_TOKENS"])
             pos, neg = out["IMAGE_TOKENS"], out["NEG_IMAGE_TOKENS"]
-        check_tokens(pos, neg, self.dim)
+        check_tokens(pos, neg, self.s.dim)
         return pos, neg
 
     def _one(self, r):
         g = self.glue
         prompt = g.texts(r, "PROMPT", required=True)[0]
         opts = generate_options(g, r, prompt)
-        validate_options(opts, self.unet)
+        validate_options(opts, self.s.unet)
         tokens = self._tokens(r)
         te_in = {"PROMPT": np.array([prompt.encode()], dtype=object)}
         neg = g.array(r, "NEGATIVE_PROMPT")
@@ -60,8 +53,7 @@ class TritonPythonModel:
             te_in["NEGATIVE_PROMPT"] = neg.reshape(1)
         te = g.bls("text_encoder", te_in, ["PROMPT_EMBEDS", "POOLED", "TRUNCATED"])
         text = TextEmbeds(torch.from_numpy(te["PROMPT_EMBEDS"]), torch.from_numpy(te["POOLED"]))
-        den = EngineDenoiser(self.unet, lambda f: g.engine("unet", f, ["noise_pred"]), self.cn)
-        lat = generate_latents(opts, text, tokens, den, self.sched, r.is_cancelled)
+        lat = generate_latents(opts, text, tokens, self.s.denoiser(), self.s.scheduler, r.is_cancelled)
         img = decode_image(lambda f: g.engine("vae_decoder", f, ["image"]), lat)
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="PNG")
