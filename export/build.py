@@ -222,10 +222,11 @@ def build(a) -> int:
                           "lora_scale": a.lora_scale, "style_loras": [f"{p}:{s}" for p, s in loras],
                           "engines": engines, "components": {**old, **records}})
     print("\nparity (onnxruntime CPU vs PyTorch reference)\n" + _table(records))
-    from export.triton_repo import write_repo
+    from export.triton_repo import write_ngc_repo, write_repo
 
     if all(n in {**old, **records} for n in ("unet", "vae_decoder", "ppr", "clip_vision", "text_encoder")):
-        print(f"Triton model repository: {write_repo(out)}")
+        print(f"Triton model repository: {write_repo(out)} (bundled server); {write_ngc_repo(out)} "
+              "(NGC container: native onnxruntime/tensorrt_plan engine models)")
     failed = [n for n, r in records.items() if r["parity"]["status"] == "failed"]
     print(f"\nmanifest: {path}")
     if failed:

@@ -161,7 +161,7 @@ def build_specs(m, prof: ExportProfile) -> dict[str, ComponentSpec]:
                       (_f("hidden_states", ("N", 257, c)),), {"N": (1, 2, 2 * prof.max_characters)}, 1e-3,
                       "CLIP ViT-H/14 vision tower up to hidden_states[-2]: last layer, post-LayerNorm and projection dropped"),
         ComponentSpec("ppr", (_f("id_embeds", ("n", 512)), _f("clip_embeds", ("n", 257, c)), _f("face_embeds", ("n", 257, c)),
-                              _f("clip_token_scale", (), 1.0, 1.0)),
+                              _f("clip_token_scale", (1,), 1.0, 1.0)),
                       (_f("image_tokens", (1, "T_img", d)),), {"n": (1, min(2, prof.max_characters), prof.max_characters)},
                       1e-4, "T_img = 20(n+1); negative tokens: the same graph on all-zero inputs; clip_token_scale 0 = identity-only"),
         ComponentSpec("text_encoder", (TensorSpec("input_ids", "int64", ("B", 77), 0, vocab(m.sdxl.tokenizer)),),

@@ -4,7 +4,10 @@ The config is built as Triton's own `ModelConfig` protobuf (from tritonclient)
 and printed with protobuf's text format, so a field Triton does not know fails
 here, at build time, not when the server loads the repository. Dims come from
 the spec (-1 for a dynamic axis). With `max_batch_size > 0` the spec's first
-axis is the batch axis and is left out of `dims`, as Triton expects.
+axis is the batch axis and is left out of `dims`, as Triton expects; a tensor
+left with no dims (a per-sample (N,) vector) is declared as [1] with
+`reshape: { shape: [] }`, so the model sees the spec's rank. Scalars are not
+allowed (Triton has none): specs use shape (1,).
 """
 from __future__ import annotations
 
@@ -27,7 +30,12 @@ def model_config(spec: ComponentSpec, backend: str = "onnxruntime", max_batch_si
     batched = max_batch_size > 0
     for tensors, field in ((spec.inputs, cfg.input), (spec.outputs, cfg.output)):
         for t in tensors:
-            field.add(name=t.name, data_type=DTYPES[t.dtype], dims=spec.triton_dims(t, batch_dim=batched))
+            dims = spec.triton_dims(t, batch_dim=batched)
+            entry = field.add(name=t.name, data_type=DTYPES[t.dtype], dims=dims or [1])
+            if not dims and batched:    # a per-sample (N,) vector: [1] per request outside, [] to the model
+                entry.reshape.SetInParent()
+            elif not dims:
+                raise ValueError(f"{spec.name}.{t.name}: Triton has no scalar tensors; give it shape (1,) in the spec")
     cfg.instance_group.add(count=instances, kind=getattr(pb.ModelInstanceGroup, kind))
     return cfg
 

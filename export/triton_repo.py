@@ -70,9 +70,6 @@ def spec_from_record(rec: dict) -> ComponentSpec:
 def _engine_config(name: str, rec: dict) -> pb.ModelConfig:
     spec = spec_from_record(rec)
     cfg = model_config(spec, backend="python", max_batch_size=BATCHED.get(name, 0))
-    for t in list(cfg.input) + list(cfg.output):
-        if not t.dims:
-            t.dims.append(1)            # scalars and (N,) vectors: Triton needs a dim; the glue reshapes back
     if name in BATCHED:
         db = cfg.dynamic_batching
         db.max_queue_delay_microseconds = 2000
@@ -87,6 +84,40 @@ def _engine_config(name: str, rec: dict) -> pb.ModelConfig:
             dims = list(t.shape(opt))[1:] or [1]
             w.inputs[t.name].CopyFrom(pb.ModelWarmup.Input(data_type=DTYPES[t.dtype], dims=dims, zero_data=True))
     return cfg
+
+
+def write_ngc_repo(build_dir: Path, venv: Path | None = None) -> Path:
+    """`OUT/triton_repo_ngc`: the same repository with native backends for the engine models, for the NGC
+    tritonserver container (which has them; the bundled wheel server has only the Python backend).
+    Engine models use `tensorrt_plan` where the build made an engine, else `onnxruntime`, with the model
+    file linked from the build; the BLS models stay Python. WRITTEN, NOT RUN here."""
+    import json
+
+    src = write_repo(build_dir, venv)
+    out = build_dir / "triton_repo_ngc"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(src, out, symlinks=True)
+    m = json.loads((build_dir / "manifest.json").read_text())
+    engines = m.get("engines", {}).get("engines", {})
+    for name in ENGINE_MODELS:
+        if name not in m["components"]:
+            continue
+        rec = m["components"][name]
+        plan = engines.get(name)
+        cfg = model_config(spec_from_record(rec), backend="tensorrt" if plan else "onnxruntime",
+                           max_batch_size=BATCHED.get(name, 0), kind="KIND_GPU")
+        if plan:
+            cfg.platform, cfg.backend = "tensorrt_plan", ""
+        if name in BATCHED:
+            cfg.dynamic_batching.CopyFrom(_engine_config(name, rec).dynamic_batching)
+        target = build_dir / (plan or rec["files"][0]["path"])
+        shutil.rmtree(out / name / "1")
+        (out / name / "1").mkdir(parents=True)
+        (out / name / "1" / cfg.default_model_filename).symlink_to(target.resolve())
+        for extra in rec["files"][1:]:                     # external weights next to the .onnx
+            (out / name / "1" / Path(extra["path"]).name).symlink_to((build_dir / extra["path"]).resolve())
+        (out / name / "config.pbtxt").write_text(to_pbtxt(cfg))
+    return out
 
 
 def write_repo(build_dir: Path, venv: Path | None = None) -> Path:

@@ -99,7 +99,7 @@ class CharacterEncoding:
                 raise InputError(f"interpolation needs exactly 2 characters, got {n}")
             w = float(interpolation)
             ids, clip, face = (((1 - w) * t[0] + w * t[1])[None] for t in (ids, clip, face))
-        scale = np.array(0.0 if identity_only else 1.0, np.float32)
+        scale = np.array([0.0 if identity_only else 1.0], np.float32)                # [1], broadcast over tokens
         feeds = {"id_embeds": ids.astype(np.float32), "clip_embeds": clip, "face_embeds": face, "clip_token_scale": scale}
         pos = self.ppr_fn(feeds)["image_tokens"]
         neg = self.ppr_fn({k: np.zeros_like(v) if k != "clip_token_scale" else v for k, v in feeds.items()})["image_tokens"]

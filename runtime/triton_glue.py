@@ -107,11 +107,12 @@ class Glue:
             raise InputError(f"{model}: {resp.error().message()}")
         return {k: self.pb.get_output_tensor_by_name(resp, k).as_numpy() for k in outputs}
 
-    def engine(self, model: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-        """BLS call to an engine model: scalars travel as [1], per-sample (N,) vectors as [N, 1] (their
-        Triton dims); the engine glue reshapes them back to the spec's rank."""
-        shaped = {k: v.reshape(1) if v.ndim == 0 else (v.reshape(-1, 1) if v.ndim == 1 else v) for k, v in feeds.items()}
-        return self.bls(model, shaped, outputs)
+    def engine(self, model: str, feeds: dict[str, np.ndarray], outputs: list[str], batched: bool = False):
+        """BLS call to an engine model. In a dynamically batched model (unet, controlnet) a per-sample (N,)
+        vector is declared [1] per request, so it travels as [N, 1]; Triton's reshape hands it back as (N,)."""
+        if batched:
+            feeds = {k: v.reshape(-1, 1) if v.ndim == 1 else v for k, v in feeds.items()}
+        return self.bls(model, feeds, outputs)
 
 
 
@@ -160,9 +161,10 @@ class Sampling:
         self.dim = self.unet["spec"]["inputs"][2]["dims"][2]
         self.scheduler = json.loads((b.path / b.manifest["assets"]["scheduler_config"]).read_text())
         outs = [t["name"] for t in b.manifest["components"]["controlnet"]["outputs"]] if b.has("controlnet") else None
-        self.controlnet = (lambda f: glue.engine("controlnet", f, outs)) if outs else None
+        self.controlnet = (lambda f: glue.engine("controlnet", f, outs, batched=True)) if outs else None
 
     def denoiser(self):
         from runtime.served import EngineDenoiser
 
-        return EngineDenoiser(self.unet, lambda f: self.glue.engine("unet", f, ["noise_pred"]), self.controlnet)
+        return EngineDenoiser(self.unet, lambda f: self.glue.engine("unet", f, ["noise_pred"], batched=True),
+                              self.controlnet)

@@ -115,3 +115,23 @@ def test_style_lora_is_fused_before_export(tmp_path, bundle, built):
     assert styled["components"]["unet"]["parity"]["passed"]
     assert styled["style_loras"] == [f"{tmp_path / 'style.safetensors'}:0.7"]
     assert styled["components"]["unet"]["files"][0]["sha256"] != plain["files"][0]["sha256"]
+
+
+def test_triton_repositories_are_complete_and_parse(built):
+    """Every generated config.pbtxt parses as Triton's ModelConfig; the NGC variant uses native backends
+    for the engine models and links the build's files."""
+    from export.triton_config import parse_pbtxt
+    from runtime.serve import REQUIRED_MODELS, check_repo
+
+    check_repo(built / "triton_repo")
+    for repo in ("triton_repo", "triton_repo_ngc"):
+        for cfg_file in (built / repo).glob("*/config.pbtxt"):
+            cfg = parse_pbtxt(cfg_file.read_text())
+            assert cfg.name == cfg_file.parent.name
+    ngc = built / "triton_repo_ngc"
+    for name in ("clip_vision", "ppr", "unet", "controlnet", "vae_decoder"):
+        cfg = parse_pbtxt((ngc / name / "config.pbtxt").read_text())
+        assert cfg.backend == "onnxruntime" and (ngc / name / "1" / "model.onnx").resolve().exists()
+    unet = parse_pbtxt((ngc / "unet" / "config.pbtxt").read_text())
+    assert unet.max_batch_size == 8 and unet.dynamic_batching.default_queue_policy.max_queue_size == 64
+    assert set(REQUIRED_MODELS) <= {p.name for p in ngc.iterdir()}

@@ -31,6 +31,9 @@ def test_all_views_derive_from_the_spec():
     assert [list(i.dims) for i in cfg.input] == [[-1, 4, -1, -1], [-1, 64, -1, -1], [-1, -1, 128], [-1, 77]]
     batched = model_config(UNET_LIKE, max_batch_size=4)
     assert list(batched.input[0].dims) == [4, -1, -1]
+    scalar = ComponentSpec("s", (TensorSpec("t", "float32", ("N",)),), (), {"N": (1, 2, 4)})
+    t = model_config(scalar, max_batch_size=4).input[0]      # (N,) per sample: [1] outside, [] to the model
+    assert list(t.dims) == [1] and t.HasField("reshape") and list(t.reshape.shape) == []
     # change one range: profile and sample shapes follow, nothing else to edit
     wider = dataclasses.replace(UNET_LIKE, symbols={**UNET_LIKE.symbols, "h": (8, 16, 64)})
     assert wider.profile()["sample"]["max"] == (4, 4, 64, 32)

@@ -24,7 +24,7 @@ class TritonPythonModel:
         feeds = {}
         for name in self.engine.inputs:
             a = self.glue.array(request, name, required=True)
-            feeds[name] = a.reshape(()) if self.rank[name] == 0 else (a.reshape(-1) if self.rank[name] == 1 else a)
+            feeds[name] = a.reshape(-1) if self.rank[name] == 1 else a     # (N,) vectors arrive as [N, 1] via BLS
         self.engine.check_profile(feeds, skip_batch=self.batched)
         return feeds
 
