@@ -266,7 +266,10 @@ def main(argv=None) -> list[dict]:
                 f.write(json.dumps(line) + "\n")
             extra = f" concurrency {res['concurrency']}: {res['req_per_s']} req/s" if "concurrency" in res else ""
             print(f"[{backend}] median {res['median_s']:.3f} s, p90 {res['p90_s']:.3f} s{extra}", flush=True)
-    print(f"results appended to {a.out}; charts: python -m benchmarks.plot")
+    from benchmarks.plot import main as plot
+
+    charts = plot(["--results", str(a.out), "--out", str(a.out.parent)])
+    print(f"results appended to {a.out}; charts: {', '.join(p.name for p in charts)} in {a.out.parent}")
     return lines
 
 

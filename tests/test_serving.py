@@ -194,3 +194,17 @@ def test_server_listens_on_loopback_only(server):
     assert set(seen) == ports
     loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1 and ::ffff:127.0.0.1 (hex, as the kernel writes)
     assert set(seen.values()) <= loopback, seen
+
+
+def test_launcher_rejects_incomplete_repository(tmp_path, built, capsys):
+    import shutil
+
+    from runtime.serve import main as serve_main
+
+    repo = tmp_path / "repo"
+    shutil.copytree(built / "triton_repo", repo)
+    shutil.rmtree(repo / "unet")
+    with pytest.raises(StoryMakerError, match=r"incomplete Triton repository \(missing \['unet'\]\)"):
+        TritonServer(repo)
+    assert serve_main(["--repo", str(repo)]) == 2
+    assert "export.build" in capsys.readouterr().err
