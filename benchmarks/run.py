@@ -113,7 +113,7 @@ def _opts(a, seed=0):
 
 
 def bench_torch(a, backend: str) -> dict:
-    from runtime.fast import FastOptions, FastPipeline, StageTimes
+    from runtime.fast import FastOptions, FastPipeline
     from runtime.pipeline import StoryMakerPipeline, TorchDenoiser, decode, encode_text, sample, step_inputs
 
     _, load = _weights(a)

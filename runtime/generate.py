@@ -14,7 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from runtime.errors import StoryMakerError
+
+if TYPE_CHECKING:
+    from runtime.story import Story
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 

@@ -19,7 +19,12 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from typing import TYPE_CHECKING
+
 from runtime.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 CHAR_SIZE = 224
 MAX_PIXELS = 4096 * 4096

@@ -4,7 +4,6 @@ The dual-attention kernel inside a UNet step is checked in tests/test_dual_atten
 would make 25 steps slow); here: host-precomputed UniPC, device-resident loop, channels_last.
 """
 import numpy as np
-import torch
 
 from runtime.fast import FastOptions, FastPipeline, StageTimes
 from runtime.loaders import load_storymaker

@@ -1,5 +1,4 @@
 """(c) The resampler equals a direct re-computation of the contract's formulas for 1, 2 and 3 characters."""
-import math
 
 import pytest
 import torch

@@ -1,5 +1,4 @@
 """Host-precomputed UniPC equals diffusers' UniPCMultistepScheduler (SDXL scheduler config) to 1e-6."""
-import json
 
 import pytest
 import torch
