@@ -13,7 +13,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from runtime.errors import StoryMakerError
