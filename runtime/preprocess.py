@@ -14,12 +14,11 @@ from __future__ import annotations
 import functools
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 from PIL import Image
-
-from typing import TYPE_CHECKING
 
 from runtime.errors import InputError
 
