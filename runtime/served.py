@@ -75,6 +75,7 @@ class CharacterEncoding:
                       if "face_detector" in c and "face_recognizer" in c else None)
         self.clip_fn = clip_fn or build.engine("clip_vision").run       # BLS calls when served
         self.ppr_fn = ppr_fn or build.engine("ppr").run
+        self._negatives: dict = {}     # (n, identity_only) -> tokens of all-zero inputs: constant, computed once
 
     def features(self, req: CharacterRequest) -> tuple[np.ndarray, np.ndarray]:
         n = len(req.photos)
@@ -102,8 +103,11 @@ class CharacterEncoding:
         scale = np.array([0.0 if identity_only else 1.0], np.float32)                # [1], broadcast over tokens
         feeds = {"id_embeds": ids.astype(np.float32), "clip_embeds": clip, "face_embeds": face, "clip_token_scale": scale}
         pos = self.ppr_fn(feeds)["image_tokens"]
-        neg = self.ppr_fn({k: np.zeros_like(v) if k != "clip_token_scale" else v for k, v in feeds.items()})["image_tokens"]
-        return pos, neg
+        key = (ids.shape[0], bool(identity_only))
+        if key not in self._negatives:
+            zeros = {k: np.zeros_like(v) if k != "clip_token_scale" else v for k, v in feeds.items()}
+            self._negatives[key] = self.ppr_fn(zeros)["image_tokens"]
+        return pos, self._negatives[key]
 
     def __call__(self, req: CharacterRequest):
         return self.tokens(*self.features(req), req.identity_only, req.interpolation)
@@ -128,7 +132,7 @@ class EngineDenoiser:
         if inputs["pose"] is not None and self.controlnet_fn is None:
             raise InputError("a pose map was given but this deployment has no controlnet; rebuild with controlnet/")
         self.inp = {k: (v.numpy().astype(np.float32) if torch.is_tensor(v) else v) for k, v in inputs.items()}
-
+        self._zeros: dict = {}         # zero ControlNet residuals per latent shape, allocated once per request
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         i, n = self.inp, x.shape[0]
         feeds = {"sample": x.numpy().astype(np.float32), "timestep": np.full((n,), float(t), np.float32),
@@ -140,9 +144,12 @@ class EngineDenoiser:
                       conditioning_scale=i["controlnet_scale"])
             feeds.update(self.controlnet_fn(cn))
         else:                                   # no pose map: zero residuals (exact: the UNet adds them)
-            vals = {"N": n, "h": x.shape[2], "w": x.shape[3]}
-            for r in self.res:
-                feeds[r["name"]] = np.zeros([eval_dim(d, vals) for d in r["dims"]], np.float32)
+            key = tuple(x.shape)
+            if key not in self._zeros:
+                vals = {"N": n, "h": x.shape[2], "w": x.shape[3]}
+                self._zeros[key] = {r["name"]: np.zeros([eval_dim(d, vals) for d in r["dims"]], np.float32)
+                                    for r in self.res}
+            feeds.update(self._zeros[key])
         return torch.from_numpy(self.unet_fn(feeds)["noise_pred"])
 
 
