@@ -172,7 +172,7 @@ def _build(a) -> Path:
 
 def bench_onnxruntime(a) -> dict:
     from runtime.engines import Build
-    from runtime.served import (CharacterEncoding, CharacterRequest, EngineDenoiser, TextEncoding, decode_image,
+    from runtime.served import (CharacterEncoding, CharacterRequest, EngineDenoiser, TextEncoding, decode_latents,
                                 generate_latents)
 
     b = Build(_build(a))
@@ -195,7 +195,7 @@ def bench_onnxruntime(a) -> dict:
         lat = generate_latents(opts, text, tokens, EngineDenoiser(b.manifest["components"]["unet"], unet.run), sched)
         st["denoise"] = time.perf_counter() - t2
         t3 = time.perf_counter()
-        decode_image(vae.run, lat)
+        decode_latents(vae.run, lat)
         st["vae"] = time.perf_counter() - t3
         if r >= a.warmup:
             totals.append(time.perf_counter() - t0)

@@ -93,6 +93,15 @@ def interpolate(f: CharacterFeatures, weight: float) -> CharacterFeatures:
     return CharacterFeatures(mix(f.id), mix(f.clip), mix(f.face))
 
 
+def encode_characters(models, chars: list[Character], identity_only: bool = False,
+                      interpolation: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Characters -> (positive, negative) image tokens with the loaded models (every in-process backend)."""
+    f = character_features(models, chars)
+    if interpolation is not None:
+        f = interpolate(f, interpolation)
+    return image_tokens(models.ppr, f, identity_only)
+
+
 @torch.no_grad()
 def image_tokens(ppr, f: CharacterFeatures, identity_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(positive, negative) tokens, each (1, 20(n+1), D), in the resampler's dtype/device."""

@@ -41,12 +41,19 @@ class FaceInfo:
     @classmethod
     def from_json(cls, path: Path | str) -> "FaceInfo":
         try:
-            d = json.loads(Path(path).read_text())
-            return cls(d["kps"], d["embedding"])
+            text = Path(path).read_text()
         except FileNotFoundError:
             raise InputError(f"face info file {path} not found") from None
+        return cls.from_text(text, f"face info file {path}")
+
+    @classmethod
+    def from_text(cls, text: str, source: str = "face info") -> "FaceInfo":
+        """Parse face-info JSON text (a file's content or a request's FACE_INFO element)."""
+        try:
+            d = json.loads(text)
+            return cls(d["kps"], d["embedding"])
         except (KeyError, json.JSONDecodeError, TypeError) as e:
-            raise InputError(f"face info file {path}: expected JSON with 'kps' (5x2) and 'embedding' (512): {e}") from None
+            raise InputError(f"{source}: expected JSON with 'kps' (5x2) and 'embedding' (512): {e}") from None
 
     def to_json(self) -> str:
         return json.dumps({"kps": self.kps.tolist(), "embedding": self.embedding.tolist()})

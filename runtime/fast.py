@@ -105,10 +105,9 @@ class FastPipeline:
                             cross_attention_kwargs={"ip_scale": inp["ip_scale"]}, return_dict=False)[0]
 
     def encode_characters(self, chars, identity_only=False, interpolation=None):
-        from runtime.characters import character_features, image_tokens, interpolate
+        from runtime.characters import encode_characters
 
-        f = character_features(self.m, chars)
-        return image_tokens(self.m.ppr, interpolate(f, interpolation) if interpolation is not None else f, identity_only)
+        return encode_characters(self.m, chars, identity_only, interpolation)
 
     @torch.no_grad()
     def latents(self, opts: GenerateOptions, text: TextEmbeds, tokens, times: StageTimes | None = None) -> torch.Tensor:

@@ -190,12 +190,9 @@ class StoryMakerPipeline:
         self.vae_factor = 2 ** (len(models.sdxl.vae.config.block_out_channels) - 1)
 
     def encode_characters(self, chars, identity_only: bool = False, interpolation: float | None = None):
-        from runtime.characters import character_features, image_tokens, interpolate
+        from runtime.characters import encode_characters
 
-        f = character_features(self.m, chars)
-        if interpolation is not None:
-            f = interpolate(f, interpolation)
-        return image_tokens(self.m.ppr, f, identity_only)
+        return encode_characters(self.m, chars, identity_only, interpolation)
 
     def generate(self, opts: GenerateOptions, tokens, step_callback=None) -> np.ndarray:
         opts.validate(self.vae_factor)

@@ -9,7 +9,6 @@ for the same seed. Request validation lives here too: every bad input raises
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
@@ -85,7 +84,7 @@ class CharacterEncoding:
             raise InputError(f"{n} photos but {len(req.masks)} masks: give one mask (and cloth/face entry) per photo")
         chars = []
         for i in range(n):
-            face = None if not req.faces[i] else _face_from_json(req.faces[i], i)
+            face = FaceInfo.from_text(req.faces[i], f"character {i + 1} face info") if req.faces[i] else None
             chars.append(Character.load(req.photos[i], req.masks[i], face, req.cloths[i] or None, f"character {i + 1}",
                                         req.mask_channels[i]))
         ids, char_px, face_px = preprocess_characters(chars, self.faces, self.max_chars)
@@ -111,14 +110,6 @@ class CharacterEncoding:
 
     def __call__(self, req: CharacterRequest):
         return self.tokens(*self.features(req), req.identity_only, req.interpolation)
-
-
-def _face_from_json(text: str, i: int) -> FaceInfo:
-    try:
-        d = json.loads(text)
-        return FaceInfo(d["kps"], d["embedding"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise InputError(f"character {i + 1}: face info must be JSON with 'kps' (5x2) and 'embedding' (512): {e}") from None
 
 
 class EngineDenoiser:
@@ -190,7 +181,7 @@ class Cancelled(Exception):
     """The client cancelled the request; the server stops it and moves on."""
 
 
-def decode_image(vae_fn, latents: torch.Tensor) -> np.ndarray:
+def decode_latents(vae_fn, latents: torch.Tensor) -> np.ndarray:
     img = vae_fn({"latent": latents.numpy().astype(np.float32)})["image"]    # (1, 3, H, W) in [0, 1]
     if not math.isfinite(float(img.sum())):
         raise InputError("the VAE produced non-finite pixels (check the embeddings given)")

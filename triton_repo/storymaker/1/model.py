@@ -17,7 +17,7 @@ from PIL import Image
 
 from runtime.errors import InputError
 from runtime.pipeline import TextEmbeds
-from runtime.served import check_tokens, decode_image, generate_latents, validate_options
+from runtime.served import check_tokens, decode_latents, generate_latents, validate_options
 from runtime.triton_glue import Glue, Sampling, generate_options, setup
 
 CHAR_INPUTS = ("PHOTOS", "MASKS", "CLOTHS", "FACE_INFO", "MASK_CHANNELS", "IDENTITY_ONLY", "INTERPOLATION")
@@ -54,7 +54,7 @@ class TritonPythonModel:
         te = g.bls("text_encoder", te_in, ["PROMPT_EMBEDS", "POOLED", "TRUNCATED"])
         text = TextEmbeds(torch.from_numpy(te["PROMPT_EMBEDS"]), torch.from_numpy(te["POOLED"]))
         lat = generate_latents(opts, text, tokens, self.s.denoiser(), self.s.scheduler, r.is_cancelled)
-        img = decode_image(lambda f: g.engine("vae_decoder", f, ["image"]), lat)
+        img = decode_latents(lambda f: g.engine("vae_decoder", f, ["image"]), lat)
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="PNG")
         return {"IMAGE": img, "PNG": np.array([buf.getvalue()], dtype=object), "TRUNCATED": te["TRUNCATED"]}
