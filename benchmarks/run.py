@@ -8,7 +8,10 @@ client concurrency). Weights: `demo` (the tiny bundle, exported on first use),
 `random-full` (released sizes, random weights, for timing on a GPU) or a
 weights folder. Each backend gets explicit warm-up runs, then `--repeats`
 timed runs; medians and p90 of end-to-end seconds plus a per-stage breakdown
-(character encoders + resampler, text encoders, denoise, VAE). Every line
+(character encoders, resampler, text encoders, denoise, VAE; the served
+backends time encoders + resampler as one stage), counted FLOPs per stage
+(benchmarks/flops.py), achieved TFLOP/s and, on a GPU whose peak is known, %
+of its dense fp16 peak. Every line
 carries all flags, device, torch/CUDA/driver versions, git commit, peak GPU
 memory (torch.cuda.max_memory_allocated) and peak host RSS; triton lines also
 the server's steady-state host memory. `--quick` is the CPU smoke setting
@@ -17,6 +20,7 @@ the server's steady-state host memory. `--quick` is the CPU smoke setting
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import resource
@@ -26,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchmarks.flops import achieved
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -46,10 +52,14 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="default: fp16 on GPU, fp32 on CPU")
-    ap.add_argument("--dual-attention-kernel", action="store_true")
-    ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--cuda-graph", action="store_true")
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--dual-attention-kernel", action="store_true",
+                    help="torch-opt: the fused Triton kernel for every decoupled cross-attention (CUDA)")
+    ap.add_argument("--channels-last", action="store_true", help="torch-opt: UNet/VAE in channels_last memory format")
+    ap.add_argument("--fused-qkv", action="store_true", help="torch-opt: one GEMM for Q|K|V (self) and K|V (cross)")
+    ap.add_argument("--vae-precision", choices=("fp32", "bf16"), default="fp32",
+                    help="torch-opt VAE precision (fp16 overflows in SDXL's VAE)")
+    ap.add_argument("--cuda-graph", action="store_true", help="torch-opt: capture the UNet step as a CUDA graph per shape")
+    ap.add_argument("--compile", action="store_true", help="torch-opt: torch.compile the UNet (max-autotune)")
     ap.add_argument("--concurrency", default="1,2,4", help="triton backend: client concurrency levels")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/runs.jsonl")
     a = ap.parse_args(argv)
@@ -81,22 +91,23 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _weights(a):
-    """(weights dir or None, loader) for the torch backends."""
-    if a.weights == "random-full":
+def load_weights(weights: str, device: str = "cpu", precision: str = "fp32", fuse: bool = True):
+    """StoryMakerModels for `demo` (the bundle, written on first use), `random-full` or a weights folder."""
+    from runtime.fast import DTYPES
+
+    if weights == "random-full":
         from runtime.random_models import random_full_models
 
-        return None, lambda fuse: random_full_models(a.device, torch.float16 if a.precision == "fp16" else torch.float32,
-                                                     fuse=fuse)
-    if a.weights == "demo":
+        return random_full_models(device, DTYPES[precision], fuse=fuse)
+    if weights == "demo":
         from export.demo_bundle import write_demo_bundle
 
         wdir = write_demo_bundle(ROOT / "build/bench_demo/demo_bundle")
     else:
-        wdir = Path(a.weights)
+        wdir = Path(weights)
     from runtime.loaders import WeightsLayout, load_storymaker
 
-    return wdir, lambda fuse: load_storymaker(WeightsLayout.from_dir(wdir), fuse=fuse, device=a.device)
+    return load_storymaker(WeightsLayout.from_dir(wdir), fuse=fuse, device=device)
 
 
 def _characters(n):
@@ -112,32 +123,71 @@ def _opts(a, seed=0):
                            guidance=a.guidance, width=a.size, height=a.size, seed=seed)
 
 
-def bench_torch(a, backend: str) -> dict:
-    from runtime.fast import FastOptions, FastPipeline
-    from runtime.pipeline import StoryMakerPipeline, TorchDenoiser, decode, encode_text, sample, step_inputs
+def _summary(totals: list[float], stages: list[dict]) -> dict:
+    """Median/p90 of whole images, per-stage medians, and the median frame of a story (characters encoded once)."""
+    frame = [sum(v for k, v in st.items() if k in ("text", "denoise", "vae")) for st in stages]
+    return {**_stats(totals), "stages_median_s": {k: float(np.median([s[k] for s in stages])) for k in stages[0]},
+            "frame_median_s": float(np.median(frame))}
 
-    _, load = _weights(a)
-    models = load(backend != "reference")
-    if backend == "reference":
+
+_FLOPS: dict = {}
+
+
+def _flops_key(a) -> tuple:
+    return a.weights, a.size, a.characters, a.steps
+
+
+def _image_flops(a, models) -> dict | None:
+    """Counted FLOPs per stage (benchmarks/flops.py); None if counting fails (it never blocks a timing run)."""
+    from benchmarks.flops import image_flops
+
+    try:
+        return image_flops(models, a.size, a.characters, a.steps)
+    except Exception as e:    # noqa: BLE001 -- a model class FlopCounterMode cannot rebuild on meta
+        print(f"(FLOP count skipped: {type(e).__name__}: {e})", flush=True)
+        return None
+
+
+def _encode_characters(a, models, chars, st: dict):
+    """Character tokens, timing `encoders` (face models + CLIP vision) and `ppr` separately into st."""
+    from runtime.characters import CharacterFeatures, character_features, clip_features, image_tokens
+
+    t0 = time.perf_counter()
+    if chars is not None:
+        f = character_features(models, chars)
+    else:   # random-full: CLIP-H on two 224^2 crops per character (no buffalo_l models: random ArcFace ids)
+        n, enc = a.characters, models.image_encoder
+        px = enc.config.image_size
+        feats = clip_features(enc, torch.randn(2 * n, 3, px, px, device=a.device))
+        f = CharacterFeatures(torch.randn(n, models.ppr.cfg.id_dim), feats[:n], feats[n:])
+    _sync()
+    t1 = time.perf_counter()
+    tokens = image_tokens(models.ppr, f)
+    _sync()
+    st["encoders"], st["ppr"] = t1 - t0, time.perf_counter() - t1
+    return tokens
+
+
+def bench_torch(a, backend: str) -> dict:
+    from runtime.fast import DTYPES, FastOptions, FastPipeline
+    from runtime.pipeline import TorchDenoiser, decode, encode_text, sample, step_inputs
+
+    models = load_weights(a.weights, a.device, a.precision, fuse=backend != "reference")
+    _FLOPS.setdefault(_flops_key(a), _image_flops(a, models))
+    if backend == "reference":     # the release: eager, unfused LoRA processors, everything but the VAE in a.precision
         for mod in (models.sdxl.unet, models.sdxl.text_encoder, models.sdxl.text_encoder_2, models.ppr, models.image_encoder):
-            mod.to(a.device, {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[a.precision])
-        pipe = StoryMakerPipeline(models)
+            mod.to(a.device, DTYPES[a.precision])
     else:
-        pipe = FastPipeline(models, FastOptions(a.precision, "fp32", a.dual_attention_kernel, a.channels_last,
-                                                a.cuda_graph, a.compile))
+        pipe = FastPipeline(models, FastOptions(precision=a.precision, vae_precision=a.vae_precision,
+                                                dual_attention_kernel=a.dual_attention_kernel,
+                                                channels_last=a.channels_last, fused_qkv=a.fused_qkv,
+                                                cuda_graph=a.cuda_graph, compile=a.compile))
     chars = _characters(a.characters) if a.weights != "random-full" else None
     totals, stages = [], []
     for r in range(a.warmup + a.repeats):
         st: dict = {}
         t0 = time.perf_counter()
-        if chars is not None:
-            tokens = pipe.encode_characters(chars)
-        else:   # random-full: tokens of the real shape, as the resampler would produce
-            tokens = tuple(models.ppr(torch.randn(1, 512, device=a.device, dtype=next(models.ppr.parameters()).dtype),
-                                      *(torch.randn(1, 257, 1280, device=a.device, dtype=next(models.ppr.parameters()).dtype),) * 2)
-                           for _ in range(2))
-        _sync()
-        st["encoders+ppr"] = time.perf_counter() - t0
+        tokens = _encode_characters(a, models, chars, st)
         opts = _opts(a, r)
         t1 = time.perf_counter()
         text = encode_text(models.sdxl, opts.prompt, opts.negative_prompt)
@@ -157,7 +207,7 @@ def bench_torch(a, backend: str) -> dict:
         if r >= a.warmup:
             totals.append(time.perf_counter() - t0)
             stages.append(st)
-    return {**_stats(totals), "stages_median_s": {k: float(np.median([s[k] for s in stages])) for k in stages[0]}}
+    return _summary(totals, stages)
 
 
 def _build(a) -> Path:
@@ -200,7 +250,7 @@ def bench_onnxruntime(a) -> dict:
         if r >= a.warmup:
             totals.append(time.perf_counter() - t0)
             stages.append(st)
-    return {**_stats(totals), "stages_median_s": {k: float(np.median([s[k] for s in stages])) for k in stages[0]}}
+    return _summary(totals, stages)
 
 
 def _tree_rss_bytes(pid: int) -> int:
@@ -240,12 +290,14 @@ def main(argv=None) -> list[dict]:
     a = parse_args(argv)
     env = environment()
     flags = {k: getattr(a, k) for k in ("weights", "size", "steps", "characters", "guidance", "repeats", "warmup",
-                                        "device", "precision", "dual_attention_kernel", "channels_last", "cuda_graph",
-                                        "compile")}
+                                        "device", "precision", "dual_attention_kernel", "channels_last", "fused_qkv",
+                                        "cuda_graph", "compile", "vae_precision")}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     lines = []
     for backend in a.backends.split(","):
+        gc.collect()                              # the previous backend's models, before its peak is reset
         if torch.cuda.is_available():
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         print(f"[{backend}] {a.weights}, {a.size}x{a.size}, {a.steps} steps, {a.characters} character(s) ...", flush=True)
         if backend in ("reference", "torch-opt"):
@@ -256,8 +308,14 @@ def main(argv=None) -> list[dict]:
             results = bench_triton(a)
         else:
             raise SystemExit(f"unknown backend {backend}; use reference, torch-opt, onnxruntime, triton")
+        if _flops_key(a) not in _FLOPS and a.weights in ("demo", "random-full"):
+            _FLOPS[_flops_key(a)] = _image_flops(a, load_weights(a.weights, "meta" if a.weights == "random-full" else "cpu"))
+        flops = _FLOPS.get(_flops_key(a))
         for res in results:
-            line = {"bench": "e2e", "backend": backend, **flags, **env, **res,
+            perf = {}
+            if flops and "stages_median_s" in res:
+                perf = achieved(flops, res["stages_median_s"], env["device_name"])
+            line = {"bench": "e2e", "backend": backend, **flags, **env, **res, "flops": flops, **perf,
                     "peak_gpu_mem_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
                     "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                     "time": time.strftime("%Y-%m-%dT%H:%M:%S")}

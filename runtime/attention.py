@@ -11,6 +11,11 @@ checkpoint's (`to_q_lora.down.weight`, `to_k_ip.weight`, ...). It follows
 diffusers' processor protocol, and `ip_scale` may be passed per call (a float or
 a 0-d tensor) through `cross_attention_kwargs={"ip_scale": ...}`, which is how
 the exported UNet takes it as a runtime input.
+
+`use_fused_projections(unet)` (torch-opt's `fused_qkv`) gives each LoRA-free
+processor one Linear for Q|K|V (self-attention), K|V (text) and K_ip|V_ip
+(image): one GEMM instead of three or two. The original Linears' weights become
+views into the fused ones, so no weight is stored twice.
 """
 from __future__ import annotations
 
@@ -43,6 +48,29 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask=No
     return out.transpose(1, 2).reshape(b, -1, inner).to(q.dtype)          # (B, N, inner)
 
 
+def _fused_linear(*parts: nn.Linear) -> nn.Linear:
+    """One bias-free Linear computing cat([p(x) for p in parts], -1); each part's weight becomes a view into it."""
+    w = torch.cat([p.weight for p in parts])                                 # (sum out, in)
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    row = 0
+    for p in parts:
+        n = p.weight.shape[0]
+        p.weight = nn.Parameter(w[row:row + n], requires_grad=False)          # alias: the old Linear still works
+        row += n
+    return fused
+
+
+def use_fused_projections(unet) -> int:
+    """Fuse Q/K/V (self) and K/V, K_ip/V_ip (cross) in every StoryMaker processor of `unet`; returns how many."""
+    n = 0
+    for name, p in unet.attn_processors.items():
+        if isinstance(p, StoryMakerAttnProcessor):
+            p.fuse_projections(unet.get_submodule(name[: -len(".processor")]))
+            n += 1
+    return n
+
+
 class StoryMakerAttnProcessor(nn.Module):
     """Attention with optional LoRA (rank > 0) and optional decoupled image branch (ip)."""
 
@@ -58,6 +86,7 @@ class StoryMakerAttnProcessor(nn.Module):
             self.to_v_lora = LoRALinearLayer(ctx, hidden_size, rank)
             self.to_out_lora = LoRALinearLayer(hidden_size, hidden_size, rank)
         self.ip = ip
+        self.qkv = self.kv = self.kv_ip = None                               # set by fuse_projections
         if ip:
             self.to_k_ip = nn.Linear(ctx, hidden_size, bias=False)
             self.to_v_ip = nn.Linear(ctx, hidden_size, bias=False)
@@ -72,6 +101,20 @@ class StoryMakerAttnProcessor(nn.Module):
             if not (drop_lora and name.endswith("_lora")):
                 setattr(new, name, child)
         return new
+
+    @torch.no_grad()
+    def fuse_projections(self, attn) -> None:
+        """Concatenate the projection weights (rank 0 only: fuse the LoRA first) and alias the originals to them."""
+        if self.rank:
+            raise ValueError("fuse the LoRA (fuse=True at load) before fusing the Q/K/V projections")
+        if any(lin.bias is not None for lin in (attn.to_q, attn.to_k, attn.to_v)):
+            raise NotImplementedError("fused projections expect bias-free to_q/to_k/to_v, as in SDXL")
+        if self.cross_attention_dim is None:
+            self.qkv = _fused_linear(attn.to_q, attn.to_k, attn.to_v)
+        else:
+            self.kv = _fused_linear(attn.to_k, attn.to_v)
+            if self.ip:
+                self.kv_ip = _fused_linear(self.to_k_ip, self.to_v_ip)
 
     def _proj(self, linear: nn.Module, lora_name: str, x: torch.Tensor) -> torch.Tensor:
         y = linear(x)
@@ -107,15 +150,24 @@ class StoryMakerAttnProcessor(nn.Module):
             attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], b)
             attention_mask = attention_mask.view(b, attn.heads, -1, attention_mask.shape[-1])
 
-        q = self._proj(attn.to_q, "to_q_lora", hidden_states)
-        k = self._proj(attn.to_k, "to_k_lora", context)
-        v = self._proj(attn.to_v, "to_v_lora", context)
+        if self.qkv is not None and encoder_hidden_states is None:
+            q, k, v = self.qkv(hidden_states).chunk(3, dim=-1)                 # strided views, no copies
+        else:
+            q = self._proj(attn.to_q, "to_q_lora", hidden_states)
+            if self.kv is not None:
+                k, v = self.kv(context).chunk(2, dim=-1)
+            else:
+                k = self._proj(attn.to_k, "to_k_lora", context)
+                v = self._proj(attn.to_v, "to_v_lora", context)
         if ip_context is None:
             h = _sdpa(q, k, v, attn.heads, attention_mask)
         else:
             scale = self.ip_scale if ip_scale is None else ip_scale
-            h = self.dual_attention(q, k, v, self.to_k_ip(ip_context), self.to_v_ip(ip_context), attn.heads,
-                                    attention_mask, scale)
+            if self.kv_ip is not None:
+                k_ip, v_ip = self.kv_ip(ip_context).chunk(2, dim=-1)
+            else:
+                k_ip, v_ip = self.to_k_ip(ip_context), self.to_v_ip(ip_context)
+            h = self.dual_attention(q, k, v, k_ip, v_ip, attn.heads, attention_mask, scale)
         h = self._proj(attn.to_out[0], "to_out_lora", h)
         h = attn.to_out[1](h)                                                 # dropout (identity in eval)
         if attn.residual_connection:

@@ -5,9 +5,12 @@ exposes each): `precision` (fp32/fp16/bf16 for UNet, text encoders, CLIP,
 resampler; the VAE stays fp32 unless `vae_precision` says otherwise, since SDXL's
 VAE overflows in fp16), LoRA fused at load (always: exact), SDPA self-attention
 (diffusers' default), `dual_attention_kernel` (kernels/dual_attention.py for
-every decoupled cross-attention), `channels_last` (UNet/VAE memory format),
-`cuda_graph` (the UNet step captured once per static shape and replayed),
-`compile` (torch.compile of the UNet, mode max-autotune). The UniPC loop uses
+every decoupled cross-attention), `fused_qkv` (one GEMM for Q|K|V in
+self-attention, K|V and K_ip|V_ip in cross-attention; runtime/attention.py),
+`channels_last` (UNet/VAE memory format), `cuda_graph` (the UNet step captured
+once per static shape and replayed), `compile` (torch.compile of the UNet, mode
+max-autotune; with `cuda_graph` too, "max-autotune-no-cudagraphs" inside our
+own capture, so the two graph mechanisms never nest). The UniPC loop uses
 host-precomputed scalars (runtime/unipc.py), keeps latents on the device and
 never synchronises with the host inside the loop; character tokens are
 computed once per story by the caller. Parity with the reference:
@@ -32,6 +35,7 @@ class FastOptions:
     vae_precision: str = "fp32"
     dual_attention_kernel: bool = False
     channels_last: bool = False
+    fused_qkv: bool = False
     cuda_graph: bool = False
     compile: bool = False
 
@@ -87,12 +91,18 @@ class FastPipeline:
             from runtime.kernel_attention import use_dual_attention_kernel
 
             use_dual_attention_kernel(unet)
+        if opts.fused_qkv:
+            from runtime.attention import use_fused_projections
+
+            use_fused_projections(unet)                        # after .to(): the aliases must share one dtype/device
         if opts.channels_last:
             unet.to(memory_format=torch.channels_last)
             models.sdxl.vae.to(memory_format=torch.channels_last)
-        self.unet_fn = torch.compile(unet, mode="max-autotune", fullgraph=False) if opts.compile else unet
+        graphed = opts.cuda_graph and self.dev.type == "cuda"
+        mode = "max-autotune-no-cudagraphs" if graphed else "max-autotune"
+        self.unet_fn = torch.compile(unet, mode=mode, fullgraph=False) if opts.compile else unet
         step = self._unet_step
-        self.step = _GraphedUNet(step) if (opts.cuda_graph and self.dev.type == "cuda") else step
+        self.step = _GraphedUNet(step) if graphed else step
         self.plans: dict = {}
 
     def _sync(self):

@@ -54,13 +54,18 @@ def test_dual_attention_half_precision_on_gpu(dtype):
     assert (got - want).abs().max().item() <= (2e-2 if dtype == torch.bfloat16 else 4e-3)
 
 
-def test_dual_attention_unet_step_matches_reference_processors(bundle, monkeypatch):
-    """Whole UNet step: kernel processors on the fused UNet vs the release's unfused LoRA processors."""
+@pytest.mark.parametrize("fused_qkv", [False, True])
+def test_dual_attention_unet_step_matches_reference_processors(bundle, monkeypatch, fused_qkv):
+    """Whole UNet step: kernel processors on the fused UNet vs the release's unfused LoRA processors; with
+    fused projections the kernel reads K/V as strided halves of one K|V GEMM output."""
     import kernels.dual_attention as kd
+    from runtime.attention import use_fused_projections
     from test_lora_fuse import unet_inputs, unet_with
 
     (ref, _), (fused, _) = unet_with(bundle, fuse=False), unet_with(bundle, fuse=True)
     assert use_dual_attention_kernel(fused) == len(fused.attn_processors) // 2
+    if fused_qkv:
+        use_fused_projections(fused)
     calls = []
     real = kd.dual_attention
     monkeypatch.setattr(kd, "dual_attention", lambda *a, **k: calls.append(1) or real(*a, **k))

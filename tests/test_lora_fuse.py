@@ -81,3 +81,34 @@ def test_lora_scale_zero_is_base_unet(bundle):
     fused = lora0.state_dict()
     for k, v in base.state_dict().items():
         assert torch.equal(v, fused[k]), k
+
+
+def test_fused_projections_equal_separate_ones(bundle, pair):
+    """torch-opt's fused_qkv: one GEMM for Q|K|V, K|V, K_ip|V_ip; same output, no weight stored twice."""
+    from runtime.attention import use_fused_projections
+
+    (_, _), (fused, _) = pair
+    qkv, _ = unet_with(bundle, fuse=True)
+    before = {n: p.data_ptr() for n, p in qkv.named_parameters()}
+    assert use_fused_projections(qkv) == len(qkv.attn_processors)
+    procs = list(qkv.attn_processors.values())
+    assert all((p.qkv is not None) != (p.kv is not None) for p in procs)
+    assert sum(p.kv_ip is not None for p in procs) == len(procs) // 2
+    attn = qkv.get_submodule(next(n for n in qkv.attn_processors if n.endswith("attn1.processor"))[: -len(".processor")])
+    p = attn.processor
+    assert attn.to_k.weight.data_ptr() == p.qkv.weight[attn.to_q.weight.shape[0]:].data_ptr()   # a view, not a copy
+    storages = {t.untyped_storage().data_ptr() for t in qkv.parameters()}
+    assert len(storages) < len(before)                 # projections now share the fused buffers
+    for t_img in (40, 80):
+        x = unet_inputs(fused, t_img)
+        with torch.no_grad():
+            a, b = fused(**x).sample, qkv(**x).sample
+        assert (a - b).abs().max().item() <= TOL
+
+
+def test_fused_projections_need_fused_lora(pair):
+    from runtime.attention import use_fused_projections
+
+    (ref, _), _ = pair
+    with pytest.raises(ValueError, match="fuse the LoRA"):
+        use_fused_projections(ref)
