@@ -40,33 +40,44 @@ class FastOptions:
     compile: bool = False
 
 
-class _GraphedUNet:
-    """The UNet step as a CUDA graph: static input/output buffers, capture once per shape, replay per step."""
+def capture_cuda_graph(fn, static: dict):
+    """Warm fn up on a side stream, capture one call on the static buffers; returns the graph's replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):                                    # warm-up outside the graph (lazy inits, autotuning)
+            fn(static["x"], static["t"], static)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static["out"] = fn(static["x"], static["t"], static)
+    static["graph"] = g                                       # keep the graph (and its memory pool) alive
+    return g.replay
 
-    def __init__(self, fn):
-        self.fn, self.graphs = fn, {}
+
+class GraphedStep:
+    """The UNet step as a replayed graph: static input/output buffers, one capture per input shape.
+
+    Each call copies x, t and the step inputs into the buffers captured for their shapes and replays; the
+    result is the captured output buffer itself, overwritten by the next replay, so callers must consume it
+    (FastPipeline.latents does: CFG arithmetic makes a new tensor before the next step). `capture` is
+    capture_cuda_graph on a GPU; tests pass a CPU stand-in with the same buffer semantics.
+    """
+
+    def __init__(self, fn, capture=capture_cuda_graph):
+        self.fn, self.capture, self.graphs = fn, capture, {}
 
     def __call__(self, x, t, inp):
-        key = (tuple(x.shape), tuple(inp["encoder_hidden_states"].shape))
+        key = (tuple(x.shape), x.dtype) + tuple((k, tuple(v.shape)) for k, v in sorted(inp.items()))
         if key not in self.graphs:
-            static = {"x": x.clone(), "t": t.clone(), **{k: v.clone() for k, v in inp.items() if torch.is_tensor(v)}}
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):                                    # warm-up outside the graph
-                    self.fn(static["x"], static["t"], static)
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                static["out"] = self.fn(static["x"], static["t"], static)
-            self.graphs[key] = (g, static)
-        g, static = self.graphs[key]
+            static = {"x": x.clone(), "t": t.clone(), **{k: v.clone() for k, v in inp.items()}}
+            self.graphs[key] = (self.capture(self.fn, static), static)
+        replay, static = self.graphs[key]
         static["x"].copy_(x)
         static["t"].copy_(t)
         for k, v in inp.items():
-            if torch.is_tensor(v) and k in static:
-                static[k].copy_(v)
-        g.replay()
+            static[k].copy_(v)
+        replay()
         return static["out"]
 
 
@@ -102,7 +113,7 @@ class FastPipeline:
         mode = "max-autotune-no-cudagraphs" if graphed else "max-autotune"
         self.unet_fn = torch.compile(unet, mode=mode, fullgraph=False) if opts.compile else unet
         step = self._unet_step
-        self.step = _GraphedUNet(step) if graphed else step
+        self.step = GraphedStep(step) if graphed else step
         self.plans: dict = {}
 
     def _sync(self):

@@ -81,3 +81,29 @@ def test_compiled_unet_matches_eager(layout, two_characters):
     a, b = eager.latents(opts, text, tokens).flatten().double(), comp.latents(opts, text, tokens).flatten().double()
     cos = float(a @ b / (a.norm() * b.norm()))
     assert cos >= 0.99999 and (a - b).abs().max() < 1e-3, (cos, (a - b).abs().max())
+
+
+def replay_on_cpu(fn, static: dict):
+    """CUDA-graph semantics without a GPU: the captured output is one buffer that every replay overwrites, and a
+    replay reads only the static input buffers."""
+    static["out"] = fn(static["x"], static["t"], static).clone()
+    static["captures"] = static.get("captures", 0) + 1
+    return lambda: static["out"].copy_(fn(static["x"], static["t"], static))
+
+
+def test_graphed_step_buffers_give_the_eager_loop(layout, two_characters):
+    """GraphedStep's static buffers (one capture per shape, inputs copied in, output overwritten per replay) give
+    the eager latents, for two prompts and two sizes through the same object."""
+    from runtime.fast import GraphedStep
+
+    eager = FastPipeline(load_storymaker(layout), FastOptions(precision="fp32"))
+    graphed = FastPipeline(load_storymaker(layout), FastOptions(precision="fp32"))
+    graphed.step = GraphedStep(graphed._unet_step, capture=replay_on_cpu)
+    tokens = eager.encode_characters(two_characters)
+    for prompt, w, h in (("two friends", 64, 48), ("a quiet street", 64, 48), ("two friends", 48, 64)):
+        opts = GenerateOptions(prompt, width=w, height=h, steps=4, seed=3)
+        text = encode_text(eager.m.sdxl, opts.prompt, opts.negative_prompt)
+        want, got = eager.latents(opts, text, tokens), graphed.latents(opts, text, tokens)
+        assert torch.allclose(want, got, atol=1e-6), (prompt, w, h)
+    assert len(graphed.step.graphs) == 2                              # one capture per latent shape
+    assert all(static["captures"] == 1 for _, static in graphed.step.graphs.values())
