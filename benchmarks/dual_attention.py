@@ -19,16 +19,20 @@ import torch
 SHAPES = [(2, 10, 4096, 64), (2, 20, 1024, 64)]   # (B, heads, M, d) of SDXL's two attention levels at 1024^2
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    import argparse
+
     import triton
     from triton.testing import do_bench
 
     from kernels.dual_attention import dual_attention, dual_attention_reference
 
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.dual_attention", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dual_attention.jsonl")
+    out = ap.parse_args(argv).out
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (no figure is produced on a CPU)")
-    out = Path(__file__).parent / "results" / "dual_attention.jsonl"
-    out.parent.mkdir(exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     for b, h, m, d in SHAPES:
         for n_img in (40, 60, 80):

@@ -16,6 +16,8 @@ prints the table; SDXL's UNet alone at 1024^2 counts 6.76 TFLOP per pass.
 
 `FP16_PEAK_TFLOPS` are NVIDIA datasheet dense (no sparsity) fp16/bf16 tensor
 figures; `peak_tflops(name)` matches `torch.cuda.get_device_name()`.
+`weight_bytes` counts the parameter bytes each model keeps resident (the floor
+under peak GPU memory).
 """
 from __future__ import annotations
 
@@ -89,6 +91,17 @@ def image_flops(models, size: int, characters: int = 1, steps: int = 25, width: 
     return {"encoders": enc, "ppr": ppr, "text": text, "unet_step": step, "denoise": steps * step, "vae": vae}
 
 
+def weight_bytes(models, precision: str = "fp16", vae_precision: str = "fp32") -> dict:
+    """Bytes of parameters each model keeps resident at the given precisions (counted on meta copies)."""
+    size = {"fp32": 4, "fp16": 2, "bf16": 2}
+    m = meta_models(models)
+    count = lambda mod: sum(p.numel() for p in mod.parameters())
+    out = {k: count(m[k]) * size[precision] for k in ("unet", "te1", "te2", "enc", "ppr")}
+    out["vae"] = count(m["vae"]) * size[vae_precision]
+    out["total"] = sum(out.values())
+    return out
+
+
 def achieved(flops: dict, stage_seconds: dict, device_name: str | None) -> dict:
     """TFLOP/s per timed stage and, where the device's peak is known, % of its dense fp16 peak."""
     peak = peak_tflops(device_name)
@@ -108,6 +121,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--characters", type=int, default=1, choices=(1, 2, 3))
     ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp16")
+    ap.add_argument("--vae-precision", choices=("fp32", "bf16"), default="fp32")
     a = ap.parse_args(argv)
     if a.weights == "random-full":
         from runtime.random_models import random_full_models
@@ -118,10 +133,13 @@ def main(argv=None) -> dict:
 
         models = load_weights(a.weights)
     f = image_flops(models, a.size, a.characters, a.steps)
-    print(json.dumps({"weights": a.weights, "size": a.size, "characters": a.characters, "steps": a.steps, **f}))
+    w = weight_bytes(models, a.precision, a.vae_precision)
+    print(json.dumps({"weights": a.weights, "size": a.size, "characters": a.characters, "steps": a.steps, **f,
+                      "weight_bytes": w}))
     for k, v in f.items():
-        print(f"{k:>10}: {v / 1e12:10.3f} TFLOP")
-    return f
+        print(f"{k:>10}: {v / 1e9:12.2f} GFLOP")
+    print(", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in w.items()) + f" of weights ({a.precision}, VAE {a.vae_precision})")
+    return {**f, "weight_bytes": w}
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
-"""One UNet step, onnxruntime fp32 vs PyTorch eager, on a mid-size StoryMaker UNet (CPU figure).
+"""One UNet step, onnxruntime fp32 vs PyTorch (eager, fused projections, compiled) on a mid-size StoryMaker UNet.
 
 `python -m benchmarks.unet_step` builds an SDXL-structured UNet between the
 demo bundle and the real model (blocks 160/320/640, transformer layers 1/2/4,
 cross_attention_dim 1024, StoryMaker's fused decoupled attention; seeded random
 weights), exports it with the build's exporter and spec, then times one CFG
-step (batch 2, 48x48 latent = 384 px, 77 + 40 tokens) in both runtimes: explicit
-warm-up, then repeated runs, median and p90. Outputs are checked to agree
-(max abs) before timing. One JSON line goes to benchmarks/results/unet_step.jsonl.
+step (batch 2, 48x48 latent = 384 px, 77 + 40 tokens) in onnxruntime and in
+PyTorch eager; `--torch-variants` adds torch-opt's `fused_qkv` and
+`compile` (torch.compile max-autotune; on a CPU through inductor's C++
+backend), each timed on the same inputs. Explicit warm-up, then repeated runs,
+median and p90. Outputs are checked to agree (max abs) before timing. One JSON
+line goes to benchmarks/results/unet_step.jsonl.
 """
 from __future__ import annotations
 
@@ -40,6 +43,25 @@ def _time(fn, warmup: int, repeats: int) -> list[float]:
     return out
 
 
+def _torch_variants(graph, unet, args, ref, a) -> dict:
+    """fused_qkv, then fused_qkv + torch.compile(max-autotune): median/p90 seconds, compile time, max abs vs eager."""
+    from runtime.attention import use_fused_projections
+
+    out: dict = {}
+    use_fused_projections(unet)
+    with torch.no_grad():
+        out["fused_qkv_max_abs_err"] = float((graph(*args).numpy() - ref).__abs__().max())
+        t = _time(lambda: graph(*args), a.warmup, a.repeats)
+        out["fused_qkv_median_s"], out["fused_qkv_p90_s"] = float(np.median(t)), float(np.percentile(t, 90))
+        compiled = torch.compile(graph, mode="max-autotune")
+        t0 = time.perf_counter()
+        out["compile_max_abs_err"] = float((compiled(*args).numpy() - ref).__abs__().max())
+        out["compile_first_call_s"] = time.perf_counter() - t0
+        t = _time(lambda: compiled(*args), a.warmup, a.repeats)
+        out["compile_median_s"], out["compile_p90_s"] = float(np.median(t)), float(np.percentile(t, 90))
+    return out
+
+
 def main(argv=None) -> dict:
     from diffusers import UNet2DConditionModel
 
@@ -51,6 +73,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--torch-variants", action="store_true", help="also time fused_qkv and torch.compile")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**MID_UNET).eval()
@@ -66,6 +89,7 @@ def main(argv=None) -> dict:
     for k in feeds:
         if k.startswith(("down_res", "mid_res")):
             feeds[k] = np.zeros_like(feeds[k])
+    params = sum(p.numel() for p in unet.parameters())          # before fused projections alias the weights
     graph = UNetGraph(unet).eval()
     args = [torch.from_numpy(v) for v in feeds.values()]
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,11 +100,12 @@ def main(argv=None) -> dict:
             err = float(np.abs(sess.run(["noise_pred"], feeds)[0] - ref).max())
             t_torch = _time(lambda: graph(*args), a.warmup, a.repeats)
         t_ort = _time(lambda: sess.run(["noise_pred"], feeds), a.warmup, a.repeats)
+        variants = _torch_variants(graph, unet, args, ref, a) if a.torch_variants else {}
     med = lambda xs: float(np.median(xs))
-    row = {"bench": "unet_step", "config": "mid (160/320/640, D 1024)", "params": sum(p.numel() for p in unet.parameters()),
+    row = {"bench": "unet_step", "config": "mid (160/320/640, D 1024)", "params": params,
            "latent": [2, 4, 48, 48], "tokens": 117, "max_abs_err": err, "torch_eager_median_s": med(t_torch),
            "torch_eager_p90_s": float(np.percentile(t_torch, 90)), "ort_median_s": med(t_ort),
-           "ort_p90_s": float(np.percentile(t_ort, 90)), "ort_speedup": med(t_torch) / med(t_ort),
+           "ort_p90_s": float(np.percentile(t_ort, 90)), "ort_speedup": med(t_torch) / med(t_ort), **variants,
            "torch": torch.__version__, "threads": torch.get_num_threads(), "host": platform.node(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     out = Path(__file__).parent / "results" / "unet_step.jsonl"

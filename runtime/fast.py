@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from runtime.attention import TEXT_TOKENS
+from runtime.errors import InputError
 from runtime.pipeline import GenerateOptions, TextEmbeds, encode_text, initial_latents, step_inputs, to_uint8
 from runtime.unipc import UniPCPlan, UniPCSampler
 
@@ -98,6 +100,8 @@ class FastPipeline:
         for mod in (unet, models.sdxl.text_encoder, models.sdxl.text_encoder_2, models.ppr, models.image_encoder):
             mod.to(self.dev, self.dt)
         models.sdxl.vae.to(self.dev, DTYPES[opts.vae_precision])
+        if models.controlnet is not None:
+            models.controlnet.to(self.dev, self.dt)
         if opts.dual_attention_kernel:
             from runtime.kernel_attention import use_dual_attention_kernel
 
@@ -107,8 +111,9 @@ class FastPipeline:
 
             use_fused_projections(unet)                        # after .to(): the aliases must share one dtype/device
         if opts.channels_last:
-            unet.to(memory_format=torch.channels_last)
-            models.sdxl.vae.to(memory_format=torch.channels_last)
+            for mod in (unet, models.sdxl.vae, models.controlnet):
+                if mod is not None:
+                    mod.to(memory_format=torch.channels_last)
         graphed = opts.cuda_graph and self.dev.type == "cuda"
         mode = "max-autotune-no-cudagraphs" if graphed else "max-autotune"
         self.unet_fn = torch.compile(unet, mode=mode, fullgraph=False) if opts.compile else unet
@@ -122,8 +127,14 @@ class FastPipeline:
 
     def _unet_step(self, x, t, inp):
         cond = {"text_embeds": inp["text_embeds"], "time_ids": inp["time_ids"]}
+        extra = {}
+        if "pose" in inp:         # ControlNet on the 77 text tokens; the scale stays a device tensor (no host read)
+            down, mid = self.m.controlnet(x, t, encoder_hidden_states=inp["encoder_hidden_states"][:, :TEXT_TOKENS],
+                                          controlnet_cond=inp["pose"], conditioning_scale=inp["controlnet_scale"][0],
+                                          added_cond_kwargs=cond, return_dict=False)
+            extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
         return self.unet_fn(x, t, encoder_hidden_states=inp["encoder_hidden_states"], added_cond_kwargs=cond,
-                            cross_attention_kwargs={"ip_scale": inp["ip_scale"]}, return_dict=False)[0]
+                            cross_attention_kwargs={"ip_scale": inp["ip_scale"]}, return_dict=False, **extra)[0]
 
     def encode_characters(self, chars, identity_only=False, interpolation=None):
         from runtime.characters import encode_characters
@@ -133,8 +144,8 @@ class FastPipeline:
     @torch.no_grad()
     def latents(self, opts: GenerateOptions, text: TextEmbeds, tokens, times: StageTimes | None = None) -> torch.Tensor:
         """The denoising loop on the device: no host synchronisation until the caller reads the result."""
-        if opts.pose_image is not None:
-            raise NotImplementedError("torch-opt has no ControlNet path yet; use the reference backend for pose maps")
+        if opts.pose_image is not None and self.m.controlnet is None:
+            raise InputError("a pose image was given but no ControlNet is loaded; add controlnet/ to the weights")
         key = (opts.steps,)
         if key not in self.plans:
             self.plans[key] = UniPCPlan(self.m.sdxl.scheduler_config, opts.steps)

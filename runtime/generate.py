@@ -1,10 +1,14 @@
-"""`python -m runtime.generate`: in-process StoryMaker generation (the PyTorch reference backend).
+"""`python -m runtime.generate`: in-process StoryMaker generation (PyTorch: reference or torch-opt backend).
 
 Either a story YAML (`--story`, see runtime/story.py) or one frame from
 `--prompt` and `--character PHOTO,MASK[,FACE_JSON]` (repeat for 2-3
 characters). Weights come from `--weights DIR` (see runtime/loaders.py for the
 layout; `python -m export.demo_bundle DIR` writes a tiny random one). Writes
-PNGs, `contact_sheet.png` and `settings.json` to `--out`.
+PNGs, `contact_sheet.png` and `settings.json` to `--out`. `--backend
+torch-opt` runs runtime/fast.py (LoRA fused, host-precomputed UniPC, and the
+optimisation flags: `--fused-qkv`, `--channels-last`, `--cuda-graph`,
+`--compile`, `--dual-attention-kernel`); `reference` (default) the release's
+computation.
 """
 from __future__ import annotations
 
@@ -53,7 +57,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dual-attention-kernel", action="store_true",
                     help="fused Triton kernel for the decoupled cross-attention (CUDA; reference elsewhere)")
     ap.add_argument("--precision", choices=sorted(DTYPES), default="fp32")
-    return ap.parse_args(argv)
+    ap.add_argument("--backend", choices=("reference", "torch-opt"), default="reference")
+    opt = ap.add_argument_group("torch-opt flags (with --backend torch-opt)")
+    opt.add_argument("--fused-qkv", action="store_true", help="one GEMM for Q|K|V (self) and K|V, K_ip|V_ip (cross)")
+    opt.add_argument("--channels-last", action="store_true", help="UNet/VAE/ControlNet in channels_last")
+    opt.add_argument("--cuda-graph", action="store_true", help="replay the UNet step as a CUDA graph (CUDA only)")
+    opt.add_argument("--compile", action="store_true", help="torch.compile the UNet (max-autotune; slow first frame)")
+    a = ap.parse_args(argv)
+    extra = [f for f in ("fused_qkv", "channels_last", "cuda_graph", "compile") if getattr(a, f)]
+    if extra and a.backend != "torch-opt":
+        ap.error(f"--{extra[0].replace('_', '-')} needs --backend torch-opt")
+    return a
+
+
+def make_pipeline(a, models):
+    """The in-process pipeline the CLI asked for."""
+    if a.backend == "reference":
+        from runtime.pipeline import StoryMakerPipeline
+
+        return StoryMakerPipeline(models)
+    from runtime.fast import FastOptions, FastPipeline
+
+    return FastPipeline(models, FastOptions(precision=a.precision, dual_attention_kernel=a.dual_attention_kernel,
+                                            fused_qkv=a.fused_qkv, channels_last=a.channels_last,
+                                            cuda_graph=a.cuda_graph, compile=a.compile))
 
 
 def _single_frame_story(a) -> "Story":
@@ -91,7 +118,6 @@ def main(argv=None) -> int:
     import torch
 
     from runtime.loaders import WeightsLayout, load_storymaker
-    from runtime.pipeline import StoryMakerPipeline
     from runtime.story import Story, run_story
 
     a = parse_args(argv)
@@ -111,9 +137,9 @@ def main(argv=None) -> int:
         layout = WeightsLayout.from_dir(a.weights, style_loras=a.lora or None)
         models = load_storymaker(layout, lora_scale=a.lora_scale, dtype=getattr(torch, DTYPES[a.precision]),
                                  device=a.device, dual_attention_kernel=a.dual_attention_kernel)
-        print(f"loaded in {time.perf_counter() - t0:.1f} s; generating {len(story.frames)} frame(s) "
+        print(f"loaded in {time.perf_counter() - t0:.1f} s; {a.backend} backend; generating {len(story.frames)} frame(s) "
               f"with {len(story.characters)} character(s)", flush=True)
-        paths = run_story(StoryMakerPipeline(models), story, a.out, overrides, progress=lambda s: print(s, flush=True))
+        paths = run_story(make_pipeline(a, models), story, a.out, overrides, progress=lambda s: print(s, flush=True))
     except StoryMakerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

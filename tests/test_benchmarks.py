@@ -50,3 +50,21 @@ def test_flop_count_of_the_full_size_unet():
     assert 9 < one["vae"] / 1e12 < 12 and one["text"] > 0 and one["ppr"] > 0
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4 and peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert peak_tflops("cpu") is None
+
+
+def test_gpu_suite_plumbing_on_the_demo_bundle(tmp_path, built, monkeypatch):
+    """`benchmarks.gpu_suite --tiny`: the e2e ladder and size sweep write one JSON line per run and a suite line per
+    stage; a failing stage is recorded and does not stop the next one."""
+    from benchmarks import gpu_suite
+
+    monkeypatch.setattr(run, "_build", lambda a: built)
+    rows = gpu_suite.main(["--tiny", "--stages", "e2e,kernel,sizes", "--results", str(tmp_path)])
+    assert [r["stage"] for r in rows] == ["e2e", "kernel", "sizes"]
+    assert rows[0]["ok"] and rows[2]["ok"]
+    assert rows[1]["ok"] is False and "CUDA" in rows[1]["error"]        # no GPU here: recorded, not fatal
+    lines = [json.loads(l) for l in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert [l["backend"] for l in lines[:2]] == ["reference", "torch-opt"]
+    assert len(lines) == 2 + len(gpu_suite.LADDER) + 4
+    assert [l["fused_qkv"] for l in lines[2:2 + len(gpu_suite.LADDER)]] == [False, True, True, True]
+    assert {(l["size"], l["characters"]) for l in lines[-4:]} == {(64, 1), (96, 1), (64, 2), (96, 2)}
+    assert len((tmp_path / "suite.jsonl").read_text().splitlines()) == 3

@@ -44,3 +44,25 @@ def test_single_frame_cli_and_clear_errors(bundle, tmp_path, capsys):
 def test_help_runs_as_module():
     r = subprocess.run([sys.executable, "-m", "runtime.generate", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and "--story" in r.stdout and "--weights" in r.stdout
+
+
+def test_torch_opt_backend_gives_the_reference_frames(bundle, tmp_path, capsys):
+    """`--backend torch-opt` (fused projections, channels_last; the pose frame through its ControlNet path) writes
+    the same three demo frames as the reference backend, to within 1 uint8 level per pixel."""
+    story = ["--weights", str(bundle), "--story", str(ROOT / "examples/demo_story.yaml"), "--steps", "3",
+             "--width", "64", "--height", "48"]
+    assert main([*story, "--out", str(tmp_path / "ref")]) == 0
+    assert main([*story, "--out", str(tmp_path / "opt"), "--backend", "torch-opt", "--fused-qkv",
+                 "--channels-last"]) == 0
+    assert "torch-opt backend" in capsys.readouterr().out
+    for i in (1, 2, 3):
+        a, b = (np.asarray(Image.open(tmp_path / d / f"frame_0{i}.png")).astype(int) for d in ("ref", "opt"))
+        assert np.abs(a - b).max() <= 1, i
+
+
+def test_torch_opt_flags_need_the_torch_opt_backend(bundle, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["--weights", str(bundle), "--prompt", "a man", "--character", "a,b", "--fused-qkv"])
+    assert "--fused-qkv needs --backend torch-opt" in capsys.readouterr().err

@@ -5,6 +5,7 @@ would make 25 steps slow); here: host-precomputed UniPC, device-resident loop, c
 no host reads inside the loop, and the torch.compile path (run on the CPU through inductor).
 """
 import numpy as np
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -107,3 +108,25 @@ def test_graphed_step_buffers_give_the_eager_loop(layout, two_characters):
         assert torch.allclose(want, got, atol=1e-6), (prompt, w, h)
     assert len(graphed.step.graphs) == 2                              # one capture per latent shape
     assert all(static["captures"] == 1 for _, static in graphed.step.graphs.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_low_precision_torch_opt_on_gpu_matches_fp32_reference(layout, two_characters, precision):
+    """GPU acceptance: torch-opt in fp16/bf16 with every optimisation (kernel, fused projections, channels_last,
+    CUDA graph) vs the fp32 reference on the CPU, latents after 25 steps, cosine >= 0.999."""
+    from runtime.pipeline import StoryMakerPipeline
+
+    ref_m = load_storymaker(layout)
+    tokens = StoryMakerPipeline(ref_m).encode_characters(two_characters)
+    opts = GenerateOptions("a man and a woman on a bridge", negative_prompt="blurry", width=64, height=64, steps=25,
+                           seed=5, guidance=7.5, ip_scale=0.8)
+    text = encode_text(ref_m.sdxl, opts.prompt, opts.negative_prompt)
+    want = sample(TorchDenoiser(ref_m.sdxl.unet), step_inputs(text, tokens, opts), opts, ref_m.sdxl.scheduler_config)
+    fast = FastPipeline(load_storymaker(layout, device="cuda"),
+                        FastOptions(precision=precision, dual_attention_kernel=True, fused_qkv=True, channels_last=True,
+                                    cuda_graph=True))
+    got = fast.latents(opts, encode_text(fast.m.sdxl, opts.prompt, opts.negative_prompt), tokens).cpu()
+    a, b = want.flatten().double(), got.flatten().double()
+    assert float(a @ b / (a.norm() * b.norm())) >= 0.999
+    assert len(fast.step.graphs) == 1
