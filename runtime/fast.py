@@ -7,7 +7,9 @@ VAE overflows in fp16), LoRA fused at load (always: exact), SDPA self-attention
 (diffusers' default), `dual_attention_kernel` (kernels/dual_attention.py for
 every decoupled cross-attention), `fused_qkv` (one GEMM for Q|K|V in
 self-attention, K|V and K_ip|V_ip in cross-attention; runtime/attention.py),
-`channels_last` (UNet/VAE memory format), `cuda_graph` (the UNet step captured
+`offload_encoders` (CLIP vision and the resampler, 1.9 GB in fp16 at the released
+sizes, stay on the host and visit the device once per story's character
+encoding), `channels_last` (UNet/VAE/ControlNet memory format), `cuda_graph` (the UNet step captured
 once per static shape and replayed), `compile` (torch.compile of the UNet, mode
 max-autotune; with `cuda_graph` too, "max-autotune-no-cudagraphs" inside our
 own capture, so the two graph mechanisms never nest). The UniPC loop uses
@@ -19,6 +21,7 @@ tests/test_fast.py (cosine >= 0.999 on latents after 25 steps, fp32, CPU).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +41,7 @@ class FastOptions:
     dual_attention_kernel: bool = False
     channels_last: bool = False
     fused_qkv: bool = False
+    offload_encoders: bool = False
     cuda_graph: bool = False
     compile: bool = False
 
@@ -99,6 +103,9 @@ class FastPipeline:
         self.dev, self.dt = p.device, DTYPES[opts.precision]
         for mod in (unet, models.sdxl.text_encoder, models.sdxl.text_encoder_2, models.ppr, models.image_encoder):
             mod.to(self.dev, self.dt)
+        if opts.offload_encoders:                      # CLIP vision + resampler live on the host between stories
+            for mod in (models.image_encoder, models.ppr):
+                mod.to("cpu")
         models.sdxl.vae.to(self.dev, DTYPES[opts.vae_precision])
         if models.controlnet is not None:
             models.controlnet.to(self.dev, self.dt)
@@ -136,10 +143,29 @@ class FastPipeline:
         return self.unet_fn(x, t, encoder_hidden_states=inp["encoder_hidden_states"], added_cond_kwargs=cond,
                             cross_attention_kwargs={"ip_scale": inp["ip_scale"]}, return_dict=False, **extra)[0]
 
+    @contextmanager
+    def encoders_on_device(self):
+        """With offload_encoders: CLIP vision and the resampler on the device inside the block, on the host after."""
+        if not self.o.offload_encoders:
+            yield
+            return
+        encoders = (self.m.image_encoder, self.m.ppr)
+        try:
+            for mod in encoders:
+                mod.to(self.dev)
+            yield
+        finally:
+            for mod in encoders:
+                mod.to("cpu")
+            if self.dev.type == "cuda":
+                torch.cuda.empty_cache()
+
     def encode_characters(self, chars, identity_only=False, interpolation=None):
+        """(positive, negative) image tokens on the device, computed once per story."""
         from runtime.characters import encode_characters
 
-        return encode_characters(self.m, chars, identity_only, interpolation)
+        with self.encoders_on_device():
+            return tuple(t.to(self.dev) for t in encode_characters(self.m, chars, identity_only, interpolation))
 
     @torch.no_grad()
     def latents(self, opts: GenerateOptions, text: TextEmbeds, tokens, times: StageTimes | None = None) -> torch.Tensor:

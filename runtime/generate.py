@@ -61,10 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt = ap.add_argument_group("torch-opt flags (with --backend torch-opt)")
     opt.add_argument("--fused-qkv", action="store_true", help="one GEMM for Q|K|V (self) and K|V, K_ip|V_ip (cross)")
     opt.add_argument("--channels-last", action="store_true", help="UNet/VAE/ControlNet in channels_last")
+    opt.add_argument("--offload-encoders", action="store_true",
+                     help="CLIP vision + resampler on the host between character encodings (less GPU memory)")
     opt.add_argument("--cuda-graph", action="store_true", help="replay the UNet step as a CUDA graph (CUDA only)")
     opt.add_argument("--compile", action="store_true", help="torch.compile the UNet (max-autotune; slow first frame)")
     a = ap.parse_args(argv)
-    extra = [f for f in ("fused_qkv", "channels_last", "cuda_graph", "compile") if getattr(a, f)]
+    extra = [f for f in ("fused_qkv", "channels_last", "offload_encoders", "cuda_graph", "compile") if getattr(a, f)]
     if extra and a.backend != "torch-opt":
         ap.error(f"--{extra[0].replace('_', '-')} needs --backend torch-opt")
     return a
@@ -80,6 +82,7 @@ def make_pipeline(a, models):
 
     return FastPipeline(models, FastOptions(precision=a.precision, dual_attention_kernel=a.dual_attention_kernel,
                                             fused_qkv=a.fused_qkv, channels_last=a.channels_last,
+                                            offload_encoders=a.offload_encoders,
                                             cuda_graph=a.cuda_graph, compile=a.compile))
 
 

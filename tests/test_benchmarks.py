@@ -4,14 +4,14 @@ import json
 from benchmarks import plot, run
 
 REQUIRED = {"backend", "weights", "size", "steps", "characters", "precision", "dual_attention_kernel", "channels_last",
-            "fused_qkv", "vae_precision", "cuda_graph", "compile", "flops", "tflops_per_s", "pct_fp16_peak", "device_name", "torch", "git_commit", "median_s", "p90_s", "runs_s",
+            "fused_qkv", "offload_encoders", "vae_precision", "cuda_graph", "compile", "flops", "tflops_per_s", "pct_fp16_peak", "device_name", "torch", "git_commit", "median_s", "p90_s", "runs_s",
             "peak_host_rss_bytes", "peak_gpu_mem_bytes", "time"}
 
 
 def test_harness_writes_json_lines_and_charts(tmp_path, built):
     out = tmp_path / "runs.jsonl"
     lines = run.main(["--backends", "reference,torch-opt,onnxruntime", "--weights", "demo", "--build", str(built),
-                      "--size", "64", "--steps", "2", "--repeats", "2", "--warmup", "1", "--channels-last", "--fused-qkv",
+                      "--size", "64", "--steps", "2", "--repeats", "2", "--warmup", "1", "--channels-last", "--fused-qkv", "--offload-encoders",
                       "--out", str(out)])
     stored = [json.loads(l) for l in out.read_text().splitlines()]
     assert [l["backend"] for l in stored] == ["reference", "torch-opt", "onnxruntime"] == [l["backend"] for l in lines]

@@ -47,13 +47,14 @@ def test_help_runs_as_module():
 
 
 def test_torch_opt_backend_gives_the_reference_frames(bundle, tmp_path, capsys):
-    """`--backend torch-opt` (fused projections, channels_last; the pose frame through its ControlNet path) writes
+    """`--backend torch-opt` (fused projections, channels_last, offloaded encoders; the pose frame through its
+    ControlNet path) writes
     the same three demo frames as the reference backend, to within 1 uint8 level per pixel."""
     story = ["--weights", str(bundle), "--story", str(ROOT / "examples/demo_story.yaml"), "--steps", "3",
              "--width", "64", "--height", "48"]
     assert main([*story, "--out", str(tmp_path / "ref")]) == 0
     assert main([*story, "--out", str(tmp_path / "opt"), "--backend", "torch-opt", "--fused-qkv",
-                 "--channels-last"]) == 0
+                 "--channels-last", "--offload-encoders"]) == 0
     assert "torch-opt backend" in capsys.readouterr().out
     for i in (1, 2, 3):
         a, b = (np.asarray(Image.open(tmp_path / d / f"frame_0{i}.png")).astype(int) for d in ("ref", "opt"))

@@ -114,7 +114,7 @@ def test_graphed_step_buffers_give_the_eager_loop(layout, two_characters):
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_low_precision_torch_opt_on_gpu_matches_fp32_reference(layout, two_characters, precision):
     """GPU acceptance: torch-opt in fp16/bf16 with every optimisation (kernel, fused projections, channels_last,
-    CUDA graph) vs the fp32 reference on the CPU, latents after 25 steps, cosine >= 0.999."""
+    offloaded encoders, CUDA graph) vs the fp32 reference on the CPU, latents after 25 steps, cosine >= 0.999."""
     from runtime.pipeline import StoryMakerPipeline
 
     ref_m = load_storymaker(layout)
@@ -125,8 +125,10 @@ def test_low_precision_torch_opt_on_gpu_matches_fp32_reference(layout, two_chara
     want = sample(TorchDenoiser(ref_m.sdxl.unet), step_inputs(text, tokens, opts), opts, ref_m.sdxl.scheduler_config)
     fast = FastPipeline(load_storymaker(layout, device="cuda"),
                         FastOptions(precision=precision, dual_attention_kernel=True, fused_qkv=True, channels_last=True,
-                                    cuda_graph=True))
-    got = fast.latents(opts, encode_text(fast.m.sdxl, opts.prompt, opts.negative_prompt), tokens).cpu()
+                                    offload_encoders=True, cuda_graph=True))
+    fast_tokens = fast.encode_characters(two_characters)             # encoders visit the GPU, then go home
+    assert next(fast.m.image_encoder.parameters()).device.type == "cpu" and fast_tokens[0].is_cuda
+    got = fast.latents(opts, encode_text(fast.m.sdxl, opts.prompt, opts.negative_prompt), fast_tokens).cpu()
     a, b = want.flatten().double(), got.flatten().double()
     assert float(a @ b / (a.norm() * b.norm())) >= 0.999
     assert len(fast.step.graphs) == 1
