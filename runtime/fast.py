@@ -177,7 +177,7 @@ class FastPipeline:
             self.plans[key] = UniPCPlan(self.m.sdxl.scheduler_config, opts.steps)
         plan = self.plans[key]
         sampler = UniPCSampler(plan)
-        inp = {k: v.to(self.dev, self.dt) for k, v in step_inputs(text, tokens, opts).items() if torch.is_tensor(v)}
+        inp = {k: v.to(self.dt) for k, v in step_inputs(text, tokens, opts, self.dev).items() if torch.is_tensor(v)}
         x = (initial_latents(opts.seed, opts.height, opts.width) * plan.init_noise_sigma).to(self.dev)   # fp32 latents
         if self.o.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

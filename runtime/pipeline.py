@@ -108,17 +108,20 @@ def pose_tensor(pose: np.ndarray, height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]  # (1, 3, H, W)
 
 
-def step_inputs(text: TextEmbeds, tokens: tuple[torch.Tensor, torch.Tensor], opts: GenerateOptions) -> dict:
-    """The per-request UNet inputs that stay fixed over the loop, CFG batch [negative, positive], float32 CPU."""
-    pos_tok, neg_tok = (t.detach().float().cpu() for t in tokens)
-    pe = text.prompt_embeds.detach().float().cpu()
+def step_inputs(text: TextEmbeds, tokens: tuple[torch.Tensor, torch.Tensor], opts: GenerateOptions,
+                device: torch.device | str = "cpu") -> dict:
+    """The per-request UNet inputs that stay fixed over the loop, CFG batch [negative, positive], float32 on
+    `device` (the CPU for the reference and the served engines; torch-opt builds them where the UNet runs)."""
+    f32 = dict(device=device, dtype=torch.float32)
+    pos_tok, neg_tok = (t.detach().to(**f32) for t in tokens)
+    pe = text.prompt_embeds.detach().to(**f32)
     ehs = torch.cat([torch.cat([pe[:1], neg_tok], 1), torch.cat([pe[1:], pos_tok], 1)])    # (2, 77+T, D)
-    out = {"encoder_hidden_states": ehs, "text_embeds": text.pooled.detach().float().cpu(),
-           "time_ids": torch.tensor([[opts.height, opts.width, 0, 0, opts.height, opts.width]] * 2, dtype=torch.float32),
-           "ip_scale": torch.full((2,), float(opts.ip_scale)), "pose": None}
+    out = {"encoder_hidden_states": ehs, "text_embeds": text.pooled.detach().to(**f32),
+           "time_ids": torch.tensor([[opts.height, opts.width, 0, 0, opts.height, opts.width]] * 2, **f32),
+           "ip_scale": torch.full((2,), float(opts.ip_scale), **f32), "pose": None}
     if opts.pose_image is not None:
-        out["pose"] = pose_tensor(opts.pose_image, opts.height, opts.width).repeat(2, 1, 1, 1)  # (2, 3, H, W)
-        out["controlnet_scale"] = torch.full((2,), float(opts.controlnet_scale))
+        out["pose"] = pose_tensor(opts.pose_image, opts.height, opts.width).to(**f32).repeat(2, 1, 1, 1)  # (2,3,H,W)
+        out["controlnet_scale"] = torch.full((2,), float(opts.controlnet_scale), **f32)
     return out
 
 

@@ -9,9 +9,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pathlib import Path
+
 from runtime.fast import FastOptions, FastPipeline, StageTimes
 from runtime.loaders import load_storymaker
 from runtime.pipeline import GenerateOptions, TorchDenoiser, encode_text, sample, step_inputs
+
+DATA = Path(__file__).parent / "data"
 
 
 def test_torch_opt_latents_match_reference(layout, two_characters):
@@ -132,3 +136,23 @@ def test_low_precision_torch_opt_on_gpu_matches_fp32_reference(layout, two_chara
     a, b = want.flatten().double(), got.flatten().double()
     assert float(a @ b / (a.norm() * b.norm())) >= 0.999
     assert len(fast.step.graphs) == 1
+
+
+def test_torch_opt_keeps_every_tensor_on_its_device(layout, two_characters):
+    """The whole torch-opt path on a second device without a GPU: the `meta` device holds no data, so any tensor
+    left on the CPU next to a device tensor, and any host read, raises. Character encoding, text, the loop
+    (fp16, fused projections, channels_last, ControlNet frame) and the VAE run there."""
+    from PIL import Image
+
+    m = load_storymaker(layout)
+    m.sdxl.unet.to("meta")                                       # FastPipeline follows the UNet's device
+    fast = FastPipeline(m, FastOptions(precision="fp16", fused_qkv=True, channels_last=True))
+    tokens = fast.encode_characters(two_characters)
+    pose = np.asarray(Image.open(DATA / "two_people_pose.jpg").convert("RGB"))
+    for pose_image in (None, pose):
+        opts = GenerateOptions("two friends", width=64, height=48, steps=3, seed=1, pose_image=pose_image)
+        x = fast.latents(opts, encode_text(m.sdxl, opts.prompt, opts.negative_prompt), tokens)
+        assert x.device.type == "meta" and x.shape == (1, 4, 6, 8)
+        img = m.sdxl.vae.decode(x / m.sdxl.vae.config.scaling_factor, return_dict=False)[0]
+        assert img.device.type == "meta" and img.shape == (1, 3, 48, 64)
+    assert all(t.device.type == "meta" for t in tokens)
