@@ -20,6 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+FLAGS = {"channels_last": "cl", "fused_qkv": "qkv", "dual_attention_kernel": "kernel", "offload_encoders": "offload",
+         "cuda_graph": "graph", "compile": "compile"}    # torch-opt flags, short names for the chart labels
 
 
 def load(path: Path) -> list[dict]:
@@ -27,14 +29,14 @@ def load(path: Path) -> list[dict]:
     latest: dict = {}
     for r in lines:                              # later lines win: the newest run of each configuration
         key = (r["backend"], r["device_name"], r["weights"], r["size"], r["steps"], r["characters"], r.get("concurrency"),
-               r["precision"], r.get("dual_attention_kernel"), r.get("cuda_graph"), r.get("compile"))
+               r["precision"], r.get("vae_precision") or "fp32", *(bool(r.get(k)) for k in FLAGS))   # older lines lack new flags
         latest[key] = r
     return list(latest.values())
 
 
 def _label(r: dict) -> str:
-    opts = [k for k in ("dual_attention_kernel", "channels_last", "cuda_graph", "compile") if r.get(k)]
-    return r["backend"] + (f" c={r['concurrency']}" if r.get("concurrency") else "") + (" +" + "+".join(opts) if opts else "")
+    opts = [short for k, short in FLAGS.items() if r.get(k)]
+    return r["backend"] + (f" c={r['concurrency']}" if r.get("concurrency") else "") + ("\n+" + "+".join(opts) if opts else "")
 
 
 def bars(rows: list[dict], out: Path) -> list[Path]:
@@ -43,7 +45,7 @@ def bars(rows: list[dict], out: Path) -> list[Path]:
     if not rows:
         return written
     ref = {(r["device_name"], r["size"], r["steps"], r["characters"]): r["median_s"] for r in rows if r["backend"] == "reference"}
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.7 * len(rows)), 4.5))
     labels = [f"{_label(r)}\n{r['device_name'][:18]} {r['size']}px" for r in rows]
     stages = sorted({s for r in rows for s in r.get("stages_median_s", {})})
     bottom = [0.0] * len(rows)
@@ -63,7 +65,7 @@ def bars(rows: list[dict], out: Path) -> list[Path]:
     sp = [(f"{_label(r)} {r['size']}px", ref[k] / r["median_s"]) for r in rows
           if (k := (r["device_name"], r["size"], r["steps"], r["characters"])) in ref]
     if sp:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
+        fig, ax = plt.subplots(figsize=(max(7.0, 1.7 * len(sp)), 4))
         ax.bar([s[0] for s in sp], [s[1] for s in sp])
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_ylabel("speed-up vs reference (x)")
