@@ -101,11 +101,10 @@ class FastPipeline:
         unet = models.sdxl.unet
         p = next(unet.parameters())
         self.dev, self.dt = p.device, DTYPES[opts.precision]
-        for mod in (unet, models.sdxl.text_encoder, models.sdxl.text_encoder_2, models.ppr, models.image_encoder):
+        for mod in (unet, models.sdxl.text_encoder, models.sdxl.text_encoder_2):
             mod.to(self.dev, self.dt)
-        if opts.offload_encoders:                      # CLIP vision + resampler live on the host between stories
-            for mod in (models.image_encoder, models.ppr):
-                mod.to("cpu")
+        for mod in (models.ppr, models.image_encoder):  # with offload_encoders they live on the host between stories
+            mod.to("cpu" if opts.offload_encoders else self.dev, self.dt)
         models.sdxl.vae.to(self.dev, DTYPES[opts.vae_precision])
         if models.controlnet is not None:
             models.controlnet.to(self.dev, self.dt)
