@@ -185,7 +185,8 @@ def bench_torch(a, backend: str) -> dict:
     from runtime.pipeline import TorchDenoiser, decode, encode_text, sample, step_inputs
 
     models = load_weights(a.weights, a.device, a.precision, fuse=backend != "reference")
-    _FLOPS.setdefault(_flops_key(a), _image_flops(a, models))
+    if _flops_key(a) not in _FLOPS:                  # counted once per configuration, not once per backend
+        _FLOPS[_flops_key(a)] = _image_flops(a, models)
     if backend == "reference":     # the release: eager, unfused LoRA processors, everything but the VAE in a.precision
         for mod in (models.sdxl.unet, models.sdxl.text_encoder, models.sdxl.text_encoder_2, models.ppr, models.image_encoder):
             mod.to(a.device, DTYPES[a.precision])

@@ -139,7 +139,8 @@ def main(argv=None) -> int:
         print(f"loading weights from {a.weights} ...", flush=True)
         layout = WeightsLayout.from_dir(a.weights, style_loras=a.lora or None)
         models = load_storymaker(layout, lora_scale=a.lora_scale, dtype=getattr(torch, DTYPES[a.precision]),
-                                 device=a.device, dual_attention_kernel=a.dual_attention_kernel)
+                                 device=a.device,   # torch-opt installs the kernel itself (FastOptions)
+                                 dual_attention_kernel=a.dual_attention_kernel and a.backend == "reference")
         print(f"loaded in {time.perf_counter() - t0:.1f} s; {a.backend} backend; generating {len(story.frames)} frame(s) "
               f"with {len(story.characters)} character(s)", flush=True)
         paths = run_story(make_pipeline(a, models), story, a.out, overrides, progress=lambda s: print(s, flush=True))
