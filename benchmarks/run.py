@@ -222,7 +222,9 @@ def bench_torch(a, backend: str) -> dict:
         if r >= a.warmup:
             totals.append(time.perf_counter() - t0)
             stages.append(st)
-    return _summary(totals, stages)
+    # what the cross-attention really ran: "fused", "fallback: <why>" (e.g. no interpreter on a CPU), or off
+    kernel = pipe.kernel if pipe is not None else None
+    return {**_summary(totals, stages), "dual_attention_kernel_ran": kernel}
 
 
 def _build(a) -> Path:

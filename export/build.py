@@ -46,7 +46,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--components", help="comma-separated subset to build (default: all available)")
     ap.add_argument("--engines", choices=("auto", "off"), default="auto",
                     help="TensorRT engines: auto = build where TensorRT and a CUDA GPU exist (default), off = ONNX only")
-    ap.add_argument("--refittable", action="store_true", help="TensorRT: refittable UNet engine (lora_scale/style refit)")
+    ap.add_argument("--refittable", action="store_true",
+                    help="TensorRT: refittable UNet engine (another lora_scale/style LoRA via python -m export.refit)")
+    ap.add_argument("--trt-version-compatible", action="store_true",
+                    help="TensorRT: version-compatible engines (load on the building TensorRT and later ones of the "
+                         "same major; serve with --backend-config=tensorrt,version-compatible=true)")
+    ap.add_argument("--trt-hardware-compat", choices=("none", "ampere+", "same-cc"), default="none",
+                    help="TensorRT hardware compatibility level (default none: this GPU's architecture only)")
+    ap.add_argument("--ngc-python-env", type=Path, metavar="TAR_GZ",
+                    help="a conda-pack'ed Python environment with this project installed, copied into the NGC "
+                         "repository for its Python-backend models (EXECUTION_ENV_PATH); default: the container's Python")
     return ap.parse_args(argv)
 
 
@@ -199,6 +208,18 @@ def build(a) -> int:
     old = mf.load(out).get("components", {})
     stage, records = _Stage(layout, a, prof), {}
     settings = dict(opset=a.opset, profile=asdict(prof), lora_scale=a.lora_scale)
+    extra: dict = {}
+    hasher.save()
+    assets = _assets(layout, out)
+
+    def write_manifest():
+        """Written after every component and engine: an interrupted build keeps what finished."""
+        hasher.save()
+        return mf.write(out, {"format": 1, "assets": assets, "precision": "fp16" if a.fp16 else "fp32",
+                              "tools": mf.tool_versions(), "weights": {k: v for s in sources.values() for k, v in s.items()},
+                              "profile": asdict(prof), "lora_scale": a.lora_scale,
+                              "style_loras": [f"{p}:{s}" for p, s in loras], "components": {**old, **records}, **extra})
+
     for i, name in enumerate(wanted, 1):
         key = mf.stage_key({}, sources[name], precision=_precision(name, a), **settings)
         if mf.cached(old.get(name), key, out, hasher):
@@ -207,28 +228,44 @@ def build(a) -> int:
             continue
         print(f"[{i}/{len(wanted)}] {name}: building ({_precision(name, a)}) ...", flush=True)
         records[name] = {**_build_one(name, stage, a, out, hasher), "key": key}
+        if old.get(name, {}).get("engine"):            # the engine of the old ONNX: rebuilt below if its key changed
+            records[name]["engine"] = old[name]["engine"]
+        write_manifest()
         p = records[name]["parity"]
         num = lambda v, f: "n/a" if v is None else format(v, f)
         print(f"[{i}/{len(wanted)}] {name}: {records[name]['export_seconds']:.1f} s, parity {p['status']} "
               f"(max_abs {num(p['max_abs_err'], '.2e')}, cos {num(p['cos_sim'], '.6f')})", flush=True)
-    engines = trt_build.build_engines(records, out, refittable=a.refittable) if a.engines == "auto" else \
-        {"status": "skipped", "reason": "--engines off"}
-    if engines["status"] != "built":
-        print(f"TensorRT engines: {engines['status']}: {engines['reason']}", flush=True)
-    hasher.save()
-    assets = _assets(layout, out)
-    path = mf.write(out, {"format": 1, "assets": assets, "precision": "fp16" if a.fp16 else "fp32", "tools": mf.tool_versions(),
-                          "weights": {k: v for s in sources.values() for k, v in s.items()}, "profile": asdict(prof),
-                          "lora_scale": a.lora_scale, "style_loras": [f"{p}:{s}" for p, s in loras],
-                          "engines": engines, "components": {**old, **records}})
+    if a.engines == "auto":
+        opts = trt_build.EngineOptions(a.refittable, a.trt_version_compatible, a.trt_hardware_compat)
+
+        def engine_done(name, rec):
+            records[name]["engine"] = rec
+            write_manifest()
+            if rec["status"] != "skipped":
+                state = "cached" if rec.get("cached") else rec["status"]
+                print(f"  TensorRT engine {name}: {state}" + (f" ({rec['error']})" if rec.get("error") else ""), flush=True)
+
+        done = trt_build.build_engines(records, out, opts, on_record=engine_done)
+        skipped = {r["reason"] for r in done.values() if r["status"] == "skipped"}
+        if skipped:
+            print(f"TensorRT engines: skipped: {'; '.join(sorted(skipped))}", flush=True)
+    else:
+        for name in records:
+            records[name]["engine"] = {"status": "skipped", "reason": "--engines off"}
+    extra["engines"] = trt_build.summary({**old, **records})
+    write_manifest()
     print("\nparity (onnxruntime CPU vs PyTorch reference)\n" + _table(records))
     from export.triton_repo import write_ngc_repo, write_repo
 
     if all(n in {**old, **records} for n in ("unet", "vae_decoder", "ppr", "clip_vision", "text_encoder")):
-        print(f"Triton model repository: {write_repo(out)} (bundled server); {write_ngc_repo(out)} "
-              "(NGC container: native onnxruntime/tensorrt_plan engine models)")
+        repo = write_repo(out)
+        ngc, backends = write_ngc_repo(out, python_env=a.ngc_python_env)
+        extra["ngc_repository"] = backends
+        write_manifest()
+        print(f"Triton model repository: {repo} (bundled server); {ngc} (NGC container), engine models: "
+              + ", ".join(f"{n} {b['backend']}" + (f" ({b['why']})" if b.get("why") else "") for n, b in backends.items()))
     failed = [n for n, r in records.items() if r["parity"]["status"] == "failed"]
-    print(f"\nmanifest: {path}")
+    print(f"\nmanifest: {out / 'manifest.json'}")
     if failed:
         print(f"BUILD FAILED: parity failed for {', '.join(failed)}", file=sys.stderr)
         return 1

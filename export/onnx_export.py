@@ -55,6 +55,35 @@ def _save(model: onnx.ModelProto, path: Path) -> list[Path]:
     return [path, path.parent / data]
 
 
+def stable_weight_names(model: onnx.ModelProto) -> int:
+    """Rename the exporter's numbered initializers (`onnx::MatMul_4486`: a counter over the whole trace, which any
+    change elsewhere in the graph shifts) after the node that reads them (`unet.down_blocks.1.attentions.0.
+    transformer_blocks.0.attn2.to_k.MatMul.input1`), derived from the module path. TensorRT refit
+    (OnnxParserRefitter) matches weights by initializer name, so the refittable UNet and a re-export with another
+    lora_scale must name each LoRA-affected weight the same way, and a person can find it. Returns how many."""
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for i, x in enumerate(node.input):
+            consumers.setdefault(x, []).append((node, i))
+    renamed, taken = {}, {t.name for t in model.graph.initializer}
+    for t in model.graph.initializer:
+        users = consumers.get(t.name, [])
+        if not t.name.startswith("onnx::") or not users or not users[0][0].name:
+            continue
+        node, i = users[0]
+        new = f"{node.name.strip('/').replace('/', '.')}.input{i}"
+        if new in taken:
+            continue
+        taken.add(new)
+        renamed[t.name] = new
+        t.name = new
+    for node in model.graph.node:
+        for i, x in enumerate(node.input):
+            if x in renamed:
+                node.input[i] = renamed[x]
+    return len(renamed)
+
+
 def export_onnx(graph: torch.nn.Module, spec: ComponentSpec, path: Path, opset: int = 17) -> dict:
     """Export `graph` to `path` (fp32); returns {'files': [...], 'seconds': s, 'exporter': ..., 'slimmed': bool}."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +101,9 @@ def export_onnx(graph: torch.nn.Module, spec: ComponentSpec, path: Path, opset: 
         else:
             import onnxslim
 
-            files, slimmed = _save(onnxslim.slim(onnx.load(str(raw))), path), True
+            model = onnx.load(str(raw))
+            stable_weight_names(model)
+            files, slimmed = _save(onnxslim.slim(model), path), True
     return {"files": files, "seconds": time.perf_counter() - t0, "exporter": f"torch.onnx (dynamo=False) {torch.__version__}",
             "opset": opset, "slimmed": slimmed}
 
@@ -82,6 +113,7 @@ def consolidate_external_data(raw: Path, path: Path) -> list[Path]:
     from onnx.external_data_helper import ExternalDataInfo
 
     model = onnx.load(str(raw), load_external_data=False)
+    stable_weight_names(model)                          # metadata only: the external data stays where it is
     data_name = path.name + ".data"
     for old in path.parent.glob(path.name + "*"):
         old.unlink()

@@ -57,6 +57,16 @@ class ComponentSpec:
         """TensorRT optimisation profile: input -> {min, opt, max} shapes."""
         return {t.name: {w: t.shape(self.assignment(w)) for w in ("min", "opt", "max")} for t in self.inputs}
 
+    def max_batch(self) -> int:
+        """Largest batch the engine accepts: the profile's max of the batch axis (axis 0, the same symbol on
+        every input). Triton's `max_batch_size` and TensorRT's profile both come from here, so a config can
+        never promise more rows than the engine was built for (Triton's TensorRT backend refuses that)."""
+        firsts = {t.dims[0] for t in self.inputs}
+        if len(firsts) != 1 or not isinstance(next(iter(firsts)), str):
+            raise ValueError(f"{self.name}: inputs do not share one symbolic batch axis ({sorted(map(str, firsts))})")
+        prof = self.profile()
+        return min(p["max"][0] for p in prof.values())
+
     def triton_dims(self, tensor: TensorSpec, batch_dim: bool = False) -> list[int]:
         dims = [d if isinstance(d, int) else -1 for d in tensor.dims]
         return dims[1:] if batch_dim else dims

@@ -29,7 +29,18 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
+
+MIN_TRITON = (3, 4)     # triton.knobs (interpreter switch) and the tl.dot input_precision names used below
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split("+")[0].split(".")[:2] if x.isdigit())
+
+
+if _version(triton.__version__) < MIN_TRITON:
+    raise ImportError(f"kernels.dual_attention needs OpenAI Triton >= {'.'.join(map(str, MIN_TRITON))}, found "
+                      f"{triton.__version__} (pip install 'triton>={'.'.join(map(str, MIN_TRITON))}')")
+from triton import knobs  # noqa: E402  (exists from 3.4 on)
 
 INTERPRET = bool(knobs.runtime.interpret)
 
@@ -117,8 +128,10 @@ def dual_attention(q, k_t, v_t, k_ip, v_ip, ip_scale, block_m: int = 32, block_n
     if d not in (16, 32, 64, 128) or min(k_t.shape[2], k_ip.shape[2]) < 1:
         raise ValueError(f"head dim {d} must be 16, 32, 64 or 128 and both key sets non-empty")
     out = torch.empty((b, m, h, d), device=q.device, dtype=q.dtype).transpose(1, 2)   # (B, H, M, d) view
-    scale = ip_scale if torch.is_tensor(ip_scale) else torch.tensor(float(ip_scale))
-    scale = scale.to(device=q.device, dtype=torch.float32).reshape(-1).expand(b).contiguous()  # (B,)
+    if torch.is_tensor(ip_scale):
+        scale = ip_scale.to(device=q.device, dtype=torch.float32).reshape(-1).expand(b).contiguous()  # (B,)
+    else:   # a Python number: filled on the device (a host tensor would cost a blocking copy per call)
+        scale = torch.full((b,), float(ip_scale), device=q.device, dtype=torch.float32)
     args = [q, k_t, v_t, k_ip, v_ip, out, scale, *q.stride(), *k_t.stride(), *v_t.stride(), *k_ip.stride(),
             *v_ip.stride(), *out.stride(), h, m, k_t.shape[2], k_ip.shape[2], (1.0 / math.sqrt(d)) * 1.4426950408889634]
     precision = "ieee" if q.dtype == torch.float32 else "tf32"

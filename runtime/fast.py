@@ -21,6 +21,7 @@ tests/test_fast.py (cosine >= 0.999 on latents after 25 steps, fp32, CPU).
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -32,6 +33,9 @@ from runtime.pipeline import GenerateOptions, TextEmbeds, encode_text, initial_l
 from runtime.unipc import UniPCPlan, UniPCSampler
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Step inputs kept in float32 whatever the model precision: they feed sinusoidal embeddings (diffusers casts the
+# embedding, not its argument), and bf16's 8-bit mantissa would round sizes such as 1032 in time_ids
+FLOAT32_INPUTS = ("time_ids",)
 
 
 @dataclass
@@ -46,19 +50,32 @@ class FastOptions:
     compile: bool = False
 
 
-def capture_cuda_graph(fn, static: dict):
-    """Warm fn up on a side stream, capture one call on the static buffers; returns the graph's replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):                                    # warm-up outside the graph (lazy inits, autotuning)
-            fn(static["x"], static["t"], static)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static["out"] = fn(static["x"], static["t"], static)
-    static["graph"] = g                                       # keep the graph (and its memory pool) alive
-    return g.replay
+class GraphCapture:
+    """Captures on a GPU: one memory pool and one capture stream shared by every graph of a pipeline.
+
+    Without a shared pool each capture keeps a private pool for the life of its graph, so a server that meets
+    many shapes grows without bound. Graphs of one pipeline are replayed one at a time on one stream, which is
+    the condition under which PyTorch allows captures to share a pool (the same stream is passed to every
+    capture, as torch.cuda.graph asks for effective sharing). A graph's output buffer lives in that pool, so it
+    is valid until the next replay of any graph: GraphedStep's callers consume it before the next step."""
+
+    def __init__(self):
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream()
+
+    def __call__(self, fn, static: dict):
+        """Warm fn up on the capture stream, capture one call on the static buffers; returns the graph's replay."""
+        s = self.stream
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):                                    # warm-up outside the graph (lazy inits, autotuning)
+                fn(static["x"], static["t"], static)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool, stream=s):
+            static["out"] = fn(static["x"], static["t"], static)
+        static["graph"] = g                                       # keep the graph alive while it is cached
+        return g.replay
 
 
 class GraphedStep:
@@ -66,18 +83,33 @@ class GraphedStep:
 
     Each call copies x, t and the step inputs into the buffers captured for their shapes and replays; the
     result is the captured output buffer itself, overwritten by the next replay, so callers must consume it
-    (FastPipeline.latents does: CFG arithmetic makes a new tensor before the next step). `capture` is
-    capture_cuda_graph on a GPU; tests pass a CPU stand-in with the same buffer semantics.
+    (FastPipeline.latents does: CFG arithmetic makes a new tensor before the next step). At most `max_graphs`
+    shapes stay captured (least recently used evicted: its graph and buffers are dropped, and their memory goes
+    back to the shared pool for the next capture). `capture` is a GraphCapture on a GPU; tests pass a CPU
+    stand-in with the same buffer semantics.
     """
 
-    def __init__(self, fn, capture=capture_cuda_graph):
-        self.fn, self.capture, self.graphs = fn, capture, {}
+    def __init__(self, fn, capture=None, max_graphs: int = 8):
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        self.fn, self.capture, self.max_graphs = fn, capture, max_graphs
+        self.graphs: OrderedDict = OrderedDict()
+        self.captures = self.evictions = 0
 
     def __call__(self, x, t, inp):
-        key = (tuple(x.shape), x.dtype) + tuple((k, tuple(v.shape)) for k, v in sorted(inp.items()))
-        if key not in self.graphs:
+        key = (tuple(x.shape), x.dtype, t.dtype) + tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inp.items()))
+        if key in self.graphs:
+            self.graphs.move_to_end(key)
+        else:
+            while len(self.graphs) >= self.max_graphs:
+                _, (_, old) = self.graphs.popitem(last=False)
+                old.clear()                                       # drop the graph and its static buffers
+                self.evictions += 1
+            if self.capture is None:
+                self.capture = GraphCapture()
             static = {"x": x.clone(), "t": t.clone(), **{k: v.clone() for k, v in inp.items()}}
             self.graphs[key] = (self.capture(self.fn, static), static)
+            self.captures += 1
         replay, static = self.graphs[key]
         static["x"].copy_(x)
         static["t"].copy_(t)
@@ -108,10 +140,13 @@ class FastPipeline:
         models.sdxl.vae.to(self.dev, DTYPES[opts.vae_precision])
         if models.controlnet is not None:
             models.controlnet.to(self.dev, self.dt)
+        self.kernel = None                                     # what the cross-attention runs: None = not asked
         if opts.dual_attention_kernel:
-            from runtime.kernel_attention import use_dual_attention_kernel
+            from runtime.kernel_attention import kernel_unavailable, use_dual_attention_kernel
 
-            use_dual_attention_kernel(unet)
+            use_dual_attention_kernel(unet, self.dev)          # raises on CUDA when the kernel cannot run
+            why = kernel_unavailable(self.dev)
+            self.kernel = f"fallback: {why}" if why else "fused"
         if opts.fused_qkv:
             from runtime.attention import use_fused_projections
 
@@ -176,11 +211,13 @@ class FastPipeline:
             self.plans[key] = UniPCPlan(self.m.sdxl.scheduler_config, opts.steps)
         plan = self.plans[key]
         sampler = UniPCSampler(plan)
-        inp = {k: v.to(self.dt) for k, v in step_inputs(text, tokens, opts, self.dev).items() if torch.is_tensor(v)}
+        inp = {k: v if k in FLOAT32_INPUTS else v.to(self.dt)
+               for k, v in step_inputs(text, tokens, opts, self.dev).items() if torch.is_tensor(v)}
         x = (initial_latents(opts.seed, opts.height, opts.width) * plan.init_noise_sigma).to(self.dev)   # fp32 latents
         if self.o.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        ts = torch.tensor(plan.timesteps, device=self.dev, dtype=self.dt)   # uploaded once
+        # float32 timesteps, as diffusers' time embedding expects: bf16 would round 951 -> 952 (uploaded once)
+        ts = torch.tensor(plan.timesteps, device=self.dev, dtype=torch.float32)
         t0 = time.perf_counter()
         for i in range(len(plan.timesteps)):
             eps = self.step(torch.cat([x, x]).to(self.dt), ts[i], inp).float()      # (2, 4, h, w)

@@ -19,12 +19,21 @@ from runtime.attention import StoryMakerAttnProcessor
 log = logging.getLogger(__name__)
 
 
-def kernel_available(device: torch.device) -> bool:
+def kernel_unavailable(device: torch.device | str) -> str | None:
+    """Why the fused kernel cannot run on `device` (None when it can): OpenAI Triton missing or older than the
+    kernel needs (kernels.dual_attention.MIN_TRITON), or a CPU without Triton's interpreter."""
     try:
         from kernels.dual_attention import INTERPRET
-    except ImportError:  # triton missing
-        return False
-    return device.type == "cuda" or (INTERPRET and device.type == "cpu")
+    except ImportError as e:   # triton missing or too old: say which
+        return str(e) or "OpenAI Triton is not installed"
+    device = torch.device(device)
+    if device.type == "cuda" or (INTERPRET and device.type == "cpu"):
+        return None
+    return f"no fused kernel on device {device.type!r} (CUDA, or a CPU with TRITON_INTERPRET=1)"
+
+
+def kernel_available(device: torch.device) -> bool:
+    return kernel_unavailable(device) is None
 
 
 class KernelAttnProcessor(StoryMakerAttnProcessor):
@@ -40,8 +49,27 @@ class KernelAttnProcessor(StoryMakerAttnProcessor):
         return out.transpose(1, 2).reshape(b, -1, heads * d)                  # (B, M, heads*d), a view
 
 
-def use_dual_attention_kernel(unet) -> int:
-    """Install KernelAttnProcessor on every decoupled cross-attention; returns how many."""
+class KernelUnavailable(RuntimeError):
+    pass
+
+
+def use_dual_attention_kernel(unet, device: torch.device | str | None = None, strict: bool | None = None) -> int:
+    """Install KernelAttnProcessor on every decoupled cross-attention; returns how many.
+
+    The kernel was asked for: where it cannot run on the UNet's device the processors would silently compute
+    two SDPA calls while a benchmark reports the kernel, so this raises KernelUnavailable with the reason
+    (Triton missing or older than the kernel needs). `strict=False` installs anyway (the processors fall back
+    per call) and logs the reason; the default is strict on CUDA, where the kernel is the point. `device`: where
+    the UNet will run (default: where its parameters are now)."""
+    if device is None:
+        p = next(unet.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    why = kernel_unavailable(device)
+    if why and (strict if strict is not None else device.type == "cuda"):
+        raise KernelUnavailable(f"--dual-attention-kernel was requested but cannot run: {why}")
+    if why:
+        log.warning("dual-attention kernel installed but it will fall back to two SDPA calls: %s", why)
     procs, n = {}, 0
     for name, p in unet.attn_processors.items():
         if isinstance(p, StoryMakerAttnProcessor) and p.ip:

@@ -192,10 +192,10 @@ def load_storymaker(layout: WeightsLayout, *, lora_scale: float = 0.8, ip_scale:
     parts = load_sdxl(layout.sdxl, layout.sdxl_config)
     fuse_style_loras(parts, layout.style_loras)
     attach_storymaker(parts.unet, ip_sd, lora_scale=lora_scale, ip_scale=ip_scale, fuse=fuse, source=str(layout.mask_bin))
-    if dual_attention_kernel:  # fused Triton kernel for text + image attention (falls back off-GPU)
+    if dual_attention_kernel:  # fused Triton kernel for text + image attention (raises on CUDA if it cannot run)
         from runtime.kernel_attention import use_dual_attention_kernel
 
-        use_dual_attention_kernel(parts.unet)
+        use_dual_attention_kernel(parts.unet, device)
     ppr = load_ppr(proj_sd, str(layout.mask_bin))
     if ppr.cfg.cross_attention_dim != parts.unet.config.cross_attention_dim:
         raise WeightsError(f"{layout.mask_bin}: resampler outputs D={ppr.cfg.cross_attention_dim} but the UNet's "

@@ -143,13 +143,67 @@ class TritonServer:
         self.stop()
 
 
+def ngc_command(build_dir: Path, mount: str = "/models", container_tensorrt: str | None = None) -> tuple[list[str], list[str]]:
+    """The tritonserver command for BUILD/triton_repo_ngc inside an NGC container where the build folder is
+    mounted at `mount`, and notes on what the container must have. Reads the manifest's engine records: with
+    version-compatible engines the TensorRT backend needs `--backend-config=tensorrt,version-compatible=true`;
+    otherwise every engine loads only on the exact TensorRT version that built it. `container_tensorrt`
+    (the container's TensorRT version) is checked against the engines: a mismatch raises with the fix."""
+    import json
+
+    mf = Path(build_dir) / "manifest.json"
+    if not mf.exists():
+        raise StoryMakerError(f"{build_dir}: no manifest.json; build it with `python -m export.build ... --out {build_dir}`")
+    m = json.loads(mf.read_text())
+    built = {n: r["engine"] for n, r in m["components"].items() if (r.get("engine") or {}).get("status") == "built"}
+    cmd = ["tritonserver", f"--model-repository={mount.rstrip('/')}/triton_repo_ngc", "--model-control-mode=none",
+           "--strict-readiness=true"]
+    notes = []
+    if built:
+        versions = sorted({e["tensorrt"] for e in built.values()})
+        compat = all(e["version_compatible"] for e in built.values())
+        if compat:
+            cmd.append("--backend-config=tensorrt,version-compatible=true")
+            notes.append(f"TensorRT engines ({', '.join(built)}) are version-compatible, built with TensorRT "
+                         f"{', '.join(versions)}: they load on that version and later ones of the same major")
+        else:
+            notes.append(f"TensorRT engines ({', '.join(built)}) load only on TensorRT {', '.join(versions)} exactly: "
+                         "use the NGC tritonserver release that ships it, or rebuild with --trt-version-compatible")
+        if container_tensorrt:
+            bad = [n for n, e in built.items() if not _trt_loads(e, container_tensorrt)]
+            if bad:
+                raise StoryMakerError(f"TensorRT {container_tensorrt} cannot load the engines of {bad} (built with "
+                                      f"{versions}{', version-compatible' if compat else ''}); rebuild them with that "
+                                      "TensorRT (`python -m export.build ... --engines auto`) or pick the matching container")
+    notes.append("Python-backend models (text_encoder, encode_characters, sampler, storymaker) need this project and "
+                 "its requirements in the container's Python, or a conda-pack'ed environment given to the build with "
+                 "--ngc-python-env; they find the build folder as ../.. from their model folder, so mount the whole "
+                 "build folder")
+    return cmd, notes
+
+
+def _trt_loads(engine: dict, runtime_version: str) -> bool:
+    """Does a TensorRT `runtime_version` load this engine record? Exact version, or with a version-compatible
+    engine any later version of the same major (TensorRT's documented rule)."""
+    as_tuple = lambda v: tuple(int(x) for x in v.split(".")[:3] if x.isdigit())
+    built, run = as_tuple(engine["tensorrt"]), as_tuple(runtime_version)
+    if not engine.get("version_compatible"):
+        return built == run
+    return run[:1] == built[:1] and run >= built
+
+
 def _raise_interrupt(*_):
     raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repo", type=Path, required=True, help="BUILD/triton_repo written by export.build")
+    ap.add_argument("--repo", type=Path, help="BUILD/triton_repo written by export.build")
+    ap.add_argument("--ngc-command", type=Path, metavar="BUILD",
+                    help="print the tritonserver command and requirements for BUILD/triton_repo_ngc in an NGC "
+                         "container (TensorRT version, backend config) and exit")
+    ap.add_argument("--container-tensorrt", metavar="VERSION", help="with --ngc-command: check the engines load on "
+                                                                     "this TensorRT version (the container's)")
     ap.add_argument("--grpc-port", type=int, default=8001)
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--metrics-port", type=int, default=8002)
@@ -157,6 +211,18 @@ def main(argv=None) -> int:
     ap.add_argument("--admin-key", help="value of the admin-key header for admin protocols (default: "
                                         "$STORYMAKER_ADMIN_KEY or a random key printed at start)")
     a = ap.parse_args(argv)
+    if a.ngc_command:
+        try:
+            cmd, notes = ngc_command(a.ngc_command, container_tensorrt=a.container_tensorrt)
+        except StoryMakerError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(" ".join(cmd))
+        for n in notes:
+            print(f"# {n}")
+        return 0
+    if a.repo is None:
+        ap.error("--repo is required (or --ngc-command BUILD)")
     try:
         srv = TritonServer(a.repo, a.grpc_port, a.http_port, a.metrics_port, a.address, a.admin_key)
         print(f"starting tritonserver on {a.address} (gRPC {a.grpc_port}, HTTP {a.http_port}, metrics {a.metrics_port}); "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 import numpy as np
@@ -23,9 +24,15 @@ MAX_BYTES_INPUT = 32 << 20      # per BYTES element (an encoded image); decoded 
 
 
 def setup(args: dict) -> tuple[dict, dict]:
-    """(model config, parameters) from Triton's initialize() args; puts the project root on sys.path."""
+    """(model config, parameters) from Triton's initialize() args; puts the project root on sys.path.
+
+    A relative `build_dir` (the NGC repository writes "../..") is resolved against the model's own folder
+    (`args["model_repository"]`), so a build folder can be moved or mounted anywhere as a whole."""
     cfg = json.loads(args["model_config"])
     params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+    bd = params.get("build_dir")
+    if bd and not os.path.isabs(bd):
+        params["build_dir"] = os.path.normpath(os.path.join(args["model_repository"], bd))
     root = params.get("project_root")
     if root and root not in sys.path:
         sys.path.insert(0, root)

@@ -25,6 +25,8 @@ def test_harness_writes_json_lines_and_charts(tmp_path, built):
         assert l["flops"]["denoise"] == 2 * l["flops"]["unet_step"] > 0
         assert l["tflops_per_s"]["denoise"] > 0 and l["pct_fp16_peak"] == {} and l["fp16_peak_tflops"] is None
         assert 0 < l["frame_median_s"] < l["median_s"]
+        if not served:
+            assert l["dual_attention_kernel_ran"] is None          # not asked for: recorded as such
     for name in ("latency_by_backend.png", "speedup.png"):          # run draws the charts next to its results
         assert (tmp_path / name).stat().st_size > 1000
     pngs = plot.main(["--results", str(out), "--out", str(tmp_path / "again")])

@@ -62,19 +62,85 @@ def test_dual_attention_unet_step_matches_reference_processors(bundle, monkeypat
     from runtime.attention import use_fused_projections
     from test_lora_fuse import unet_inputs, unet_with
 
+    # model and inputs on the test device: on a GPU the kernel runs natively only on CUDA tensors
     (ref, _), (fused, _) = unet_with(bundle, fuse=False), unet_with(bundle, fuse=True)
+    ref, fused = ref.to(DEV), fused.to(DEV)
+    if DEV == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
     assert use_dual_attention_kernel(fused) == len(fused.attn_processors) // 2
     if fused_qkv:
         use_fused_projections(fused)
     calls = []
     real = kd.dual_attention
     monkeypatch.setattr(kd, "dual_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    x = unet_inputs(ref, t_img=60)
+    x = to_device(unet_inputs(ref, t_img=60), DEV)
     with torch.no_grad():
         want = ref(**x).sample
-        got = fused(**x, cross_attention_kwargs={"ip_scale": torch.tensor([0.8, 0.8])}).sample
+        got = fused(**x, cross_attention_kwargs={"ip_scale": torch.tensor([0.8, 0.8], device=DEV)}).sample
     assert len(calls) == len(fused.attn_processors) // 2                    # the kernel ran in every cross-attention
     assert (got - want).abs().max().item() <= 1e-4
+
+
+def to_device(x, dev):
+    if torch.is_tensor(x):
+        return x.to(dev)
+    return {k: to_device(v, dev) for k, v in x.items()} if isinstance(x, dict) else x
+
+
+def test_kernel_requested_where_it_cannot_run_fails_loudly(bundle, monkeypatch):
+    """A run that asks for the kernel where it cannot run must not measure two SDPA calls while reporting the
+    kernel: on CUDA (or strict) it raises with the reason; where a fallback is allowed the reason is logged."""
+    import runtime.kernel_attention as ka
+    from test_lora_fuse import unet_with
+
+    monkeypatch.setattr(ka, "kernel_unavailable", lambda device: "needs OpenAI Triton >= 3.4, found 3.1.0")
+    unet, _ = unet_with(bundle, fuse=True)
+    with pytest.raises(ka.KernelUnavailable, match="Triton >= 3.4"):
+        use_dual_attention_kernel(unet, device="cuda")
+    with pytest.raises(ka.KernelUnavailable, match="found 3.1.0"):
+        use_dual_attention_kernel(unet, strict=True)
+    assert use_dual_attention_kernel(unet, device="cpu") > 0     # allowed fallback off-GPU
+
+
+def test_kernel_refuses_an_old_triton(monkeypatch):
+    """The version gate is real: importing the kernel module under an older Triton raises an ImportError that
+    names the minimum version, which kernel_unavailable reports."""
+    import importlib
+    import sys
+
+    import triton
+
+    import runtime.kernel_attention as ka
+
+    monkeypatch.setattr(triton, "__version__", "3.1.0")
+    monkeypatch.delitem(sys.modules, "kernels.dual_attention")
+    with pytest.raises(ImportError, match=r"Triton >= 3\.4, found 3\.1\.0"):
+        importlib.import_module("kernels.dual_attention")
+    assert "3.4" in ka.kernel_unavailable("cuda")
+    monkeypatch.undo()
+    importlib.import_module("kernels.dual_attention")
+    assert ka.kernel_unavailable("cuda") is None
+
+
+def test_kernel_benchmark_passes_device_tensors_and_asks_for_the_median(monkeypatch):
+    """benchmarks.dual_attention: ip_scale is a device tensor (a Python float costs a blocking host->device copy
+    per call), the wrapper makes no host tensor for a float either, and do_bench is asked for the median."""
+    import triton.testing
+
+    from benchmarks import dual_attention as bench
+
+    seen = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: seen.append(kw) or (fn(), 1.0)[1])
+    assert bench.median_ms(lambda: None) == 1.0 and seen[0]["return_mode"] == "median"
+    x = bench.inputs(1, 1, 16, 32, 40, DEV, torch.float32)
+    assert torch.is_tensor(x["ip_scale"]) and x["ip_scale"].device == x["q"].device
+    made = []
+    real_tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real_tensor(*a, **k))
+    rows = bench.measure([(1, 1, 16, 32)], DEV, lambda fn: (fn(), 2.0)[1], n_imgs=(40,), dtype=torch.float32)
+    dual_attention(x["q"], x["k_t"], x["v_t"], x["k_ip"], x["v_ip"], 0.8)          # a float scale
+    assert made == []                                                                # no host tensor per call
+    assert rows[0]["timing"] == "median" and rows[0]["max_abs_err"] <= FP32_TOL
 
 
 def test_dual_attention_processor_falls_back_with_a_mask():

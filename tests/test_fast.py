@@ -156,3 +156,42 @@ def test_torch_opt_keeps_every_tensor_on_its_device(layout, two_characters):
         img = m.sdxl.vae.decode(x / m.sdxl.vae.config.scaling_factor, return_dict=False)[0]
         assert img.device.type == "meta" and img.shape == (1, 3, 48, 64)
     assert all(t.device.type == "meta" for t in tokens)
+
+
+def test_graphed_step_keeps_a_bounded_lru_of_captures():
+    """A long-running server meets many shapes: at most max_graphs stay captured (least recently used evicted,
+    its buffers dropped), a shape met again after eviction is captured anew, and every result is still the eager
+    one. On a GPU the captures share one memory pool (GraphCapture), so evicted memory is reused."""
+    from runtime.fast import GraphedStep
+
+    fn = lambda x, t, inp: x * t + inp["e"].sum()
+    step = GraphedStep(fn, capture=replay_on_cpu, max_graphs=2)
+    shapes = [(1, 4), (2, 4), (1, 4), (3, 4), (2, 4), (1, 4)]
+    for n, (a, b) in enumerate(shapes):
+        x, t, e = torch.full((a, b), float(n)), torch.tensor(2.0), torch.ones(a)
+        assert torch.equal(step(x, t, {"e": e}), fn(x, t, {"e": e}))
+    # (1,4) cap, (2,4) cap, (1,4) hit, (3,4) cap evicts (2,4), (2,4) cap evicts (1,4), (1,4) cap evicts (3,4)
+    assert (step.captures, step.evictions, len(step.graphs)) == (5, 3, 2)
+    assert [k[0] for k in step.graphs] == [(2, 4), (1, 4)]
+    with pytest.raises(ValueError, match="max_graphs"):
+        GraphedStep(fn, max_graphs=0)
+
+
+def test_bf16_keeps_timesteps_and_time_ids_in_float32(layout, two_characters):
+    """In bf16 the 25-step schedule would round (951 -> 952, 913 -> 912): torch-opt hands the UNet float32
+    timesteps equal to the plan's, and float32 time_ids, whatever the model precision."""
+    from runtime.unipc import UniPCPlan
+
+    m = load_storymaker(layout)
+    fast = FastPipeline(m, FastOptions(precision="bf16"))
+    tokens = fast.encode_characters(two_characters)
+    opts = GenerateOptions("two friends", width=64, height=64, steps=25, seed=1)
+    seen = []
+    step = fast.step
+    fast.step = lambda x, t, inp: seen.append((t.clone(), inp["time_ids"].dtype, x.dtype)) or step(x, t, inp)
+    fast.latents(opts, encode_text(m.sdxl, opts.prompt, opts.negative_prompt), tokens)
+    plan = UniPCPlan(m.sdxl.scheduler_config, 25)
+    assert [float(t) for t, _, _ in seen] == [float(v) for v in plan.timesteps]
+    assert all(t.dtype == torch.float32 and ids == torch.float32 and x == torch.bfloat16 for t, ids, x in seen)
+    rounded = torch.tensor(plan.timesteps, dtype=torch.bfloat16).float()
+    assert (rounded != torch.tensor(plan.timesteps, dtype=torch.float32)).any()     # bf16 would have changed them

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 
 from export.spec import ComponentSpec, TensorSpec, dim_name, eval_dim
-from export.tensorrt import EnginePlan, availability, build_engines, plan_engines
+from export.tensorrt import EngineOptions, EnginePlan, availability, build_engines, plan_engines
 from export.triton_config import model_config, parse_pbtxt, to_pbtxt
 
 UNET_LIKE = ComponentSpec(
@@ -50,9 +50,13 @@ def test_parity_assignments_try_every_axis_twice():
 
 def test_tensorrt_plan_uses_spec_profiles(tmp_path):
     rec = {"files": [{"path": "onnx/unet/model.onnx"}], "profile": UNET_LIKE.profile()}
-    plans = plan_engines({"unet": rec, "vae_decoder": rec}, tmp_path, refittable=True)
+    plans = plan_engines({"unet": rec, "vae_decoder": rec}, tmp_path,
+                         EngineOptions(refittable=True, version_compatible=True, hardware_compatibility="ampere+"))
     unet, vae = plans
     assert isinstance(unet, EnginePlan) and unet.strongly_typed and unet.refittable and not vae.refittable
+    assert unet.version_compatible and vae.version_compatible and unet.hardware_compatibility == "ampere+"
+    with pytest.raises(ValueError, match="hardware compatibility"):
+        EngineOptions(hardware_compatibility="hopper")
     assert unet.profile["sample"] == {"min": (2, 4, 8, 8), "opt": (2, 4, 16, 16), "max": (4, 4, 32, 32)}
     assert unet.engine_path == tmp_path / "engines" / "unet.plan" and "NATIVE_INSTANCENORM" in unet.parser_flags
 
@@ -62,5 +66,98 @@ def test_tensorrt_skips_with_a_reason_here(tmp_path):
     if ok:
         pytest.skip("TensorRT and a GPU are present")
     res = build_engines({"unet": {"files": [{"path": "x.onnx"}], "profile": UNET_LIKE.profile()}}, tmp_path)
-    assert res["status"] == "skipped" and res["reason"] == reason and res["planned"] == ["unet"]
+    assert res["unet"]["status"] == "skipped" and res["unet"]["reason"] == reason
     assert "tensorrt" in reason or "GPU" in reason
+
+
+def test_max_batch_comes_from_the_profile():
+    """Triton's max_batch_size for a batched engine is the profile's batch max (the TensorRT backend refuses a
+    config that promises more rows than the engine's profile), in one place: ComponentSpec.max_batch."""
+    assert UNET_LIKE.max_batch() == 4 == max(p["max"][0] for p in UNET_LIKE.profile().values())
+    wide = dataclasses.replace(UNET_LIKE, symbols={**UNET_LIKE.symbols, "N": (2, 2, 8)})
+    assert wide.max_batch() == 8
+    mixed = ComponentSpec("ppr", (TensorSpec("a", "float32", ("n", 4)), TensorSpec("s", "float32", (1,))), (), {"n": (1, 2, 3)})
+    with pytest.raises(ValueError, match="batch axis"):
+        mixed.max_batch()
+
+
+def test_build_engines_per_component_records_failures(tmp_path, monkeypatch):
+    """One engine failing does not stop the others; each gets a record (status, TensorRT version, flags, error);
+    an unchanged engine whose file exists is reused."""
+    import export.tensorrt as trt_mod
+
+    monkeypatch.setattr(trt_mod, "availability", lambda: (True, "ok"))
+    monkeypatch.setattr(trt_mod, "tensorrt_version", lambda: "10.8.0")
+    built = []
+
+    def fake_build(plan):
+        if plan.component == "controlnet":
+            raise RuntimeError("out of memory while building")
+        built.append(plan.component)
+        plan.engine_path.parent.mkdir(parents=True, exist_ok=True)
+        plan.engine_path.write_bytes(b"plan")
+        return plan.engine_path
+
+    monkeypatch.setattr(trt_mod, "build_engine", fake_build)
+    rec = lambda key: {"files": [{"path": "x.onnx"}], "profile": UNET_LIKE.profile(), "key": key}
+    records = {"unet": rec("u"), "controlnet": rec("c"), "vae_decoder": rec("v")}
+    seen = []
+    res = build_engines(records, tmp_path, EngineOptions(version_compatible=True), on_record=lambda n, r: seen.append(n))
+    assert seen == ["unet", "controlnet", "vae_decoder"] and built == ["unet", "vae_decoder"]
+    assert res["controlnet"]["status"] == "failed" and "out of memory" in res["controlnet"]["error"]
+    assert res["unet"] == {**res["unet"], "status": "built", "path": "engines/unet.plan", "tensorrt": "10.8.0",
+                           "version_compatible": True}
+    records["unet"]["engine"] = res["unet"]
+    again = build_engines({"unet": records["unet"]}, tmp_path, EngineOptions(version_compatible=True))
+    assert again["unet"]["cached"] and built == ["unet", "vae_decoder"]
+    rebuilt = build_engines({"unet": {**records["unet"], "key": "u2"}}, tmp_path, EngineOptions(version_compatible=True))
+    assert not rebuilt["unet"].get("cached") and built[-1] == "unet"
+
+
+def test_trt_flags_reach_the_builder_config(tmp_path, monkeypatch):
+    """build_engine sets REFIT, VERSION_COMPATIBLE and the hardware compatibility level from the plan (a stand-in
+    for the tensorrt module records the calls; the real API is not installed here)."""
+    import sys
+    import types
+
+    import export.tensorrt as trt_mod
+
+    calls = []
+
+    class Obj:
+        def __init__(self, name):
+            self._n = name
+
+        def __getattr__(self, k):
+            return Obj(f"{self._n}.{k}")
+
+        def __call__(self, *a, **k):
+            calls.append((self._n, a))
+            return Obj(f"{self._n}()")
+
+        def __setattr__(self, k, v):
+            if k != "_n":
+                calls.append((f"{self._n}.{k}=", (v,)))
+            object.__setattr__(self, k, v)
+
+        def __int__(self):
+            return 0
+
+        def __bool__(self):
+            return True
+
+        def __bytes__(self):
+            return b"engine"
+
+    fake = Obj("trt")
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(
+        Logger=Obj("Logger"), Builder=lambda logger: fake, OnnxParser=lambda n, l: Obj("parser"),
+        NetworkDefinitionCreationFlag=Obj("NDCF"), OnnxParserFlag=Obj("OPF"), MemoryPoolType=Obj("MPT"),
+        BuilderFlag=types.SimpleNamespace(REFIT="REFIT", VERSION_COMPATIBLE="VERSION_COMPATIBLE"),
+        HardwareCompatibilityLevel=types.SimpleNamespace(AMPERE_PLUS="AMPERE_PLUS")))
+    rec = {"files": [{"path": "x.onnx"}], "profile": UNET_LIKE.profile()}
+    plan = plan_engines({"unet": rec}, tmp_path, EngineOptions(True, True, "ampere+"))[0]
+    trt_mod.build_engine(plan)
+    flags = [a[0] for n, a in calls if n == "trt.create_builder_config().set_flag"]
+    assert flags == ["REFIT", "VERSION_COMPATIBLE"]
+    assert ("trt.create_builder_config().hardware_compatibility_level=", ("AMPERE_PLUS",)) in calls

@@ -1,0 +1,203 @@
+"""GPU-only paths pinned on a CPU: what a first run on a GPU server would otherwise discover.
+
+The NGC repository's configs against the engine profiles, per-component engine records and failures, a
+relocatable repository, TensorRT version requirements stated by the launcher, and stable weight names for
+refit. (bf16 timesteps and the CUDA-graph cache: tests/test_fast.py; the kernel's device placement, loud
+fallback and benchmark: tests/test_dual_attention.py.)
+"""
+import json
+import shutil
+
+import onnx
+import pytest
+
+from export.build import main as build_main
+from export.triton_config import parse_pbtxt
+from runtime.errors import StoryMakerError
+
+ENGINE_MODELS = ("clip_vision", "ppr", "unet", "controlnet", "vae_decoder")
+
+
+def _copy_build(built, tmp_path):
+    """A private copy of the session's demo build (the bundle stays where the manifest's keys expect it)."""
+    dst = tmp_path / "build"
+    shutil.copytree(built, dst, symlinks=True, ignore=shutil.ignore_patterns("demo_bundle", "triton_repo*"))
+    return dst
+
+
+def test_batched_configs_promise_no_more_rows_than_the_profile(built):
+    """Triton's TensorRT backend refuses a config whose max_batch_size exceeds the engine profile's batch max;
+    both repositories take it from the profile."""
+    m = json.loads((built / "manifest.json").read_text())
+    for repo in ("triton_repo", "triton_repo_ngc"):
+        for name in ("unet", "controlnet"):
+            cfg = parse_pbtxt((built / repo / name / "config.pbtxt").read_text())
+            prof = m["components"][name]["profile"]
+            assert cfg.max_batch_size == min(p["max"][0] for p in prof.values()) == 4, (repo, name)
+            assert all(p["max"][0] >= cfg.max_batch_size for p in prof.values())
+
+
+def test_ngc_repository_is_relocatable(built, tmp_path):
+    """No host path in any NGC config, model files are relative links inside the build folder, and a build folder
+    moved elsewhere (the original deleted) still resolves every file; the Python models find it as ../.."""
+    from runtime.triton_glue import setup
+
+    ngc = built / "triton_repo_ngc"
+    for cfg_file in ngc.glob("*/config.pbtxt"):
+        text = cfg_file.read_text()
+        assert str(built) not in text and "/work/" not in text and ".venv" not in text, cfg_file
+        assert "EXECUTION_ENV_PATH" not in text and "project_root" not in text
+    links = [p for p in ngc.rglob("*") if p.is_symlink()]
+    assert links and all(not p.readlink().is_absolute() for p in links)
+    moved = tmp_path / "elsewhere" / "build"
+    shutil.copytree(built, moved, symlinks=True)
+    for p in (moved / "triton_repo_ngc").rglob("*"):
+        if p.is_symlink():
+            assert p.resolve().is_file() and str(p.resolve()).startswith(str(moved)), p
+    cfg = parse_pbtxt((moved / "triton_repo_ngc" / "storymaker" / "config.pbtxt").read_text())
+    args = {"model_config": json.dumps({"parameters": {k: {"string_value": v.string_value} for k, v in cfg.parameters.items()}}),
+            "model_repository": str(moved / "triton_repo_ngc" / "storymaker")}
+    _, params = setup(args)
+    assert params["build_dir"] == str(moved) and (moved / "manifest.json").exists()
+
+
+def test_ngc_python_env_is_copied_and_named_relative(built, tmp_path):
+    from export.triton_repo import write_ngc_repo
+
+    b = _copy_build(built, tmp_path)
+    env = tmp_path / "env.tar.gz"
+    env.write_bytes(b"packed")
+    out, _ = write_ngc_repo(b, python_env=env)
+    assert (out / "storymaker" / "python_env.tar.gz").read_bytes() == b"packed"
+    cfg = parse_pbtxt((out / "sampler" / "config.pbtxt").read_text())
+    assert cfg.parameters["EXECUTION_ENV_PATH"].string_value == "$$TRITON_MODEL_DIRECTORY/../storymaker/python_env.tar.gz"
+    with pytest.raises(FileNotFoundError, match="conda-pack"):
+        write_ngc_repo(b, python_env=tmp_path / "missing.tar.gz")
+
+
+def test_engine_failures_are_recorded_and_survive_a_partial_rebuild(built, tmp_path, monkeypatch, capsys):
+    """With TensorRT 'available' (a stand-in builder), one failing engine is recorded for its component, the
+    others build, the manifest is written, and the NGC repository uses tensorrt_plan where an engine exists and
+    onnxruntime (saying why) where it failed. A later partial build keeps the other components' engines."""
+    import export.tensorrt as trt_mod
+
+    b = _copy_build(built, tmp_path)
+    monkeypatch.setattr(trt_mod, "availability", lambda: (True, "ok"))
+    monkeypatch.setattr(trt_mod, "tensorrt_version", lambda: "10.8.0")
+
+    def fake_build(plan):
+        if plan.component == "vae_decoder":
+            raise RuntimeError("Myelin error: out of memory")
+        plan.engine_path.parent.mkdir(parents=True, exist_ok=True)
+        plan.engine_path.write_bytes(plan.component.encode())
+        return plan.engine_path
+
+    monkeypatch.setattr(trt_mod, "build_engine", fake_build)
+    args = ["--weights", str(built / "demo_bundle"), "--out", str(b)]
+    assert build_main(args + ["--trt-version-compatible"]) == 0
+    out = capsys.readouterr().out
+    assert "TensorRT engine vae_decoder: failed (RuntimeError: Myelin error" in out
+    m = json.loads((b / "manifest.json").read_text())
+    comps = m["components"]
+    assert comps["vae_decoder"]["engine"]["status"] == "failed" and "Myelin" in comps["vae_decoder"]["engine"]["error"]
+    assert comps["unet"]["engine"] == {**comps["unet"]["engine"], "status": "built", "tensorrt": "10.8.0",
+                                       "version_compatible": True}
+    assert m["engines"]["failed"] == ["vae_decoder"] and m["engines"]["tensorrt"] == ["10.8.0"]
+    ngc = b / "triton_repo_ngc"
+    unet = parse_pbtxt((ngc / "unet" / "config.pbtxt").read_text())
+    assert unet.platform == "tensorrt_plan" and (ngc / "unet" / "1" / "model.plan").read_bytes() == b"unet"
+    assert unet.max_batch_size == 4
+    vae = parse_pbtxt((ngc / "vae_decoder" / "config.pbtxt").read_text())
+    assert vae.backend == "onnxruntime" and (ngc / "vae_decoder" / "1" / "model.onnx").is_file()
+    assert m["ngc_repository"]["vae_decoder"]["backend"] == "onnxruntime"
+    assert "failed" in m["ngc_repository"]["vae_decoder"]["why"]
+    # a partial rebuild without TensorRT: the unet keeps its engine record and its tensorrt_plan model
+    monkeypatch.setattr(trt_mod, "availability", lambda: (False, "no CUDA GPU is visible"))
+    assert build_main(args + ["--components", "ppr"]) == 0
+    m2 = json.loads((b / "manifest.json").read_text())
+    assert m2["components"]["unet"]["engine"]["status"] == "built"
+    assert parse_pbtxt((ngc / "unet" / "config.pbtxt").read_text()).platform == "tensorrt_plan"
+
+
+def test_launcher_states_the_tensorrt_an_ngc_container_needs(built, tmp_path):
+    from runtime.serve import _trt_loads, main, ngc_command
+
+    b = _copy_build(built, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    cmd, notes = ngc_command(b)                     # no engines: onnxruntime models, no TensorRT requirement
+    assert "--model-repository=/models/triton_repo_ngc" in cmd and not any("backend-config" in c for c in cmd)
+    m["components"]["unet"]["engine"] = {"status": "built", "path": "engines/unet.plan", "tensorrt": "10.8.0",
+                                         "version_compatible": False}
+    (b / "manifest.json").write_text(json.dumps(m))
+    cmd, notes = ngc_command(b, container_tensorrt="10.8.0")
+    assert "exactly" in notes[0] and "10.8.0" in notes[0]
+    with pytest.raises(StoryMakerError, match="TensorRT 10.9.0 cannot load the engines of \\['unet'\\]"):
+        ngc_command(b, container_tensorrt="10.9.0")
+    m["components"]["unet"]["engine"]["version_compatible"] = True
+    (b / "manifest.json").write_text(json.dumps(m))
+    cmd, _ = ngc_command(b, container_tensorrt="10.9.0")
+    assert "--backend-config=tensorrt,version-compatible=true" in cmd
+    assert _trt_loads({"tensorrt": "10.8.0", "version_compatible": True}, "10.9.1")
+    assert not _trt_loads({"tensorrt": "10.8.0", "version_compatible": True}, "10.7.0")
+    assert not _trt_loads({"tensorrt": "10.8.0", "version_compatible": True}, "11.0.0")
+    assert main(["--ngc-command", str(b), "--container-tensorrt", "9.3.0"]) == 2
+
+
+def _lora_names(path):
+    from export.refit import lora_weight_names, weight_names
+
+    return lora_weight_names(weight_names(path))
+
+
+def test_refit_weights_are_found_by_stable_names(built, tmp_path, capsys):
+    """TensorRT refit matches weights by initializer name. The UNet re-exported with another lora_scale names
+    every weight as the build did, every LoRA-affected projection (to_q/to_k/to_v/to_out.0 of each attn1/attn2)
+    is findable by its module path, and only those weights change. Then `python -m export.refit --dry-run`
+    runs the same steps up to TensorRT, and without an engine the real run says how to build one."""
+    from onnx import numpy_helper
+
+    from export.refit import check_refit_names, main as refit_main
+
+    b = _copy_build(built, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    old_onnx = b / m["components"]["unet"]["files"][0]["path"]
+    n_attn = sum(1 for n in onnx.load(str(old_onnx)).graph.node if n.name.endswith("/attn1/to_q/MatMul"))
+    lora = _lora_names(old_onnx)
+    assert n_attn > 0 and len(lora) == 8 * n_attn                 # 4 projections x (attn1 + attn2) per block
+    assert not any(n.startswith("onnx::") for n in lora)
+    assert refit_main(["--build", str(b), "--weights", str(built / "demo_bundle"), "--lora-scale", "0.5",
+                       "--dry-run"]) == 0
+    new_onnx = b / "refit" / m["components"]["unet"]["files"][0]["path"]
+    assert check_refit_names(old_onnx, new_onnx) == lora
+    old_w = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(old_onnx)).graph.initializer}
+    new_w = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(new_onnx)).graph.initializer}
+    changed = {k for k in old_w if old_w[k].shape != new_w[k].shape or (old_w[k] != new_w[k]).any()}
+    assert changed and changed <= set(lora)                         # only the LoRA-affected weights differ
+    assert "weights match by name" in capsys.readouterr().out
+    assert refit_main(["--build", str(b), "--weights", str(built / "demo_bundle")]) == 2
+    assert "--engines auto --refittable" in capsys.readouterr().err
+
+
+def test_stable_names_survive_fp16_conversion(built, tmp_path):
+    from export.onnx_export import to_fp16
+
+    m = json.loads((built / "manifest.json").read_text())
+    src = built / m["components"]["unet"]["files"][0]["path"]
+    half = to_fp16(src, tmp_path / "model.fp16.onnx")[0]
+    assert _lora_names(half) == _lora_names(src)
+
+
+def test_stable_names_rename_numbered_initializers():
+    """The renaming itself: numbered exporter names become '<node path>.input<i>'; inputs are rewired."""
+    from onnx import TensorProto, helper
+
+    from export.onnx_export import stable_weight_names
+
+    w = helper.make_tensor("onnx::MatMul_4486", TensorProto.FLOAT, [2, 2], [1, 0, 0, 1])
+    node = helper.make_node("MatMul", ["x", "onnx::MatMul_4486"], ["y"], name="/unet/mid/attn2/to_k/MatMul")
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])], [w])
+    model = helper.make_model(g)
+    assert stable_weight_names(model) == 1
+    assert model.graph.initializer[0].name == "unet.mid.attn2.to_k.MatMul.input1" == model.graph.node[0].input[1]
+    onnx.checker.check_model(model)
