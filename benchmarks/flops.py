@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--vae-precision", choices=("fp32", "bf16"), default="fp32")
     a = ap.parse_args(argv)
     if a.weights == "random-full":
-        from runtime.random_models import random_full_models
+        from export.random_models import random_full_models
 
         models = random_full_models("meta")
     else:

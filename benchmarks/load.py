@@ -82,8 +82,8 @@ def _without_unet_batching(repo: Path) -> Path:
 def main(argv=None) -> None:
     import tritonclient.grpc as grpcclient
 
-    from runtime.client import StoryMakerClient
-    from runtime.serve import TritonServer
+    from runtime.serving.client import StoryMakerClient
+    from runtime.serving.launcher import TritonServer
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--build", type=Path, default=ROOT / "build/demo")

@@ -98,7 +98,7 @@ def load_weights(weights: str, device: str = "cpu", precision: str = "fp32", fus
     from runtime.fast import DTYPES
 
     if weights == "random-full":
-        from runtime.random_models import random_full_models
+        from export.random_models import random_full_models
 
         return random_full_models(device, DTYPES[precision], fuse=fuse)
     if weights == "demo":
@@ -238,8 +238,8 @@ def _build(a) -> Path:
 
 
 def bench_onnxruntime(a) -> dict:
-    from runtime.engines import Build
-    from runtime.served import (CharacterEncoding, CharacterRequest, EngineDenoiser, TextEncoding, decode_latents,
+    from runtime.serving.engines import Build
+    from runtime.serving.logic import (CharacterEncoding, CharacterRequest, EngineDenoiser, TextEncoding, decode_latents,
                                 generate_latents)
 
     b = Build(_build(a))
@@ -287,8 +287,8 @@ def bench_triton(a) -> list[dict]:
     import tritonclient.grpc as grpcclient
 
     from benchmarks.load import run_level
-    from runtime.client import StoryMakerClient
-    from runtime.serve import TritonServer
+    from runtime.serving.client import StoryMakerClient
+    from runtime.serving.launcher import TritonServer
 
     rows = []
     with TritonServer(_build(a) / "triton_repo") as srv:

@@ -1,6 +1,6 @@
 """The exportable components: a plain-tensor torch graph and an I/O spec for each.
 
-Each `Component` pairs a `ComponentSpec` (export/spec.py) with the torch module
+Each `Component` pairs a `ComponentSpec` (runtime/spec.py) with the torch module
 that is exported (`graph`) and the module its ONNX output is checked against
 (`reference`, the same for all but the UNet, whose reference is the release's
 unfused LoRA processors). Graph wrappers only adapt calling conventions:
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from export.spec import ComponentSpec, TensorSpec
+from runtime.spec import ComponentSpec, TensorSpec
 
 
 @dataclass

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runtime.tokenizer_gen import write_clip_tokenizer
+from export.tokenizer_gen import write_clip_tokenizer
 from runtime.ppr import PPRConfig, PositionalPerceiverResampler
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import onnx
 import torch
 
 from export.onnx_export import to_fp16
-from export.spec import ComponentSpec, TensorSpec
+from runtime.spec import ComponentSpec, TensorSpec
 from runtime.errors import WeightsError
 
 FILES = {"face_detector": "det_10g.onnx", "face_recognizer": "w600k_r50.onnx"}

@@ -21,7 +21,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from export.spec import ComponentSpec
+from runtime.spec import ComponentSpec
 
 log = logging.getLogger(__name__)
 SUPPORTED_OPSETS = range(17, 21)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.spec import ComponentSpec
+from runtime.spec import ComponentSpec
 
 FP16_MIN_COS = 0.999
 

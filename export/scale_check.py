@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     from export.components import ExportProfile, UNetGraph, build_specs
     from export.onnx_export import export_onnx
     from runtime.adapter import build_processors
-    from runtime.sdxl_config import SDXL_UNET
+    from export.sdxl_config import SDXL_UNET
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("build/scale_check"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from export.spec import ComponentSpec
+from runtime.spec import ComponentSpec
 
 DTYPES = {"float32": pb.TYPE_FP32, "float16": pb.TYPE_FP16, "int64": pb.TYPE_INT64, "int32": pb.TYPE_INT32}
 BACKENDS = {"onnxruntime": ("onnxruntime", "model.onnx"), "tensorrt": ("tensorrt", "model.plan"),

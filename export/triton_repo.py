@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as pb
 
-from export.spec import ComponentSpec, TensorSpec
+from runtime.spec import ComponentSpec, TensorSpec
 from export.triton_config import DTYPES, model_config, to_pbtxt
 
 ROOT = Path(__file__).resolve().parents[1]

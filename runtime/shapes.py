@@ -1,6 +1,6 @@
 """Symbolic dims of the I/O specs: `"h"`, `"h/2"`, `"8*h"`, `"2*B"` evaluated for given symbol values.
 
-Shared by export/spec.py (which writes specs into the manifest) and runtime/
+Shared by runtime/spec.py (which writes specs into the manifest) and runtime/
 (which reads them back to shape inputs such as zero ControlNet residuals).
 """
 from __future__ import annotations

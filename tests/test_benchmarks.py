@@ -41,7 +41,7 @@ def test_quick_flags():
 def test_flop_count_of_the_full_size_unet():
     """The random-full UNet counts SDXL's published 6.76 TFLOP per pass at 1024^2 (plus StoryMaker's image branch)."""
     from benchmarks.flops import image_flops, peak_tflops
-    from runtime.random_models import random_full_models
+    from export.random_models import random_full_models
 
     meta = random_full_models("meta")
     one, two = image_flops(meta, 1024, 1, 25), image_flops(meta, 1024, 2, 25)

@@ -9,7 +9,7 @@ from runtime.adapter import attach_storymaker, check_state_dict, expected_layout
 from runtime.errors import WeightsError
 from runtime.loaders import load_mask_bin
 from runtime.ppr import PPRConfig, PositionalPerceiverResampler
-from runtime.sdxl_config import SDXL_UNET
+from export.sdxl_config import SDXL_UNET
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ def test_second_build_reuses_cache(built, capsys):
 
 def _unet_feeds(built, ip_scale):
     spec = json.loads((built / "manifest.json").read_text())["components"]["unet"]["spec"]
-    from export.spec import ComponentSpec, TensorSpec
+    from runtime.spec import ComponentSpec, TensorSpec
 
     s = ComponentSpec(spec["name"], tuple(TensorSpec(**{**t, "dims": tuple(t["dims"])}) for t in spec["inputs"]),
                       tuple(TensorSpec(**{**t, "dims": tuple(t["dims"])}) for t in spec["outputs"]),
@@ -122,7 +122,7 @@ def test_triton_repositories_are_complete_and_parse(built):
     """Every generated config.pbtxt parses as Triton's ModelConfig; the NGC variant uses native backends
     for the engine models and links the build's files."""
     from export.triton_config import parse_pbtxt
-    from runtime.serve import REQUIRED_MODELS, check_repo
+    from runtime.serving.launcher import REQUIRED_MODELS, check_repo
 
     check_repo(built / "triton_repo")
     for repo in ("triton_repo", "triton_repo_ngc"):

@@ -40,7 +40,7 @@ def test_batched_configs_promise_no_more_rows_than_the_profile(built):
 def test_ngc_repository_is_relocatable(built, tmp_path):
     """No host path in any NGC config, model files are relative links inside the build folder, and a build folder
     moved elsewhere (the original deleted) still resolves every file; the Python models find it as ../.."""
-    from runtime.triton_glue import setup
+    from runtime.serving.glue import setup
 
     ngc = built / "triton_repo_ngc"
     for cfg_file in ngc.glob("*/config.pbtxt"):
@@ -120,7 +120,7 @@ def test_engine_failures_are_recorded_and_survive_a_partial_rebuild(built, tmp_p
 
 
 def test_launcher_states_the_tensorrt_an_ngc_container_needs(built, tmp_path):
-    from runtime.serve import _trt_loads, main, ngc_command
+    from runtime.serving.launcher import _trt_loads, main, ngc_command
 
     b = _copy_build(built, tmp_path)
     m = json.loads((b / "manifest.json").read_text())

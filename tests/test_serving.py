@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.client import StoryMakerClient
+from runtime.serving.client import StoryMakerClient
 from runtime.errors import StoryMakerError
-from runtime.serve import TritonServer
+from runtime.serving.launcher import TritonServer
 
 from conftest import DATA
 
@@ -151,7 +151,7 @@ def test_security_defaults(server, built):
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    from runtime.serve import server_command
+    from runtime.serving.launcher import server_command
 
     cmd, _ = server_command(built / "triton_repo", 1, 2, 3, "127.0.0.1", "k", built)
     assert {"--model-control-mode=none", "--grpc-address=127.0.0.1", "--http-address=127.0.0.1",
@@ -199,7 +199,7 @@ def test_server_listens_on_loopback_only(server):
 def test_launcher_rejects_incomplete_repository(tmp_path, built, capsys):
     import shutil
 
-    from runtime.serve import main as serve_main
+    from runtime.serving.launcher import main as serve_main
 
     repo = tmp_path / "repo"
     shutil.copytree(built / "triton_repo", repo)

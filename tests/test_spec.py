@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from export.spec import ComponentSpec, TensorSpec, dim_name, eval_dim
+from runtime.spec import ComponentSpec, TensorSpec, dim_name, eval_dim
 from export.tensorrt import EngineOptions, EnginePlan, availability, build_engines, plan_engines
 from export.triton_config import model_config, parse_pbtxt, to_pbtxt
 

@@ -7,9 +7,9 @@ IMAGE_TOKENS and NEG_IMAGE_TOKENS [1, 20(n+1), D] for `storymaker`/`sampler`.
 """
 import triton_python_backend_utils as pb_utils
 
-from runtime.engines import Build
-from runtime.served import CharacterEncoding
-from runtime.triton_glue import Glue, character_request, setup
+from runtime.serving.engines import Build
+from runtime.serving.logic import CharacterEncoding
+from runtime.serving.glue import Glue, character_request, setup
 
 
 class TritonPythonModel:

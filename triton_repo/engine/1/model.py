@@ -2,14 +2,14 @@
 
 Used for clip_vision, ppr, unet, controlnet and vae_decoder. With dynamic
 batching (unet, controlnet) Triton hands over several requests at once; inputs
-with matching shapes run as one batch (runtime.engines.OrtEngine.run_batched).
+with matching shapes run as one batch (runtime.serving.engines.OrtEngine.run_batched).
 A request with bad shapes gets its own INVALID_ARG error.
 """
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from runtime.engines import Build
-from runtime.triton_glue import Glue, setup
+from runtime.serving.engines import Build
+from runtime.serving.glue import Glue, setup
 
 
 class TritonPythonModel:

@@ -3,15 +3,15 @@
 Inputs: PROMPT_EMBEDS [2, 77, D], POOLED [2, P], IMAGE_TOKENS/NEG_IMAGE_TOKENS
 [1, T, D], and optional SEED, STEPS, GUIDANCE, WIDTH, HEIGHT, IP_SCALE, POSE
 (PNG/JPEG bytes), CONTROLNET_SCALE. Output: LATENTS [1, 4, H/8, W/8]. The loop is
-runtime.served.generate_latents (the same as in-process); it checks
+runtime.serving.logic.generate_latents (the same as in-process); it checks
 `request.is_cancelled()` before every step.
 """
 import torch
 import triton_python_backend_utils as pb_utils
 
 from runtime.pipeline import TextEmbeds
-from runtime.served import check_tokens, generate_latents, validate_options
-from runtime.triton_glue import Glue, Sampling, generate_options, setup
+from runtime.serving.logic import check_tokens, generate_latents, validate_options
+from runtime.serving.glue import Glue, Sampling, generate_options, setup
 
 
 class TritonPythonModel:

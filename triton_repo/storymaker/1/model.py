@@ -4,7 +4,7 @@ Character tokens are either given (IMAGE_TOKENS/NEG_IMAGE_TOKENS from one
 `encode_characters` call per story) or computed here from PHOTOS/MASKS (+ CLOTHS,
 FACE_INFO, ...) through `encode_characters`. Then `text_encoder`, the UniPC
 loop (unet/controlnet via BLS, `request.is_cancelled()` checked before every
-step, as runtime.served.generate_latents) and `vae_decoder`. A BLS model rather
+step, as runtime.serving.logic.generate_latents) and `vae_decoder`. A BLS model rather
 than a static ensemble: its inputs are optional and cancellation must reach
 the denoising loop. Outputs IMAGE [H, W, 3] uint8, PNG [1] bytes, TRUNCATED [1].
 """
@@ -17,8 +17,8 @@ from PIL import Image
 
 from runtime.errors import InputError
 from runtime.pipeline import TextEmbeds
-from runtime.served import check_tokens, decode_latents, generate_latents, validate_options
-from runtime.triton_glue import Glue, Sampling, generate_options, setup
+from runtime.serving.logic import check_tokens, decode_latents, generate_latents, validate_options
+from runtime.serving.glue import Glue, Sampling, generate_options, setup
 
 CHAR_INPUTS = ("PHOTOS", "MASKS", "CLOTHS", "FACE_INFO", "MASK_CHANNELS", "IDENTITY_ONLY", "INTERPOLATION")
 

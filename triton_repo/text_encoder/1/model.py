@@ -1,4 +1,4 @@
-"""Triton model: both SDXL text encoders with their tokenizers (runtime.served.TextEncoding).
+"""Triton model: both SDXL text encoders with their tokenizers (runtime.serving.logic.TextEncoding).
 
 PROMPT (and optional NEGATIVE_PROMPT; absent = zero embeddings, as SDXL) ->
 PROMPT_EMBEDS [2, 77, D] (negative, positive), POOLED [2, P], TRUNCATED
@@ -7,9 +7,9 @@ PROMPT_EMBEDS [2, 77, D] (negative, positive), POOLED [2, P], TRUNCATED
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from runtime.engines import Build
-from runtime.served import TextEncoding
-from runtime.triton_glue import Glue, setup
+from runtime.serving.engines import Build
+from runtime.serving.logic import TextEncoding
+from runtime.serving.glue import Glue, setup
 
 
 class TritonPythonModel:

@@ -1,7 +1,7 @@
 """Serving logic on exported engines, free of Triton imports (the Triton models are glue around it).
 
 Each class here is what one served model computes, on the ONNX engines of a
-build (runtime/engines.py) and the same functions as the in-process pipeline
+build (runtime/serving/engines.py) and the same functions as the in-process pipeline
 (tokenisation, preprocessing, `step_inputs`, the UniPC `sample` loop,
 `to_uint8`), so the served path and `StoryMakerPipeline` give the same image
 for the same seed. Request validation lives here too: every bad input raises

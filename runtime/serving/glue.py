@@ -85,7 +85,7 @@ class Glue:
         return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(k, np.ascontiguousarray(v)) for k, v in outputs.items()])
 
     def error(self, exc: Exception):
-        from runtime.served import Cancelled
+        from runtime.serving.logic import Cancelled
 
         E = self.pb.TritonError
         if isinstance(exc, Cancelled):
@@ -126,8 +126,8 @@ class Glue:
 
 def character_request(glue: Glue, r):
     """PHOTOS, MASKS [n] BYTES; optional CLOTHS, FACE_INFO [n] BYTES (empty element = none), MASK_CHANNELS [n]
-    INT32, IDENTITY_ONLY BOOL, INTERPOLATION FP32 -> runtime.served.CharacterRequest."""
-    from runtime.served import CharacterRequest
+    INT32, IDENTITY_ONLY BOOL, INTERPOLATION FP32 -> runtime.serving.logic.CharacterRequest."""
+    from runtime.serving.logic import CharacterRequest
 
     photos, masks = glue.blobs(r, "PHOTOS", True), glue.blobs(r, "MASKS", True)
     n = len(photos)
@@ -161,7 +161,7 @@ class Sampling:
     config, the token width and a factory of denoisers that call `unet` (and `controlnet`) via BLS."""
 
     def __init__(self, glue: Glue, build_dir: str):
-        from runtime.engines import Build
+        from runtime.serving.engines import Build
 
         b = Build(build_dir)
         self.glue, self.unet = glue, b.manifest["components"]["unet"]
@@ -171,7 +171,7 @@ class Sampling:
         self.controlnet = (lambda f: glue.engine("controlnet", f, outs, batched=True)) if outs else None
 
     def denoiser(self):
-        from runtime.served import EngineDenoiser
+        from runtime.serving.logic import EngineDenoiser
 
         return EngineDenoiser(self.unet, lambda f: self.glue.engine("unet", f, ["noise_pred"], batched=True),
                               self.controlnet)

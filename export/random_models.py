@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.sdxl_config import CLIP_VIT_H14, SDXL_UNET
+from export.sdxl_config import CLIP_VIT_H14, SDXL_UNET
 
 SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
                 layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -41,7 +41,7 @@ def random_full_models(device: str = "cuda", dtype: torch.dtype = torch.float16,
     from runtime.adapter import build_processors
     from runtime.loaders import SDXLParts, StoryMakerModels
     from runtime.ppr import PPRConfig, PositionalPerceiverResampler
-    from runtime.tokenizer_gen import write_clip_tokenizer
+    from export.tokenizer_gen import write_clip_tokenizer
 
     torch.manual_seed(seed)
     with torch.device(device):

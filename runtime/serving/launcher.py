@@ -1,0 +1,249 @@
+"""`python -m runtime.serve --repo PATH`: start a real Triton Inference Server on a StoryMaker repository.
+
+Uses a `tritonserver` on PATH if there is one (an NGC container), otherwise
+the binary shipped in the `nvidia-pytriton` wheel: it sets LD_LIBRARY_PATH to
+the wheel's libraries and libpython's folder, and copies the Python backend
+plus its 3.x stub into a private backend folder. Secure defaults: loopback
+addresses, model control mode `none` (no remote model loading, which would run
+arbitrary code), and the administrative protocols (model repository, shared
+memory, trace, logging) restricted to clients that send the operator's key in
+the `admin-key` header (gRPC clients send it as `triton-grpc-protocol-admin-key`). `TritonServer` is also a context manager for tests and
+the demo; it waits for readiness and stops the process it started on exit.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+from runtime.errors import StoryMakerError
+
+REQUIRED_MODELS = ("text_encoder", "clip_vision", "ppr", "encode_characters", "unet", "vae_decoder", "sampler", "storymaker")
+ADMIN_PROTOCOLS = "model-repository,shared-memory,trace,logging"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_repo(repo: Path) -> None:
+    missing = [m for m in REQUIRED_MODELS if not (repo / m / "config.pbtxt").exists() or not (repo / m / "1" / "model.py").exists()]
+    if not repo.is_dir() or missing:
+        raise StoryMakerError(f"{repo}: incomplete Triton repository (missing {missing or 'the folder'}). "
+                              "Write it with `python -m export.build ... --out BUILD` (it creates BUILD/triton_repo).")
+
+
+def _wheel_server(work: Path) -> tuple[list[str], dict]:
+    try:
+        import pytriton
+    except ImportError:
+        raise StoryMakerError("no tritonserver on PATH and the nvidia-pytriton wheel is not installed") from None
+    base = Path(pytriton.__file__).parent / "tritonserver"
+    backends = work / "backends"
+    if not (backends / "python" / "triton_python_backend_stub").exists():
+        shutil.copytree(base / "backends", backends, dirs_exist_ok=True)
+        ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+        shutil.copy2(base / "python_backend_stubs" / ver / "triton_python_backend_stub", backends / "python")
+    libs = [str(Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR")]
+    env = {"LD_LIBRARY_PATH": ":".join(libs + [os.environ.get("LD_LIBRARY_PATH", "")])}
+    return [str(base / "bin" / "tritonserver"), f"--backend-directory={backends}"], env
+
+
+def server_command(repo: Path, grpc_port: int, http_port: int, metrics_port: int, address: str, admin_key: str,
+                   work: Path) -> tuple[list[str], dict]:
+    system = shutil.which("tritonserver")
+    cmd, env = ([system], {}) if system else _wheel_server(work)
+    cmd += [f"--model-repository={repo}", "--model-control-mode=none", "--strict-readiness=true",
+            f"--grpc-address={address}", f"--grpc-port={grpc_port}", f"--http-address={address}",
+            f"--http-port={http_port}", f"--metrics-address={address}", f"--metrics-port={metrics_port}",
+            f"--grpc-restricted-protocol={ADMIN_PROTOCOLS}:admin-key={admin_key}",
+            f"--http-restricted-api={ADMIN_PROTOCOLS}:admin-key={admin_key}", "--exit-timeout-secs=10",
+            "--log-verbose=0"]
+    return cmd, env
+
+
+class TritonServer:
+    def __init__(self, repo: Path | str, grpc_port: int | None = None, http_port: int | None = None,
+                 metrics_port: int | None = None, address: str = "127.0.0.1", admin_key: str | None = None,
+                 log_file: Path | None = None):
+        self.repo = Path(repo).resolve()
+        check_repo(self.repo)
+        self.grpc_port, self.http_port = grpc_port or free_port(), http_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.address = address
+        self.admin_key = admin_key or os.environ.get("STORYMAKER_ADMIN_KEY") or secrets.token_hex(16)
+        self.work = Path(tempfile.mkdtemp(prefix="storymaker-triton-"))
+        self.log_file = Path(log_file or self.work / "server.log")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{self.address}:{self.grpc_port}"
+
+    def start(self, timeout: float = 300.0) -> "TritonServer":
+        cmd, env = server_command(self.repo, self.grpc_port, self.http_port, self.metrics_port, self.address,
+                                  self.admin_key, self.work)
+        self._log = open(self.log_file, "w")
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(self.url)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise StoryMakerError(f"tritonserver exited with code {self.proc.returncode}; log: {self.log_file}\n"
+                                      + self.log_tail())
+            try:
+                if client.is_server_ready():
+                    return
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise StoryMakerError(f"tritonserver not ready after {timeout:.0f} s; log: {self.log_file}\n" + self.log_tail())
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_file.read_text().splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)   # our own process group only
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+        shutil.rmtree(self.work / "backends", ignore_errors=True)
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def ngc_command(build_dir: Path, mount: str = "/models", container_tensorrt: str | None = None) -> tuple[list[str], list[str]]:
+    """The tritonserver command for BUILD/triton_repo_ngc inside an NGC container where the build folder is
+    mounted at `mount`, and notes on what the container must have. Reads the manifest's engine records: with
+    version-compatible engines the TensorRT backend needs `--backend-config=tensorrt,version-compatible=true`;
+    otherwise every engine loads only on the exact TensorRT version that built it. `container_tensorrt`
+    (the container's TensorRT version) is checked against the engines: a mismatch raises with the fix."""
+    import json
+
+    mf = Path(build_dir) / "manifest.json"
+    if not mf.exists():
+        raise StoryMakerError(f"{build_dir}: no manifest.json; build it with `python -m export.build ... --out {build_dir}`")
+    m = json.loads(mf.read_text())
+    built = {n: r["engine"] for n, r in m["components"].items() if (r.get("engine") or {}).get("status") == "built"}
+    cmd = ["tritonserver", f"--model-repository={mount.rstrip('/')}/triton_repo_ngc", "--model-control-mode=none",
+           "--strict-readiness=true"]
+    notes = []
+    if built:
+        versions = sorted({e["tensorrt"] for e in built.values()})
+        compat = all(e["version_compatible"] for e in built.values())
+        if compat:
+            cmd.append("--backend-config=tensorrt,version-compatible=true")
+            notes.append(f"TensorRT engines ({', '.join(built)}) are version-compatible, built with TensorRT "
+                         f"{', '.join(versions)}: they load on that version and later ones of the same major")
+        else:
+            notes.append(f"TensorRT engines ({', '.join(built)}) load only on TensorRT {', '.join(versions)} exactly: "
+                         "use the NGC tritonserver release that ships it, or rebuild with --trt-version-compatible")
+        if container_tensorrt:
+            bad = [n for n, e in built.items() if not _trt_loads(e, container_tensorrt)]
+            if bad:
+                raise StoryMakerError(f"TensorRT {container_tensorrt} cannot load the engines of {bad} (built with "
+                                      f"{versions}{', version-compatible' if compat else ''}); rebuild them with that "
+                                      "TensorRT (`python -m export.build ... --engines auto`) or pick the matching container")
+    notes.append("Python-backend models (text_encoder, encode_characters, sampler, storymaker) need this project and "
+                 "its requirements in the container's Python, or a conda-pack'ed environment given to the build with "
+                 "--ngc-python-env; they find the build folder as ../.. from their model folder, so mount the whole "
+                 "build folder")
+    return cmd, notes
+
+
+def _trt_loads(engine: dict, runtime_version: str) -> bool:
+    """Does a TensorRT `runtime_version` load this engine record? Exact version, or with a version-compatible
+    engine any later version of the same major (TensorRT's documented rule)."""
+    as_tuple = lambda v: tuple(int(x) for x in v.split(".")[:3] if x.isdigit())
+    built, run = as_tuple(engine["tensorrt"]), as_tuple(runtime_version)
+    if not engine.get("version_compatible"):
+        return built == run
+    return run[:1] == built[:1] and run >= built
+
+
+def _raise_interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repo", type=Path, help="BUILD/triton_repo written by export.build")
+    ap.add_argument("--ngc-command", type=Path, metavar="BUILD",
+                    help="print the tritonserver command and requirements for BUILD/triton_repo_ngc in an NGC "
+                         "container (TensorRT version, backend config) and exit")
+    ap.add_argument("--container-tensorrt", metavar="VERSION", help="with --ngc-command: check the engines load on "
+                                                                     "this TensorRT version (the container's)")
+    ap.add_argument("--grpc-port", type=int, default=8001)
+    ap.add_argument("--http-port", type=int, default=8000)
+    ap.add_argument("--metrics-port", type=int, default=8002)
+    ap.add_argument("--address", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 exposes it)")
+    ap.add_argument("--admin-key", help="value of the admin-key header for admin protocols (default: "
+                                        "$STORYMAKER_ADMIN_KEY or a random key printed at start)")
+    a = ap.parse_args(argv)
+    if a.ngc_command:
+        try:
+            cmd, notes = ngc_command(a.ngc_command, container_tensorrt=a.container_tensorrt)
+        except StoryMakerError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(" ".join(cmd))
+        for n in notes:
+            print(f"# {n}")
+        return 0
+    if a.repo is None:
+        ap.error("--repo is required (or --ngc-command BUILD)")
+    try:
+        srv = TritonServer(a.repo, a.grpc_port, a.http_port, a.metrics_port, a.address, a.admin_key)
+        print(f"starting tritonserver on {a.address} (gRPC {a.grpc_port}, HTTP {a.http_port}, metrics {a.metrics_port}); "
+              f"log: {srv.log_file}", flush=True)
+        srv.start()
+    except StoryMakerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"ready: gRPC {srv.url}; restricted APIs need header triton-grpc-protocol-admin-key (gRPC) or "
+          f"admin-key (HTTP) = {srv.admin_key}", flush=True)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        while srv.proc.poll() is None:
+            time.sleep(1)
+        print(f"tritonserver exited with code {srv.proc.returncode}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stopping tritonserver ...", flush=True)
+        srv.stop()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
