@@ -182,7 +182,8 @@ def _timed_encode(a, models, chars, st: dict):
 
 def bench_torch(a, backend: str) -> dict:
     from runtime.fast import DTYPES, FastOptions, FastPipeline
-    from runtime.pipeline import TorchDenoiser, decode, encode_text, sample, step_inputs
+    from runtime.denoise import VAEDecode, decode
+    from runtime.pipeline import StoryMakerPipeline, encode_text
 
     models = load_weights(a.weights, a.device, a.precision, fuse=backend != "reference")
     if _flops_key(a) not in _FLOPS:                  # counted once per configuration, not once per backend
@@ -190,7 +191,7 @@ def bench_torch(a, backend: str) -> dict:
     if backend == "reference":     # the release: eager, unfused LoRA processors, everything but the VAE in a.precision
         for mod in (models.sdxl.unet, models.sdxl.text_encoder, models.sdxl.text_encoder_2, models.ppr, models.image_encoder):
             mod.to(a.device, DTYPES[a.precision])
-        pipe = None
+        pipe = StoryMakerPipeline(models)
     else:
         pipe = FastPipeline(models, FastOptions(precision=a.precision, vae_precision=a.vae_precision,
                                                 dual_attention_kernel=a.dual_attention_kernel,
@@ -209,21 +210,18 @@ def bench_torch(a, backend: str) -> dict:
         _sync()
         st["text"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        if backend == "reference":
-            lat = sample(TorchDenoiser(models.sdxl.unet), step_inputs(text, tokens, opts), opts, models.sdxl.scheduler_config)
-        else:
-            lat = pipe.latents(opts, text, tokens)
+        lat = pipe.latents(opts, text, tokens)
         _sync()
         st["denoise"] = time.perf_counter() - t2
         t3 = time.perf_counter()
-        decode(models.sdxl.vae, lat) if backend == "reference" else pipe.decode(lat)
+        decode(VAEDecode(models.sdxl.vae), lat)
         _sync()
         st["vae"] = time.perf_counter() - t3
         if r >= a.warmup:
             totals.append(time.perf_counter() - t0)
             stages.append(st)
     # what the cross-attention really ran: "fused", "fallback: <why>" (e.g. no interpreter on a CPU), or off
-    kernel = pipe.kernel if pipe is not None else None
+    kernel = getattr(pipe, "kernel", None)
     return {**_summary(totals, stages), "dual_attention_kernel_ran": kernel}
 
 
@@ -238,31 +236,30 @@ def _build(a) -> Path:
 
 
 def bench_onnxruntime(a) -> dict:
+    """The build's engines in process (runtime.serving.logic.EnginePipeline), stage by stage."""
+    from runtime.denoise import decode, engine_vae01
     from runtime.serving.engines import Build
-    from runtime.serving.logic import (CharacterEncoding, CharacterRequest, EngineDenoiser, TextEncoding, decode_latents,
-                                generate_latents)
+    from runtime.serving.logic import CharacterRequest, EnginePipeline, generate_latents
 
     b = Build(_build(a))
-    te, ce = TextEncoding(b), CharacterEncoding(b)
-    unet, vae = b.engine("unet"), b.engine("vae_decoder")
-    sched = json.loads((b.path / b.manifest["assets"]["scheduler_config"]).read_text())
+    ep = EnginePipeline(b)
     req = CharacterRequest(*[[(DATA / c[k]).read_bytes() for c in CHARS[:a.characters]] for k in (0, 1)],
                            [None] * a.characters, [(DATA / c[2]).read_text() for c in CHARS[:a.characters]],
                            [0] * a.characters)
     totals, stages = [], []
     for r in range(a.warmup + a.repeats):
         st, t0 = {}, time.perf_counter()
-        tokens = ce(req)
+        tokens = ep.encode_characters(req)
         st["encoders+ppr"] = time.perf_counter() - t0
         opts = _opts(a, r)
         t1 = time.perf_counter()
-        text, _ = te(opts.prompt, opts.negative_prompt)
+        text, _ = ep.text(opts.prompt, opts.negative_prompt)
         st["text"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        lat = generate_latents(opts, text, tokens, EngineDenoiser(b.manifest["components"]["unet"], unet.run), sched)
+        lat = generate_latents(opts, text, tokens, ep.denoiser, b, ep.plans)
         st["denoise"] = time.perf_counter() - t2
         t3 = time.perf_counter()
-        decode_latents(vae.run, lat)
+        decode(engine_vae01(ep.vae), lat)
         st["vae"] = time.perf_counter() - t3
         if r >= a.warmup:
             totals.append(time.perf_counter() - t0)

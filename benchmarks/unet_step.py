@@ -19,7 +19,6 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -65,7 +64,7 @@ def _torch_variants(graph, unet, args, ref, a) -> dict:
 def main(argv=None) -> dict:
     from diffusers import UNet2DConditionModel
 
-    from export.components import ExportProfile, UNetGraph, build_specs
+    from export.components import ExportProfile, UNetGraph, build_specs, models_view
     from export.onnx_export import export_onnx
     from export.parity import session
     from runtime.adapter import build_processors
@@ -78,11 +77,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**MID_UNET).eval()
     unet.set_attn_processor(build_processors(unet, rank=0, lora_scale=1.0, ip_scale=0.8))
-    sdxl = SimpleNamespace(unet=unet, tokenizer=[0] * 10, tokenizer_2=[0] * 10,
-                           text_encoder=SimpleNamespace(config=SimpleNamespace(hidden_size=512)),
-                           text_encoder_2=SimpleNamespace(config=SimpleNamespace(hidden_size=512)))
-    m = SimpleNamespace(sdxl=sdxl, controlnet=None, ppr=SimpleNamespace(cfg=SimpleNamespace(
-        max_characters=3, cross_attention_dim=1024, clip_dim=1280, tokens_per_character=20)))
+    m = models_view(unet, text_widths=(512, 512), cross_attention_dim=1024, vocab=10)
     spec = build_specs(m, ExportProfile(min_size=128, opt_size=384, max_size=512))["unet"]
     values = {"N": 2, "h": 48, "w": 48, "S": 117}
     feeds = spec.sample_inputs(values, seed=0)

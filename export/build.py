@@ -21,7 +21,7 @@ from export import manifest as mf
 from export.components import ExportProfile
 from export.faces import FILES as FACE_FILES
 from export.onnx_export import check_opset
-from runtime.errors import StoryMakerError
+from runtime.errors import StoryMakerError, cli_exit
 
 log = logging.getLogger(__name__)
 TORCH_COMPONENTS = ("clip_vision", "ppr", "text_encoder", "text_encoder_2", "unet", "controlnet", "vae_decoder")
@@ -278,11 +278,7 @@ def main(argv=None) -> int:
     from runtime.generate import quiet_libraries
 
     quiet_libraries()
-    try:
-        return build(a)
-    except (StoryMakerError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli_exit(build, a, catch=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ unfused LoRA processors). Graph wrappers only adapt calling conventions:
 - unet: one graph with ControlNet residual inputs (zeros when no pose map: exact),
   `timestep` and `ip_scale` per sample so requests can be batched;
 - controlnet: residuals already multiplied by a per-sample `conditioning_scale`;
-- vae_decoder: latents -> image in [0, 1] (scaling factor and de-normalisation inside).
+- vae_decoder: runtime.denoise.VAEDecode, latents -> image in [0, 1] (the module every torch path decodes with).
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from runtime.attention import TEXT_TOKENS
+from runtime.denoise import VAEDecode, vae_scale_factor
 from runtime.spec import ComponentSpec, TensorSpec
 
 
@@ -111,16 +113,6 @@ class ControlNetGraph(nn.Module):
         return (*[d * s for d in down], mid * s)
 
 
-class VAEDecoderGraph(nn.Module):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent):
-        img = self.vae.decode(latent / self.vae.config.scaling_factor, return_dict=False)[0]
-        return (img / 2 + 0.5).clamp(0, 1)                  # (B, 3, 8h, 8w)
-
-
 def residual_specs(unet_config) -> list[tuple[int, int]]:
     """(channels, downsampling) of each ControlNet residual the UNet accepts: down blocks then mid."""
     chans = unet_config.block_out_channels
@@ -144,11 +136,16 @@ def build_specs(m, prof: ExportProfile) -> dict[str, ComponentSpec]:
                          f"{m.ppr.cfg.max_characters} position rows (pos_embed), so 1 to {m.ppr.cfg.max_characters}.")
     u, d, c = m.sdxl.unet.config, m.ppr.cfg.cross_attention_dim, m.ppr.cfg.clip_dim
     tpc = m.ppr.cfg.tokens_per_character
-    lat = lambda px: px // 8
+    f = vae_scale_factor(m.sdxl.vae.config)               # pixels per latent, from the VAE's config
+    L = m.sdxl.tokenizer.model_max_length                 # text tokens, from the tokenizer
+    if L != TEXT_TOKENS or m.sdxl.tokenizer_2.model_max_length != L:
+        raise ValueError(f"tokenizers pad to {L}/{m.sdxl.tokenizer_2.model_max_length} tokens; StoryMaker's attention "
+                         f"splits text from image tokens at {TEXT_TOKENS}")
+    lat = lambda px: px // f
     hw = {"h": (lat(prof.min_size), lat(prof.opt_size), lat(prof.max_size))}
     hw["w"] = hw["h"]
     n2 = {"N": (2, 2, 2 * prof.max_batch)}
-    s_rng = {"S": (77 + 2 * tpc, 77 + (1 + min(2, prof.max_characters)) * tpc, 77 + (1 + prof.max_characters) * tpc)}
+    s_rng = {"S": (L + 2 * tpc, L + (1 + min(2, prof.max_characters)) * tpc, L + (1 + prof.max_characters) * tpc)}
     pooled = u.projection_class_embeddings_input_dim - 6 * u.addition_time_embed_dim
     cond = [_f("text_embeds", ("N", pooled)), _f("time_ids", ("N", 6), 0.0, 1.0)]
     res = [_f(f"down_res_{i}" if i < len(residual_specs(u)) - 1 else "mid_res", ("N", ch, f"h/{k}" if k > 1 else "h",
@@ -163,25 +160,42 @@ def build_specs(m, prof: ExportProfile) -> dict[str, ComponentSpec]:
                               _f("clip_token_scale", (1,), 1.0, 1.0)),
                       (_f("image_tokens", (1, "T_img", d)),), {"n": (1, min(2, prof.max_characters), prof.max_characters)},
                       1e-4, "T_img = 20(n+1); negative tokens: the same graph on all-zero inputs; clip_token_scale 0 = identity-only"),
-        ComponentSpec("text_encoder", (TensorSpec("input_ids", "int64", ("B", 77), 0, vocab(m.sdxl.tokenizer)),),
-                      (_f("hidden_states", ("B", 77, te(m.sdxl.text_encoder))),), {"B": (1, 2, 2)}, 1e-4),
-        ComponentSpec("text_encoder_2", (TensorSpec("input_ids", "int64", ("B", 77), 0, vocab(m.sdxl.tokenizer_2)),),
-                      (_f("hidden_states", ("B", 77, te(m.sdxl.text_encoder_2))), _f("text_embeds", ("B", pooled))),
+        ComponentSpec("text_encoder", (TensorSpec("input_ids", "int64", ("B", L), 0, vocab(m.sdxl.tokenizer)),),
+                      (_f("hidden_states", ("B", L, te(m.sdxl.text_encoder))),), {"B": (1, 2, 2)}, 1e-4),
+        ComponentSpec("text_encoder_2", (TensorSpec("input_ids", "int64", ("B", L), 0, vocab(m.sdxl.tokenizer_2)),),
+                      (_f("hidden_states", ("B", L, te(m.sdxl.text_encoder_2))), _f("text_embeds", ("B", pooled))),
                       {"B": (1, 2, 2)}, 1e-4),
         ComponentSpec("unet", (_f("sample", ("N", 4, "h", "w")), _f("timestep", ("N",), 0.0, 999.0),
                                _f("encoder_hidden_states", ("N", "S", d)), *cond, _f("ip_scale", ("N",), 0.0, 1.0), *res),
                       (_f("noise_pred", ("N", 4, "h", "w")),), {**n2, **hw, **s_rng}, 1e-4,
-                      "LoRA fused; S = 77 + T_img; ControlNet residual inputs are zeros when no pose map is given"),
-        ComponentSpec("vae_decoder", (_f("latent", ("B", 4, "h", "w"), -4.0, 4.0),), (_f("image", ("B", 3, "8*h", "8*w")),),
+                      f"LoRA fused; S = {L} + T_img; ControlNet residual inputs are zeros when no pose map is given"),
+        ComponentSpec("vae_decoder", (_f("latent", ("B", 4, "h", "w"), -4.0, 4.0),), (_f("image", ("B", 3, f"{f}*h", f"{f}*w")),),
                       {"B": (1, 1, prof.max_batch), **hw}, 3e-4, "float32 by default (SDXL's VAE overflows in fp16); output in [0, 1]"),
     ]
     if m.controlnet is not None:
         specs.append(ComponentSpec(
             "controlnet", (_f("sample", ("N", 4, "h", "w")), _f("timestep", ("N",), 0.0, 999.0),
-                           _f("encoder_hidden_states", ("N", 77, d)), _f("controlnet_cond", ("N", 3, "8*h", "8*w"), 0.0, 1.0),
+                           _f("encoder_hidden_states", ("N", L, d)), _f("controlnet_cond", ("N", 3, f"{f}*h", f"{f}*w"), 0.0, 1.0),
                            _f("conditioning_scale", ("N",), 0.0, 1.0), *cond),
             tuple(res), {**n2, **hw}, 1e-4, "text tokens only as context; residuals feed the unet's residual inputs"))
     return {s.name: s for s in specs}
+
+
+def models_view(unet, text_widths: tuple[int, int], cross_attention_dim: int, vocab: int = 49408,
+                vae_blocks: int = 4, clip_dim: int = 1280):
+    """The part of StoryMakerModels that build_specs reads, for a UNet built without the other models (the
+    scale check and UNet benchmarks): SDXL's tokenizers (77 tokens), text encoder widths, VAE depth and the
+    release's resampler settings."""
+    from types import SimpleNamespace as NS
+
+    class Tok(list):
+        model_max_length = TEXT_TOKENS
+
+    sdxl = NS(unet=unet, tokenizer=Tok([0] * vocab), tokenizer_2=Tok([0] * vocab),
+              text_encoder=NS(config=NS(hidden_size=text_widths[0])), text_encoder_2=NS(config=NS(hidden_size=text_widths[1])),
+              vae=NS(config=NS(block_out_channels=(128,) * vae_blocks)))
+    ppr = NS(cfg=NS(max_characters=3, cross_attention_dim=cross_attention_dim, clip_dim=clip_dim, tokens_per_character=20))
+    return NS(sdxl=sdxl, ppr=ppr, controlnet=None)
 
 
 def build_components(m, ref_unet, prof: ExportProfile) -> dict[str, Component]:
@@ -193,7 +207,7 @@ def build_components(m, ref_unet, prof: ExportProfile) -> dict[str, Component]:
         "text_encoder": (TextEncoderGraph(m.sdxl.text_encoder, False), None),
         "text_encoder_2": (TextEncoderGraph(m.sdxl.text_encoder_2, True), None),
         "unet": (UNetGraph(m.sdxl.unet), UNetGraph(ref_unet)),
-        "vae_decoder": (VAEDecoderGraph(m.sdxl.vae), None),
+        "vae_decoder": (VAEDecode(m.sdxl.vae), None),
     }
     if m.controlnet is not None:
         graphs["controlnet"] = (ControlNetGraph(m.controlnet), None)

@@ -84,6 +84,13 @@ def cached(record: dict | None, key: str, out: Path, hasher: Hasher) -> bool:
     return True
 
 
+def model_file(record: dict) -> str:
+    """The model file of a component record being written (its `files` list: the model, then external data);
+    readers use runtime.manifest.Component.model_file."""
+    (first, *_) = record["files"]
+    return first["path"]
+
+
 def file_records(files: list[Path], out: Path, hasher: Hasher) -> list[dict]:
     return [{"path": str(f.relative_to(out)), "sha256": hasher.file_sha(f), "bytes": f.stat().st_size} for f in files]
 

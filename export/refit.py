@@ -9,13 +9,13 @@ The TensorRT step is WRITTEN, NOT RUN here (no TensorRT on our machines); everyt
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import onnx
 
-from runtime.errors import StoryMakerError
+from runtime.errors import StoryMakerError, cli_exit
+from runtime.manifest import Manifest
 
 LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out.0")          # runtime.adapter.LORA_TARGETS' Linear layers
 
@@ -66,12 +66,9 @@ def refit(a) -> int:
     from export.build import main as build_main
     from export.tensorrt import availability, refit_engine
 
-    mf = a.build / "manifest.json"
-    if not mf.exists():
-        raise StoryMakerError(f"{a.build}: no manifest.json; build first with `python -m export.build ... --out {a.build}`")
-    m = json.loads(mf.read_text())
-    unet = m["components"].get("unet")
-    engine = (unet or {}).get("engine") or {}
+    m = Manifest(a.build)
+    unet = m.component("unet")
+    engine = unet.engine
     if not a.dry_run:
         if engine.get("status") != "built" or not engine.get("refittable"):
             raise StoryMakerError(f"{a.build}: no refittable UNet engine (engine status: {engine.get('status', 'none')}); "
@@ -81,19 +78,18 @@ def refit(a) -> int:
             raise StoryMakerError(f"cannot refit here: {why}")
     work = a.build / "refit"
     argv = ["--weights", str(a.weights), "--out", str(work), "--components", "unet", "--engines", "off",
-            "--lora-scale", str(a.lora_scale), "--opset", str(unet["opset"])]
+            "--lora-scale", str(a.lora_scale), "--opset", str(unet.raw["opset"])]
     argv += [x for lora in a.lora for x in ("--lora", lora)]
-    p = m["profile"]
+    p = m.data["profile"]
     argv += ["--min-size", str(p["min_size"]), "--opt-size", str(p["opt_size"]), "--max-size", str(p["max_size"]),
              "--max-batch", str(p["max_batch"]), "--max-characters", str(p["max_characters"])]
-    if unet["precision"] == "fp16":
+    if unet.precision == "fp16":
         argv.append("--fp16")
     print(f"re-exporting the UNet with lora_scale {a.lora_scale}" + (f" and {a.lora}" if a.lora else "") + " ...", flush=True)
     rc = build_main(argv)
     if rc:
         return rc
-    new = json.loads((work / "manifest.json").read_text())["components"]["unet"]
-    new_onnx, old_onnx = work / new["files"][0]["path"], a.build / unet["files"][0]["path"]
+    new_onnx, old_onnx = work / Manifest(work).component("unet").model_file, a.build / unet.model_file
     lora = check_refit_names(old_onnx, new_onnx)
     print(f"weights match by name: {len(weight_names(new_onnx))} initializers, {len(lora)} LoRA-affected", flush=True)
     if a.dry_run:
@@ -105,12 +101,7 @@ def refit(a) -> int:
 
 
 def main(argv=None) -> int:
-    a = parse_args(argv)
-    try:
-        return refit(a)
-    except StoryMakerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli_exit(refit, parse_args(argv))
 
 
 if __name__ == "__main__":

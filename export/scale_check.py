@@ -16,7 +16,6 @@ import json
 import resource
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -28,7 +27,7 @@ def peak_rss_gb() -> float:
 def main(argv=None) -> None:
     from diffusers import UNet2DConditionModel
 
-    from export.components import ExportProfile, UNetGraph, build_specs
+    from export.components import ExportProfile, UNetGraph, build_specs, models_view
     from export.onnx_export import export_onnx
     from runtime.adapter import build_processors
     from export.sdxl_config import SDXL_UNET
@@ -46,12 +45,7 @@ def main(argv=None) -> None:
     print(f"built full-size UNet + IP layers: {n_params / 1e9:.3f} B params in {t_build:.1f} s, "
           f"peak RSS {peak_rss_gb():.1f} GB", flush=True)
 
-    # the view of StoryMakerModels that build_specs reads, with the released SDXL/StoryMaker dims
-    sdxl = SimpleNamespace(unet=unet, tokenizer=[0] * 49408, tokenizer_2=[0] * 49408,
-                           text_encoder=SimpleNamespace(config=SimpleNamespace(hidden_size=768)),
-                           text_encoder_2=SimpleNamespace(config=SimpleNamespace(hidden_size=1280)))
-    ppr_cfg = SimpleNamespace(max_characters=3, cross_attention_dim=2048, clip_dim=1280, tokens_per_character=20)
-    m = SimpleNamespace(sdxl=sdxl, ppr=SimpleNamespace(cfg=ppr_cfg), controlnet=None)
+    m = models_view(unet, text_widths=(768, 1280), cross_attention_dim=2048)   # the released SDXL/StoryMaker dims
     prof = ExportProfile(min_size=512, opt_size=512, max_size=1536)
     spec = build_specs(m, prof)["unet"]
     t1 = time.perf_counter()

@@ -17,6 +17,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from export.manifest import model_file
+
 log = logging.getLogger(__name__)
 REFITTABLE = ("unet",)
 WORKSPACE = 8 << 30
@@ -86,7 +88,7 @@ def plan_engines(records: dict, out: Path, opts: EngineOptions = EngineOptions()
     """One plan per ONNX component in the manifest records (the face models included)."""
     plans = []
     for name, rec in records.items():
-        onnx_file = out / rec["files"][0]["path"]
+        onnx_file = out / model_file(rec)
         prof = {k: {w: tuple(v) for w, v in s.items()} for k, s in rec["profile"].items()}
         plans.append(EnginePlan(name, onnx_file, out / "engines" / f"{name}.plan", prof,
                                 refittable=opts.refittable and name in REFITTABLE,

@@ -4,7 +4,7 @@ Engine models (clip_vision, ppr, unet, controlnet, vae_decoder) get configs
 derived from their manifest spec (export/triton_config.py: Triton's own
 protobuf, so unknown fields fail here) and the generic `triton_repo/engine`
 glue; text_encoder, encode_characters, sampler and storymaker get their I/O
-from `BLS_IO` below and their own glue from `triton_repo/`. Ops defaults:
+from their declaration (runtime/serving/contract.py) and their own glue from `triton_repo/`. Ops defaults:
 dynamic batching with a bounded queue and timeouts on unet/controlnet, zero-data
 warmup of the unet at its optimal shape, CPU instance groups, and per-model
 `EXECUTION_ENV_PATH` pointing the Python-backend stub at our virtualenv (the bundled-server variant; the NGC
@@ -19,58 +19,30 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as pb
 
-from runtime.spec import ComponentSpec, TensorSpec
 from export.triton_config import DTYPES, model_config, to_pbtxt
+from runtime.manifest import Component, Manifest
+from runtime.serving.contract import MODELS, BLSModel
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_MODELS = ("clip_vision", "ppr", "unet", "controlnet", "vae_decoder")
 BATCHED = ("unet", "controlnet")     # dynamically batched; max_batch_size = the engine profile's batch max
 QUEUE = dict(max_queue_size=64, default_timeout_microseconds=120_000_000)
-CHAR_IN = [("PHOTOS", "BYTES", [-1]), ("MASKS", "BYTES", [-1]), ("CLOTHS", "BYTES", [-1], True),
-           ("FACE_INFO", "BYTES", [-1], True), ("MASK_CHANNELS", "INT32", [-1], True),
-           ("IDENTITY_ONLY", "BOOL", [1], True), ("INTERPOLATION", "FP32", [1], True)]
-SAMPLING_IN = [("SEED", "INT64", [1], True), ("STEPS", "INT32", [1], True), ("GUIDANCE", "FP32", [1], True),
-               ("WIDTH", "INT32", [1], True), ("HEIGHT", "INT32", [1], True), ("IP_SCALE", "FP32", [1], True),
-               ("POSE", "BYTES", [1], True), ("CONTROLNET_SCALE", "FP32", [1], True)]
 
 
-def bls_io(d: int, pooled: int) -> dict:
-    tok = [("IMAGE_TOKENS", "FP32", [1, -1, d]), ("NEG_IMAGE_TOKENS", "FP32", [1, -1, d])]
-    return {
-        "text_encoder": ([("PROMPT", "BYTES", [1]), ("NEGATIVE_PROMPT", "BYTES", [1], True)],
-                         [("PROMPT_EMBEDS", "FP32", [2, 77, d]), ("POOLED", "FP32", [2, pooled]), ("TRUNCATED", "BOOL", [1])], 1),
-        "encode_characters": (CHAR_IN, tok, 1),
-        "sampler": ([("PROMPT_EMBEDS", "FP32", [2, 77, d]), ("POOLED", "FP32", [2, pooled]), *tok, *SAMPLING_IN],
-                    [("LATENTS", "FP32", [1, 4, -1, -1])], 2),
-        "storymaker": ([("PROMPT", "BYTES", [1]), ("NEGATIVE_PROMPT", "BYTES", [1], True),
-                        *[(n, t, s, True) for n, t, s in tok], *CHAR_IN_OPTIONAL, *SAMPLING_IN],
-                       [("IMAGE", "UINT8", [-1, -1, 3]), ("PNG", "BYTES", [1]), ("TRUNCATED", "BOOL", [1])], 2),
-    }
-
-
-CHAR_IN_OPTIONAL = [(n, t, s, True) for n, t, s, *_ in CHAR_IN]
-
-
-def _io_config(name: str, inputs, outputs, instances: int) -> pb.ModelConfig:
-    cfg = pb.ModelConfig(name=name, backend="python", max_batch_size=0)
-    for n, t, dims, *opt in inputs:
-        cfg.input.add(name=n, data_type=getattr(pb, f"TYPE_{'STRING' if t == 'BYTES' else t}"), dims=dims,
-                      optional=bool(opt and opt[0]))
-    for n, t, dims in outputs:
-        cfg.output.add(name=n, data_type=getattr(pb, f"TYPE_{'STRING' if t == 'BYTES' else t}"), dims=dims)
-    cfg.instance_group.add(count=instances, kind=pb.ModelInstanceGroup.KIND_CPU)
+def _io_config(model: BLSModel, sizes: dict[str, int]) -> pb.ModelConfig:
+    """A BLS model's config from its declaration (runtime/serving/contract.py) and the build's sizes."""
+    cfg = pb.ModelConfig(name=model.name, backend="python", max_batch_size=0)
+    typ = lambda t: getattr(pb, f"TYPE_{'STRING' if t == 'BYTES' else t}")
+    for p in model.inputs:
+        cfg.input.add(name=p.name, data_type=typ(p.dtype), dims=p.resolve(sizes), optional=p.optional)
+    for p in model.outputs:
+        cfg.output.add(name=p.name, data_type=typ(p.dtype), dims=p.resolve(sizes))
+    cfg.instance_group.add(count=model.instances, kind=pb.ModelInstanceGroup.KIND_CPU)
     return cfg
 
 
-def spec_from_record(rec: dict) -> ComponentSpec:
-    s = rec["spec"]
-    ts = lambda lst: tuple(TensorSpec(**{**t, "dims": tuple(t["dims"])}) for t in lst)
-    return ComponentSpec(s["name"], ts(s["inputs"]), ts(s["outputs"]), {k: tuple(v) for k, v in s["symbols"].items()},
-                         s["tolerance"], s["note"])
-
-
-def _engine_config(name: str, rec: dict) -> pb.ModelConfig:
-    spec = spec_from_record(rec)
+def _engine_config(name: str, comp: Component) -> pb.ModelConfig:
+    spec = comp.spec
     cfg = model_config(spec, backend="python", max_batch_size=spec.max_batch() if name in BATCHED else 0)
     if name in BATCHED:
         db = cfg.dynamic_batching
@@ -102,9 +74,7 @@ def write_ngc_repo(build_dir: Path, python_env: Path | None = None) -> tuple[Pat
     Python-backend models run in the container's Python unless `python_env` (a conda-pack tarball with this
     project installed) is given: it is copied into the repository and named by `EXECUTION_ENV_PATH` relative to
     `$$TRITON_MODEL_DIRECTORY`. WRITTEN, NOT RUN here (the bundled server has no onnxruntime/tensorrt backend)."""
-    import json
-
-    m = json.loads((build_dir / "manifest.json").read_text())
+    m = Manifest(build_dir)
     out = build_dir / "triton_repo_ngc"
     shutil.rmtree(out, ignore_errors=True)
     env_param = None
@@ -115,13 +85,13 @@ def write_ngc_repo(build_dir: Path, python_env: Path | None = None) -> tuple[Pat
         shutil.copyfile(python_env, out / "storymaker" / "python_env.tar.gz")
         env_param = "$$TRITON_MODEL_DIRECTORY/../storymaker/python_env.tar.gz"
     backends = {}
-    for name, (cfg, src) in _python_configs(m["components"]).items():
+    for name, (cfg, src) in _python_configs(m).items():
         native = name in ENGINE_MODELS
         if native:
-            rec = m["components"][name]
-            eng = rec.get("engine") or {}
+            rec = m.component(name)
+            eng = rec.engine
             plan = eng.get("path") if eng.get("status") == "built" else None
-            spec = spec_from_record(rec)
+            spec = rec.spec
             batch = spec.max_batch() if name in BATCHED else 0
             cfg = model_config(spec, backend="tensorrt" if plan else "onnxruntime", max_batch_size=batch, kind="KIND_GPU")
             if plan:
@@ -141,33 +111,29 @@ def write_ngc_repo(build_dir: Path, python_env: Path | None = None) -> tuple[Pat
         if not native:
             shutil.copyfile(ROOT / "triton_repo" / src / "1" / "model.py", out / name / "1" / "model.py")
             continue
-        target = build_dir / (plan or rec["files"][0]["path"])
+        target = build_dir / (plan or rec.model_file)
         _relative_link(out / name / "1" / cfg.default_model_filename, target)
         if not plan:
-            for extra in rec["files"][1:]:                 # external weights next to the .onnx
-                _relative_link(out / name / "1" / Path(extra["path"]).name, build_dir / extra["path"])
+            for extra in rec.data_files:                   # external weights next to the .onnx
+                _relative_link(out / name / "1" / Path(extra.path).name, build_dir / extra.path)
     return out, backends
 
 
-def _python_configs(comps: dict) -> dict[str, tuple[pb.ModelConfig, str]]:
+def _python_configs(m: Manifest) -> dict[str, tuple[pb.ModelConfig, str]]:
     """Every model of the repository as a Python-backend config: (config, glue folder in triton_repo/)."""
-    unet_spec = spec_from_record(comps["unet"])
-    d = next(t for t in unet_spec.inputs if t.name == "encoder_hidden_states").dims[-1]
-    pooled = next(t for t in unet_spec.inputs if t.name == "text_embeds").dims[-1]
-    configs = {n: (_engine_config(n, comps[n]), "engine") for n in ENGINE_MODELS if n in comps}
-    configs.update({n: (_io_config(n, i, o, k), n) for n, (i, o, k) in bls_io(d, pooled).items()})
+    configs = {n: (_engine_config(n, m.component(n)), "engine") for n in ENGINE_MODELS if m.has(n)}
+    sizes = {"D": m.cross_attention_dim, "P": m.pooled_dim, "L": m.text_len, "C": m.latent_channels}
+    configs.update({n: (_io_config(model, sizes), n) for n, model in MODELS.items()})
     return configs
 
 
 def write_repo(build_dir: Path, venv: Path | None = None) -> Path:
     """Write build_dir/triton_repo (every model on the Python backend, for this host's venv); returns its path."""
-    import json
-
-    m = json.loads((build_dir / "manifest.json").read_text())
+    m = Manifest(build_dir)
     out = build_dir / "triton_repo"
     shutil.rmtree(out, ignore_errors=True)
     venv = Path(venv or Path(sys.prefix)).resolve()
-    for name, (cfg, src) in _python_configs(m["components"]).items():
+    for name, (cfg, src) in _python_configs(m).items():
         for k, v in (("EXECUTION_ENV_PATH", str(venv)), ("build_dir", str(build_dir.resolve())),
                      ("component", name), ("project_root", str(ROOT))):
             cfg.parameters[k].string_value = v

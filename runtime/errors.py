@@ -17,3 +17,15 @@ class WeightsError(StoryMakerError):
 
 class InputError(StoryMakerError, ValueError):
     """A request's input cannot be processed (and would not be on retry)."""
+
+
+def cli_exit(fn, *args, catch: tuple = ()) -> int:
+    """Run a command-line body: a StoryMakerError (and any of `catch`) becomes 'error: ...' on stderr and exit
+    code 2 (bad input: the message names it and the fix); otherwise fn's own exit code."""
+    import sys
+
+    try:
+        return fn(*args)
+    except (StoryMakerError, *catch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -14,8 +14,9 @@ once per static shape and replayed), `compile` (torch.compile of the UNet, mode
 max-autotune; with `cuda_graph` too, "max-autotune-no-cudagraphs" inside our
 own capture, so the two graph mechanisms never nest). The UniPC loop uses
 host-precomputed scalars (runtime/unipc.py), keeps latents on the device and
-never synchronises with the host inside the loop; character tokens are
-computed once per story by the caller. Parity with the reference:
+never synchronises with the host inside the loop (the loop, ControlNet branch
+and decode are runtime/denoise.py's, as for every backend); character tokens
+are computed once per story by the caller. Parity with the reference:
 tests/test_fast.py (cosine >= 0.999 on latents after 25 steps, fp32, CPU).
 """
 from __future__ import annotations
@@ -27,15 +28,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from runtime.attention import TEXT_TOKENS
-from runtime.errors import InputError
-from runtime.pipeline import GenerateOptions, TextEmbeds, encode_text, initial_latents, step_inputs, to_uint8
-from runtime.unipc import UniPCPlan, UniPCSampler
+from runtime.denoise import TorchDenoiser, VAEDecode, decode, denoise, step_inputs
+from runtime.pipeline import GenerateOptions, StoryMakerPipeline, TextEmbeds, encode_text
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Step inputs kept in float32 whatever the model precision: they feed sinusoidal embeddings (diffusers casts the
-# embedding, not its argument), and bf16's 8-bit mantissa would round sizes such as 1032 in time_ids
-FLOAT32_INPUTS = ("time_ids",)
 
 
 @dataclass
@@ -127,9 +123,10 @@ class StageTimes:
         self.seconds[name] = self.seconds.get(name, 0.0) + dt
 
 
-class FastPipeline:
+class FastPipeline(StoryMakerPipeline):
     def __init__(self, models, opts: FastOptions = FastOptions()):
-        self.m, self.o = models, opts
+        super().__init__(models)
+        self.o = opts
         unet = models.sdxl.unet
         p = next(unet.parameters())
         self.dev, self.dt = p.device, DTYPES[opts.precision]
@@ -157,25 +154,14 @@ class FastPipeline:
                     mod.to(memory_format=torch.channels_last)
         graphed = opts.cuda_graph and self.dev.type == "cuda"
         mode = "max-autotune-no-cudagraphs" if graphed else "max-autotune"
-        self.unet_fn = torch.compile(unet, mode=mode, fullgraph=False) if opts.compile else unet
-        step = self._unet_step
-        self.step = GraphedStep(step) if graphed else step
-        self.plans: dict = {}
+        unet_fn = torch.compile(unet, mode=mode, fullgraph=False) if opts.compile else unet
+        self.denoiser = TorchDenoiser(unet, models.controlnet, unet_fn=unet_fn, dtype=self.dt, device=self.dev)
+        if graphed:
+            self.denoiser.step = GraphedStep(self.denoiser.forward)
 
     def _sync(self):
         if self.dev.type == "cuda":
             torch.cuda.synchronize()
-
-    def _unet_step(self, x, t, inp):
-        cond = {"text_embeds": inp["text_embeds"], "time_ids": inp["time_ids"]}
-        extra = {}
-        if "pose" in inp:         # ControlNet on the 77 text tokens; the scale stays a device tensor (no host read)
-            down, mid = self.m.controlnet(x, t, encoder_hidden_states=inp["encoder_hidden_states"][:, :TEXT_TOKENS],
-                                          controlnet_cond=inp["pose"], conditioning_scale=inp["controlnet_scale"][0],
-                                          added_cond_kwargs=cond, return_dict=False)
-            extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-        return self.unet_fn(x, t, encoder_hidden_states=inp["encoder_hidden_states"], added_cond_kwargs=cond,
-                            cross_attention_kwargs={"ip_scale": inp["ip_scale"]}, return_dict=False, **extra)[0]
 
     @contextmanager
     def encoders_on_device(self):
@@ -196,47 +182,25 @@ class FastPipeline:
 
     def encode_characters(self, chars, identity_only=False, interpolation=None):
         """(positive, negative) image tokens on the device, computed once per story."""
-        from runtime.characters import encode_characters
-
         with self.encoders_on_device():
-            return tuple(t.to(self.dev) for t in encode_characters(self.m, chars, identity_only, interpolation))
+            return tuple(t.to(self.dev) for t in super().encode_characters(chars, identity_only, interpolation))
 
-    @torch.no_grad()
     def latents(self, opts: GenerateOptions, text: TextEmbeds, tokens, times: StageTimes | None = None) -> torch.Tensor:
-        """The denoising loop on the device: no host synchronisation until the caller reads the result."""
-        if opts.pose_image is not None and self.m.controlnet is None:
-            raise InputError("a pose image was given but no ControlNet is loaded; add controlnet/ to the weights")
-        key = (opts.steps,)
-        if key not in self.plans:
-            self.plans[key] = UniPCPlan(self.m.sdxl.scheduler_config, opts.steps)
-        plan = self.plans[key]
-        sampler = UniPCSampler(plan)
-        inp = {k: v if k in FLOAT32_INPUTS else v.to(self.dt)
-               for k, v in step_inputs(text, tokens, opts, self.dev).items() if torch.is_tensor(v)}
-        x = (initial_latents(opts.seed, opts.height, opts.width) * plan.init_noise_sigma).to(self.dev)   # fp32 latents
-        if self.o.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        # float32 timesteps, as diffusers' time embedding expects: bf16 would round 951 -> 952 (uploaded once)
-        ts = torch.tensor(plan.timesteps, device=self.dev, dtype=torch.float32)
+        """runtime.denoise.denoise on the device: no host synchronisation until the caller reads the result."""
         t0 = time.perf_counter()
-        for i in range(len(plan.timesteps)):
-            eps = self.step(torch.cat([x, x]).to(self.dt), ts[i], inp).float()      # (2, 4, h, w)
-            uncond, cond = eps.chunk(2)
-            x = sampler.step(uncond + opts.guidance * (cond - uncond), i, x)
+        x = denoise(self.denoiser, step_inputs(text, tokens, opts, self.dev), opts, self.plan(opts.steps),
+                    self.vae_factor, self.m.sdxl.unet.config.in_channels, device=self.dev,
+                    channels_last=self.o.channels_last)
         if times is not None:
             self._sync()
             times.add("denoise", time.perf_counter() - t0)
         return x
 
-    @torch.no_grad()
     def decode(self, x: torch.Tensor):
-        vae = self.m.sdxl.vae
-        z = x.to(next(vae.parameters()).dtype) / vae.config.scaling_factor
-        img = vae.decode(z, return_dict=False)[0]
-        return to_uint8((img.float() / 2 + 0.5).clamp(0, 1)[0].cpu().numpy())
+        return decode(VAEDecode(self.m.sdxl.vae), x)
 
     def generate(self, opts: GenerateOptions, tokens, times: StageTimes | None = None):
-        opts.validate(8)
+        opts.validate(self.vae_factor)
         t0 = time.perf_counter()
         text = encode_text(self.m.sdxl, opts.prompt, opts.negative_prompt)
         if times is not None:

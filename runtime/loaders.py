@@ -178,9 +178,9 @@ class StoryMakerModels:
     sdxl: SDXLParts
     ppr: PositionalPerceiverResampler
     image_encoder: object
+    lora_scale: float = 0.8              # fused into the UNet (or applied by the unfused processors)
     face_analyzer: object | None = None
     controlnet: object | None = None
-    lora_scale: float = 0.8
 
 
 def load_storymaker(layout: WeightsLayout, *, lora_scale: float = 0.8, ip_scale: float = 0.8, fuse: bool = True,
@@ -214,4 +214,4 @@ def load_storymaker(layout: WeightsLayout, *, lora_scale: float = 0.8, ip_scale:
         if p.dtype != dtype or p.device != torch.device(device):
             m.to(device=device, dtype=dtype)
     parts.vae.to(device=device)  # kept in float32: SDXL's VAE overflows in fp16
-    return StoryMakerModels(parts, ppr, enc, face, cn, lora_scale)
+    return StoryMakerModels(parts, ppr, enc, lora_scale=lora_scale, face_analyzer=face, controlnet=cn)

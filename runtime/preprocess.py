@@ -2,11 +2,11 @@
 
 Per character (contract "Reference extraction"): crop photo and mask to the
 bounding rectangle of all external contours of `mask[:,:,0]`; soft-composite
-the crop over white with a 5x5 Gaussian-blurred mask; resize to 224x224 (PIL
-bilinear). The face image is `insightface.utils.face_align.norm_crop` of the
+the crop over white with a 5x5 Gaussian-blurred mask; resize to 224x224 with
+`Image.resize((224, 224))`, Pillow's default filter (bicubic), as the release. The face image is `insightface.utils.face_align.norm_crop` of the
 ORIGINAL photo at 224. Both go through `CLIPImageProcessor()` defaults (the
 PIL implementation, which needs no torchvision). A cloth image replaces the
-character crop, resized to 224x224 without compositing. Decoded images are
+character crop, resized the same way without compositing. Decoded images are
 bounded in pixels so a decompression bomb is refused before it is decoded.
 """
 from __future__ import annotations
@@ -66,8 +66,14 @@ def mask_bbox(mask: np.ndarray, name: str = "mask") -> tuple[int, int, int, int]
             int((rects[:, 0] + rects[:, 2]).max()), int((rects[:, 1] + rects[:, 3]).max()))
 
 
+def release_resize(im: Image.Image) -> Image.Image:
+    """224x224 as the release does it: `Image.resize((224, 224))` with no filter argument, i.e. Pillow's default
+    for RGB images, BICUBIC (tests/test_preprocess.py pins it)."""
+    return im.resize((CHAR_SIZE, CHAR_SIZE))
+
+
 def character_image(photo: np.ndarray, mask: np.ndarray, name: str = "character") -> Image.Image:
-    """Crop by mask, soft-composite on white, 224x224 (PIL bilinear)."""
+    """Crop by mask, soft-composite on white, 224x224 (the release's resize: Pillow's default, bicubic)."""
     if mask.ndim == 2:
         mask = np.repeat(mask[:, :, None], 3, axis=2)
     if photo.shape[:2] != mask.shape[:2]:
@@ -77,11 +83,11 @@ def character_image(photo: np.ndarray, mask: np.ndarray, name: str = "character"
     crop = photo[y0:y1, x0:x1].astype(np.float64)
     m = cv2.GaussianBlur(mask[y0:y1, x0:x1], (5, 5), 0) / 255.0
     comp = (255.0 * (1.0 - m) + m * crop).astype(np.uint8)
-    return Image.fromarray(comp).resize((CHAR_SIZE, CHAR_SIZE), Image.BILINEAR)
+    return release_resize(Image.fromarray(comp))
 
 
 def cloth_image(cloth: np.ndarray) -> Image.Image:
-    return Image.fromarray(cloth).resize((CHAR_SIZE, CHAR_SIZE), Image.BILINEAR)
+    return release_resize(Image.fromarray(cloth))
 
 
 def aligned_face(photo: np.ndarray, kps: np.ndarray) -> np.ndarray:

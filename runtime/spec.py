@@ -1,5 +1,8 @@
 """One I/O spec per exported component: the single source of tensor names, dtypes and dims.
 
+The spec types live in runtime (export writes them into the manifest with `to_json`, runtime reads them back
+with `from_json` through runtime/manifest.py), so both sides share one definition.
+
 A `ComponentSpec` lists its inputs and outputs as `TensorSpec`s whose dims are
 ints or symbolic expressions over named symbols (`"B"`, `"2*B"`, `"h"`,
 `"h/2"`, `"T_img"`), plus each symbol's (min, opt, max) range. Everything
@@ -11,6 +14,7 @@ validation tries (every symbol at >= 2 values).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,6 +35,12 @@ class TensorSpec:
         return tuple(eval_dim(d, values) for d in self.dims)
 
 
+class Range(NamedTuple):
+    min: int
+    opt: int
+    max: int
+
+
 @dataclass(frozen=True)
 class ComponentSpec:
     name: str
@@ -39,6 +49,22 @@ class ComponentSpec:
     symbols: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # sym -> (min, opt, max)
     tolerance: float = 1e-4          # fp32 max abs error vs the PyTorch reference
     note: str = ""
+
+    # ---- lookups by name (never by position) ----
+    def input(self, name: str) -> TensorSpec:
+        return self._find(self.inputs, name, "input")
+
+    def output(self, name: str) -> TensorSpec:
+        return self._find(self.outputs, name, "output")
+
+    def _find(self, tensors, name, kind) -> TensorSpec:
+        for t in tensors:
+            if t.name == name:
+                return t
+        raise KeyError(f"{self.name} has no {kind} {name!r} (it has {[t.name for t in tensors]})")
+
+    def range(self, symbol: str) -> Range:
+        return Range(*self.symbols[symbol])
 
     # ---- derived views (never written by hand elsewhere) ----
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
@@ -98,3 +124,10 @@ class ComponentSpec:
         d = asdict(self)
         d["profile"] = self.profile()
         return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ComponentSpec":
+        """The spec as export wrote it into the manifest (`to_json`)."""
+        ts = lambda lst: tuple(TensorSpec(**{**t, "dims": tuple(t["dims"])}) for t in lst)
+        return cls(d["name"], ts(d["inputs"]), ts(d["outputs"]), {k: tuple(v) for k, v in d["symbols"].items()},
+                   d["tolerance"], d["note"])

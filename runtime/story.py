@@ -2,7 +2,7 @@
 
 A story YAML (paths relative to the file) looks like:
 
-    defaults: {width: 1280, height: 960, steps: 25, guidance: 7.5, ip_scale: 0.8, seed: 42,
+    defaults: {width: 960, height: 1280, steps: 25, guidance: 7.5, ip_scale: 0.8, seed: 42,
                negative_prompt: "bad quality"}
     characters:
       - {name: man, photo: man.png, mask: man_mask.png, face: man.face.json}   # face optional

@@ -22,8 +22,13 @@ def test_manifest_records_every_component(built, capsys):
             assert (built / f["path"]).exists() and len(f["sha256"]) == 64
         assert c["profile"] and c["inputs"] and c["outputs"] and "export_seconds" in c
     assert m["components"]["unet"]["opset"] == 17 and m["tools"]["onnxruntime"]
-    assert sorted(m["engines"]["skipped"]) == sorted(COMPONENTS) and m["engines"]["tensorrt"] is None
-    assert all(c["engine"]["status"] == "skipped" and c["engine"]["reason"] for c in m["components"].values())
+    from export.tensorrt import availability
+
+    if availability()[0]:           # per device: with TensorRT and a GPU every component gets an engine
+        assert sorted(m["engines"]["built"]) == sorted(COMPONENTS) and m["engines"]["tensorrt"]
+    else:
+        assert sorted(m["engines"]["skipped"]) == sorted(COMPONENTS) and m["engines"]["tensorrt"] is None
+        assert all(c["engine"]["status"] == "skipped" and c["engine"]["reason"] for c in m["components"].values())
     assert {s["n"] for s in m["components"]["ppr"]["parity"]["shapes"]} == {1, 2, 3}
     assert {s["S"] for s in m["components"]["unet"]["parity"]["shapes"]} == {117, 137, 157}
     assert all(k.startswith(str(built / "demo_bundle")) for k in m["weights"])

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from runtime.fast import FastOptions, FastPipeline, StageTimes
 from runtime.loaders import load_storymaker
-from runtime.pipeline import GenerateOptions, TorchDenoiser, encode_text, sample, step_inputs
+from oracle import diffusers_sample
+from runtime.denoise import TorchDenoiser, step_inputs
+from runtime.pipeline import GenerateOptions, encode_text
 
 DATA = Path(__file__).parent / "data"
 
@@ -27,7 +29,7 @@ def test_torch_opt_latents_match_reference(layout, two_characters):
     opts = GenerateOptions("a man and a woman on a bridge", negative_prompt="blurry", width=64, height=64, steps=25,
                            seed=5, guidance=7.5, ip_scale=0.8)
     text = encode_text(ref_m.sdxl, opts.prompt, opts.negative_prompt)
-    want = sample(TorchDenoiser(ref_m.sdxl.unet), step_inputs(text, tokens, opts), opts, ref_m.sdxl.scheduler_config)
+    want = diffusers_sample(TorchDenoiser(ref_m.sdxl.unet), step_inputs(text, tokens, opts), opts, ref_m.sdxl.scheduler_config)
     times = StageTimes()
     got = fast.latents(opts, encode_text(fast_m.sdxl, opts.prompt, opts.negative_prompt), tokens, times).cpu()
     a, b = want.flatten().double(), got.flatten().double()
@@ -103,15 +105,15 @@ def test_graphed_step_buffers_give_the_eager_loop(layout, two_characters):
 
     eager = FastPipeline(load_storymaker(layout), FastOptions(precision="fp32"))
     graphed = FastPipeline(load_storymaker(layout), FastOptions(precision="fp32"))
-    graphed.step = GraphedStep(graphed._unet_step, capture=replay_on_cpu)
+    graphed.denoiser.step = GraphedStep(graphed.denoiser.forward, capture=replay_on_cpu)
     tokens = eager.encode_characters(two_characters)
     for prompt, w, h in (("two friends", 64, 48), ("a quiet street", 64, 48), ("two friends", 48, 64)):
         opts = GenerateOptions(prompt, width=w, height=h, steps=4, seed=3)
         text = encode_text(eager.m.sdxl, opts.prompt, opts.negative_prompt)
         want, got = eager.latents(opts, text, tokens), graphed.latents(opts, text, tokens)
         assert torch.allclose(want, got, atol=1e-6), (prompt, w, h)
-    assert len(graphed.step.graphs) == 2                              # one capture per latent shape
-    assert all(static["captures"] == 1 for _, static in graphed.step.graphs.values())
+    assert len(graphed.denoiser.step.graphs) == 2                     # one capture per latent shape
+    assert all(static["captures"] == 1 for _, static in graphed.denoiser.step.graphs.values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -126,7 +128,7 @@ def test_low_precision_torch_opt_on_gpu_matches_fp32_reference(layout, two_chara
     opts = GenerateOptions("a man and a woman on a bridge", negative_prompt="blurry", width=64, height=64, steps=25,
                            seed=5, guidance=7.5, ip_scale=0.8)
     text = encode_text(ref_m.sdxl, opts.prompt, opts.negative_prompt)
-    want = sample(TorchDenoiser(ref_m.sdxl.unet), step_inputs(text, tokens, opts), opts, ref_m.sdxl.scheduler_config)
+    want = diffusers_sample(TorchDenoiser(ref_m.sdxl.unet), step_inputs(text, tokens, opts), opts, ref_m.sdxl.scheduler_config)
     fast = FastPipeline(load_storymaker(layout, device="cuda"),
                         FastOptions(precision=precision, dual_attention_kernel=True, fused_qkv=True, channels_last=True,
                                     offload_encoders=True, cuda_graph=True))
@@ -135,7 +137,7 @@ def test_low_precision_torch_opt_on_gpu_matches_fp32_reference(layout, two_chara
     got = fast.latents(opts, encode_text(fast.m.sdxl, opts.prompt, opts.negative_prompt), fast_tokens).cpu()
     a, b = want.flatten().double(), got.flatten().double()
     assert float(a @ b / (a.norm() * b.norm())) >= 0.999
-    assert len(fast.step.graphs) == 1
+    assert len(fast.denoiser.step.graphs) == 1
 
 
 def test_torch_opt_keeps_every_tensor_on_its_device(layout, two_characters):
@@ -187,8 +189,8 @@ def test_bf16_keeps_timesteps_and_time_ids_in_float32(layout, two_characters):
     tokens = fast.encode_characters(two_characters)
     opts = GenerateOptions("two friends", width=64, height=64, steps=25, seed=1)
     seen = []
-    step = fast.step
-    fast.step = lambda x, t, inp: seen.append((t.clone(), inp["time_ids"].dtype, x.dtype)) or step(x, t, inp)
+    step = fast.denoiser.step
+    fast.denoiser.step = lambda x, t, inp: seen.append((t.clone(), inp["time_ids"].dtype, x.dtype)) or step(x, t, inp)
     fast.latents(opts, encode_text(m.sdxl, opts.prompt, opts.negative_prompt), tokens)
     plan = UniPCPlan(m.sdxl.scheduler_config, 25)
     assert [float(t) for t, _, _ in seen] == [float(v) for v in plan.timesteps]

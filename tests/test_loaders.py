@@ -93,3 +93,39 @@ def test_bad_style_lora(bundle, tmp_path):
         fuse_style_loras(load_sdxl(bundle / "sdxl"), [(f, 1.0)])
     with pytest.raises(WeightsError, match="missing"):
         fuse_style_loras(load_sdxl(bundle / "sdxl"), [(tmp_path / "absent.safetensors", 1.0)])
+
+
+def test_mask_bin_assembled_from_the_documented_key_list(bundle, tmp_path):
+    """Not our writer: a mask.bin built from the contract's key list (storymaker-inference.md, "Checkpoint
+    mask.bin"): processor i in diffusers' `unet.attn_processors` order holds `{i}.to_{q,k,v,out}_lora.{down,up}
+    .weight`, cross-attention ones also `{i}.to_k_ip.weight`/`{i}.to_v_ip.weight`. Values that identify i land in
+    the module the documentation names: the fused to_q of that attention and its image-branch projections."""
+    from diffusers import UNet2DConditionModel
+
+    from runtime.loaders import load_mask_bin
+
+    base = UNet2DConditionModel.from_pretrained(str(bundle / "sdxl" / "unet")).eval()
+    d, rank, ip, names = base.config.cross_attention_dim, 4, {}, list(base.attn_processors)
+    g = torch.Generator().manual_seed(7)
+    for i, name in enumerate(names):
+        attn = base.get_submodule(name.rsplit(".processor", 1)[0])
+        for lora, lin in (("to_q_lora", attn.to_q), ("to_k_lora", attn.to_k), ("to_v_lora", attn.to_v),
+                          ("to_out_lora", attn.to_out[0])):
+            ip[f"{i}.{lora}.down.weight"] = torch.randn(rank, lin.in_features, generator=g) * 0.1
+            ip[f"{i}.{lora}.up.weight"] = torch.randn(lin.out_features, rank, generator=g) * 0.1
+        if name.endswith("attn2.processor"):
+            ip[f"{i}.to_k_ip.weight"] = torch.full((attn.to_k.out_features, d), float(i))
+            ip[f"{i}.to_v_ip.weight"] = torch.full((attn.to_v.out_features, d), -float(i))
+    w = tmp_path / "w"
+    shutil.copytree(bundle, w, ignore=shutil.ignore_patterns("mask.bin"))
+    proj, _ = load_mask_bin(bundle / "mask.bin")           # the resampler's keys (checked against formulas elsewhere)
+    torch.save({"image_proj_model": proj, "ip_adapter": ip}, w / "mask.bin")
+    m = load_storymaker(WeightsLayout.from_dir(w), lora_scale=0.5, fuse=True)
+    assert len(names) == len(m.sdxl.unet.attn_processors)
+    for i, name in enumerate(names):
+        path = name.rsplit(".processor", 1)[0]
+        want = base.get_submodule(path).to_q.weight + 0.5 * ip[f"{i}.to_q_lora.up.weight"] @ ip[f"{i}.to_q_lora.down.weight"]
+        assert (m.sdxl.unet.get_submodule(path).to_q.weight - want).abs().max() < 1e-5, name
+        proc = m.sdxl.unet.attn_processors[name]
+        if name.endswith("attn2.processor"):
+            assert torch.all(proc.to_k_ip.weight == i) and torch.all(proc.to_v_ip.weight == -i), name

@@ -77,3 +77,27 @@ def test_face_json_validation(tmp_path):
         FaceInfo.from_json(bad)
     emb = FaceInfo.from_json(DATA / "ldh.face.json").embedding
     assert abs(np.linalg.norm(emb) - 1) < 1e-6
+
+
+def test_resize_filter_is_the_releases():
+    """The release resizes the composite and the cloth with `Image.resize((224, 224))`, no filter argument:
+    Pillow's default for RGB, bicubic. Ours equals that computation, which differs from bilinear."""
+    import cv2
+
+    from runtime.characters import Character
+    from runtime.preprocess import cloth_image
+
+    c = Character.load(DATA / "ldh.png", DATA / "ldh_mask.png")
+    x0, y0, x1, y1 = mask_bbox(c.mask)
+    crop = c.photo[y0:y1, x0:x1].astype(np.float64)
+    m = cv2.GaussianBlur(c.mask[y0:y1, x0:x1], (5, 5), 0) / 255.0
+    comp = Image.fromarray((255.0 * (1.0 - m) + m * crop).astype(np.uint8))
+    release = np.asarray(comp.resize((224, 224)))                              # the release's line
+    ours = np.asarray(character_image(c.photo, c.mask))
+    assert np.array_equal(ours, release)
+    assert np.array_equal(release, np.asarray(comp.resize((224, 224), Image.BICUBIC)))   # Pillow's default
+    assert not np.array_equal(ours, np.asarray(comp.resize((224, 224), Image.BILINEAR)))
+    cloth = decode_image(DATA / "cloth1.png")
+    assert np.array_equal(np.asarray(cloth_image(cloth)), np.asarray(Image.fromarray(cloth).resize((224, 224))))
+    assert not np.array_equal(np.asarray(cloth_image(cloth)),
+                              np.asarray(Image.fromarray(cloth).resize((224, 224), Image.BILINEAR)))

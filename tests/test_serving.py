@@ -30,19 +30,83 @@ def client(server):
     return StoryMakerClient(server.url, retries=2)
 
 
-def test_served_frame_equals_in_process_pipeline(built, client):
-    from runtime.characters import Character
-    from runtime.loaders import WeightsLayout, load_storymaker
-    from runtime.pipeline import GenerateOptions, StoryMakerPipeline
+THIRD = {"photo": DATA / "two_people.jpg", "mask": DATA / "two_people_mask.png", "mask_channel": 2}
+CLOTH, POSE = DATA / "cloth1.png", DATA / "two_people_pose.jpg"
+STORY = [("one character", [MAN], {}), ("two characters", [MAN, WOMAN], {}), ("three characters", [MAN, WOMAN, THIRD], {}),
+         ("cloth", [{**MAN, "cloth": CLOTH}, WOMAN], {}), ("pose", [MAN, WOMAN], {"pose": POSE})]
 
-    img, info = client.generate("a man and a woman in a park", characters=[MAN, WOMAN], negative_prompt="blurry",
-                                **SMALL)
-    pipe = StoryMakerPipeline(load_storymaker(WeightsLayout.from_dir(built / "demo_bundle")))
-    chars = [Character.load(MAN["photo"], MAN["mask"], MAN["face"]), Character.load(WOMAN["photo"], WOMAN["mask"])]
-    ref = pipe.generate(GenerateOptions("a man and a woman in a park", negative_prompt="blurry", **SMALL),
-                        pipe.encode_characters(chars))
-    assert img.shape == ref.shape == (64, 64, 3) and img.dtype == np.uint8
-    assert np.abs(img.astype(int) - ref).max() <= 1
+
+@pytest.fixture(scope="module")
+def reference(built):
+    """The reference: the release's unfused LoRA processors, eager, fp32."""
+    from runtime.loaders import WeightsLayout, load_storymaker
+    from runtime.pipeline import StoryMakerPipeline
+
+    return StoryMakerPipeline(load_storymaker(WeightsLayout.from_dir(built / "demo_bundle"), fuse=False))
+
+
+def _chars(spec):
+    from runtime.characters import Character
+
+    return [Character.load(c["photo"], c["mask"], c.get("face"), c.get("cloth"), mask_channel=c.get("mask_channel", 0))
+            for c in spec]
+
+
+def _request(spec):
+    from runtime.serving.logic import CharacterRequest
+
+    raw = lambda key: [c[key].read_bytes() if c.get(key) else None for c in spec]
+    return CharacterRequest(raw("photo"), raw("mask"), raw("cloth"), [c["face"].read_text() if c.get("face") else None
+                                                                       for c in spec], [c.get("mask_channel", 0) for c in spec])
+
+
+@pytest.mark.parametrize("case,chars,extra", STORY, ids=[s[0] for s in STORY])
+def test_four_paths_agree_with_the_reference(built, client, reference, case, chars, extra):
+    """One frame through every path: the reference (unfused release processors), torch-opt (fused, fp32),
+    the build's engines in process (onnxruntime) and the real tritonserver; each within 1 uint8 level of the
+    reference, for 1, 2 and 3 characters, a clothing swap and a pose map."""
+    from runtime.fast import FastOptions, FastPipeline
+    from runtime.loaders import WeightsLayout, load_storymaker
+    from runtime.pipeline import GenerateOptions
+    from runtime.preprocess import decode_image
+    from runtime.serving.engines import Build
+    from runtime.serving.logic import EnginePipeline
+
+    prompt = f"{case}: friends in a park"
+    pose = decode_image(extra["pose"]) if "pose" in extra else None
+    opts = GenerateOptions(prompt, negative_prompt="blurry", pose_image=pose, **SMALL)
+    ref = reference.generate(opts, reference.encode_characters(_chars(chars)))
+    fast = FastPipeline(load_storymaker(WeightsLayout.from_dir(built / "demo_bundle")), FastOptions(precision="fp32"))
+    engines = EnginePipeline(Build(built))
+    served, _ = client.generate(prompt, characters=chars, negative_prompt="blurry", **extra, **SMALL)
+    frames = {"torch-opt": fast.generate(opts, fast.encode_characters(_chars(chars))),
+              "onnxruntime": engines.generate(opts, engines.encode_characters(_request(chars))), "triton": served}
+    assert ref.shape == (64, 64, 3)
+    for path, img in frames.items():
+        assert img.shape == ref.shape and img.dtype == np.uint8, path
+        assert np.abs(img.astype(int) - ref).max() <= 1, (path, np.abs(img.astype(int) - ref).max())
+
+
+def test_served_loop_never_reads_back_to_the_host(built):
+    """The served loop (runtime.denoise.denoise with the engine denoiser, as in the sampler/storymaker models) makes
+    no host read per step: the dispatch probe of tests/test_fast.py sees no .item()/nonzero/device-to-host copy."""
+    from test_fast import HostSyncs
+
+    from runtime.pipeline import GenerateOptions
+    from runtime.serving.engines import Build
+    from runtime.serving.logic import EnginePipeline
+
+    ep = EnginePipeline(Build(built))
+    tokens = ep.encode_characters(_request([MAN]))
+    opts = GenerateOptions("a man", **SMALL)
+    ep.latents(opts, tokens)                                     # the UniPC plan: host arithmetic, once per steps
+    with HostSyncs() as probe:
+        ep.latents(opts, tokens)
+    assert probe.ops == []
+
+
+def test_served_frame_png_matches_image(client):
+    img, info = client.generate("a man and a woman in a park", characters=[MAN, WOMAN], **SMALL)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(info["png"]))), img) and not info["truncated"]
 
 
@@ -139,7 +203,8 @@ def test_bounded_load_none_lost(client, capsys):
     wall = time.perf_counter() - t0
     assert len(results) == n_clients * per_client                     # every request answered
     ok = [r for r in results if r[0] == "ok"]
-    assert all(r[0] == "ok" or r[0].startswith("rejected") for r in results)
+    # a bounded load far inside the queue limits (64 queued, 120 s): every request must succeed, not just answer
+    assert len(ok) == len(results), [r[0] for r in results if r[0] != "ok"][:3]
     lat = sorted(r[1] for r in ok)
     with capsys.disabled():
         print(f"\nload test: {n_clients} clients x {per_client} requests: {len(ok)} ok, {len(results) - len(ok)} "

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import InputError, StoryMakerError
+from runtime.serving.contract import MODELS, NUMPY, SAMPLING
 
 MAX_MESSAGE = 64 << 20
-OPTION_TYPES = {"SEED": ("INT64", int), "STEPS": ("INT32", int), "WIDTH": ("INT32", int), "HEIGHT": ("INT32", int),
-                "GUIDANCE": ("FP32", float), "IP_SCALE": ("FP32", float), "CONTROLNET_SCALE": ("FP32", float)}
+OPTIONS = {p.option: p for p in SAMPLING if p.option}          # generate(**opts) keyword -> storymaker input
 
 
 def _bytes(x) -> bytes:
@@ -41,7 +41,10 @@ class StoryMakerClient:
         self.client = grpcclient.InferenceServerClient(url, channel_args=opts)
         self.retries, self.timeout_s = retries, timeout_s
 
-    def _input(self, name: str, arr: np.ndarray, dtype: str):
+    def _input(self, name: str, values, model: str = "storymaker"):
+        """One input, typed by the model's declaration (runtime/serving/contract.py)."""
+        dtype = MODELS[model].port(name).dtype
+        arr = np.asarray(values, dtype=NUMPY[dtype])
         i = self.g.InferInput(name, list(arr.shape), dtype)
         i.set_data_from_numpy(arr)
         return i
@@ -63,20 +66,20 @@ class StoryMakerClient:
                 raise StoryMakerError(f"{model}: {e.message()}") from None
         raise AssertionError("unreachable")
 
-    def _character_inputs(self, characters: list[dict], identity_only=False, interpolation=None) -> list:
-        obj = lambda xs: np.array(xs, dtype=object)
-        ins = [self._input("PHOTOS", obj([_bytes(c["photo"]) for c in characters]), "BYTES"),
-               self._input("MASKS", obj([_bytes(c["mask"]) for c in characters]), "BYTES")]
-        if any(c.get("cloth") for c in characters):
-            ins.append(self._input("CLOTHS", obj([_bytes(c["cloth"]) if c.get("cloth") else b"" for c in characters]), "BYTES"))
-        if any(c.get("face") for c in characters):
-            ins.append(self._input("FACE_INFO", obj([_bytes(c["face"]) if c.get("face") else b"" for c in characters]), "BYTES"))
+    def _character_inputs(self, characters: list[dict], identity_only=False, interpolation=None,
+                          model: str = "encode_characters") -> list:
+        per = lambda f: [f(c) for c in characters]
+        ins = [self._input("PHOTOS", per(lambda c: _bytes(c["photo"])), model),
+               self._input("MASKS", per(lambda c: _bytes(c["mask"])), model)]
+        for key, name in (("cloth", "CLOTHS"), ("face", "FACE_INFO")):
+            if any(c.get(key) for c in characters):
+                ins.append(self._input(name, per(lambda c: _bytes(c[key]) if c.get(key) else b""), model))
         if any(c.get("mask_channel") for c in characters):
-            ins.append(self._input("MASK_CHANNELS", np.array([c.get("mask_channel", 0) for c in characters], np.int32), "INT32"))
+            ins.append(self._input("MASK_CHANNELS", per(lambda c: c.get("mask_channel", 0)), model))
         if identity_only:
-            ins.append(self._input("IDENTITY_ONLY", np.array([True]), "BOOL"))
+            ins.append(self._input("IDENTITY_ONLY", [True], model))
         if interpolation is not None:
-            ins.append(self._input("INTERPOLATION", np.array([interpolation], np.float32), "FP32"))
+            ins.append(self._input("INTERPOLATION", [interpolation], model))
         return ins
 
     def encode_characters(self, characters: list[dict], identity_only=False, interpolation=None):
@@ -86,24 +89,21 @@ class StoryMakerClient:
         return out["IMAGE_TOKENS"], out["NEG_IMAGE_TOKENS"]
 
     def _frame_inputs(self, prompt: str, tokens=None, characters=None, negative_prompt=None, pose=None, **opts) -> list:
-        ins = [self._input("PROMPT", np.array([prompt.encode()], dtype=object), "BYTES")]
+        ins = [self._input("PROMPT", [prompt.encode()])]
         if negative_prompt is not None:
-            ins.append(self._input("NEGATIVE_PROMPT", np.array([negative_prompt.encode()], dtype=object), "BYTES"))
+            ins.append(self._input("NEGATIVE_PROMPT", [negative_prompt.encode()]))
         if tokens is not None:
-            ins += [self._input("IMAGE_TOKENS", np.asarray(tokens[0], np.float32), "FP32"),
-                    self._input("NEG_IMAGE_TOKENS", np.asarray(tokens[1], np.float32), "FP32")]
+            ins += [self._input("IMAGE_TOKENS", tokens[0]), self._input("NEG_IMAGE_TOKENS", tokens[1])]
         elif characters:
-            ins += self._character_inputs(characters)
+            ins += self._character_inputs(characters, model="storymaker")
         if pose is not None:
-            ins.append(self._input("POSE", np.array([_bytes(pose)], dtype=object), "BYTES"))
+            ins.append(self._input("POSE", [_bytes(pose)]))
         for k, v in opts.items():
             if v is None:
                 continue
-            if k.upper() not in OPTION_TYPES:
-                raise InputError(f"unknown option {k}; known: {sorted(o.lower() for o in OPTION_TYPES)}")
-            dt, cast = OPTION_TYPES[k.upper()]
-            ins.append(self._input(k.upper(), np.array([cast(v)], dtype={"INT64": np.int64, "INT32": np.int32,
-                                                                          "FP32": np.float32}[dt]), dt))
+            if k not in OPTIONS:
+                raise InputError(f"unknown option {k}; known: {sorted(OPTIONS)}")
+            ins.append(self._input(OPTIONS[k].name, [v]))
         return ins
 
     def generate(self, prompt: str, tokens=None, characters=None, **opts) -> tuple[np.ndarray, dict]:

@@ -11,17 +11,17 @@ path, see export/tensorrt.py).
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import InputError, WeightsError
+from runtime.errors import InputError
+from runtime.manifest import Component, Manifest
 
 
 class OrtEngine:
-    def __init__(self, path: Path, record: dict, threads: int | None = None):
+    def __init__(self, path: Path, record: Component, threads: int | None = None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -30,9 +30,8 @@ class OrtEngine:
             opts.intra_op_num_threads = threads
         self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.record = record
-        self.inputs = [t["name"] for t in record["inputs"]]
-        self.outputs = [t["name"] for t in record["outputs"]]
-        self.profile = record["profile"]
+        self.inputs, self.outputs = record.input_names, record.output_names
+        self.profile = record.profile
 
     def check_profile(self, feeds: dict[str, np.ndarray], skip_batch: bool = False) -> None:
         """Reject shapes outside the engine's min/max profile with a message naming the input.
@@ -45,7 +44,7 @@ class OrtEngine:
             if skip_batch and lo:
                 lo[0] = 1
             if len(arr.shape) != len(lo) or any(not (a <= s <= b) for s, a, b in zip(arr.shape, lo, hi)):
-                raise InputError(f"{self.record['spec']['name']}: input {name} has shape {list(arr.shape)}, outside "
+                raise InputError(f"{self.record.name}: input {name} has shape {list(arr.shape)}, outside "
                                  f"the engine profile {list(lo)}..{list(hi)}; rebuild with wider --min-size/--max-size")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -67,22 +66,10 @@ class OrtEngine:
         return results
 
 
-class Build:
-    """A build folder: manifest + files."""
-
-    def __init__(self, path: Path | str):
-        self.path = Path(path)
-        mf = self.path / "manifest.json"
-        if not mf.exists():
-            raise WeightsError(f"{mf}: missing. Run `python -m export.build --out {self.path}` first.")
-        self.manifest = json.loads(mf.read_text())
+class Build(Manifest):
+    """A build folder: its typed manifest (runtime/manifest.py) plus onnxruntime sessions of its components."""
 
     def engine(self, name: str, threads: int | None = None) -> OrtEngine:
-        rec = self.manifest["components"].get(name)
-        if rec is None:
-            raise WeightsError(f"{self.path}: the build has no '{name}' component; rebuild including it")
+        rec = self.component(name)
         threads = threads or int(os.environ.get("STORYMAKER_ORT_THREADS", "0")) or None
-        return OrtEngine(self.path / rec["files"][0]["path"], rec, threads)
-
-    def has(self, name: str) -> bool:
-        return name in self.manifest["components"]
+        return OrtEngine(self.file(rec.model_file), rec, threads)

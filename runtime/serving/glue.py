@@ -143,35 +143,54 @@ def character_request(glue: Glue, r):
 
 
 def generate_options(glue: Glue, r, prompt: str = "(embeddings given)"):
-    """Sampling options of a request (defaults: the release's), validated later against the engine profile."""
+    """Sampling options of a request: every input of contract.SAMPLING that sets a GenerateOptions field, its
+    default where the request leaves it out (validated later against the build)."""
     from runtime.pipeline import GenerateOptions
     from runtime.preprocess import decode_image
+    from runtime.serving.contract import NUMPY, SAMPLING
 
+    cast = lambda p: int if NUMPY[p.dtype].startswith("int") else float
+    values = {p.option: glue.scalar(r, p.name, p.default, cast(p)) for p in SAMPLING if p.option}
     pose = glue.blobs(r, "POSE")
-    return GenerateOptions(
-        prompt=prompt, steps=glue.scalar(r, "STEPS", 25, int), guidance=glue.scalar(r, "GUIDANCE", 7.5),
-        width=glue.scalar(r, "WIDTH", 1280, int), height=glue.scalar(r, "HEIGHT", 960, int),
-        seed=glue.scalar(r, "SEED", 0, int), ip_scale=glue.scalar(r, "IP_SCALE", 0.8),
-        pose_image=decode_image(pose[0], "pose map") if pose and pose[0] else None,
-        controlnet_scale=glue.scalar(r, "CONTROLNET_SCALE", 1.0))
+    return GenerateOptions(prompt=prompt, pose_image=decode_image(pose[0], "pose map") if pose and pose[0] else None,
+                           **values)
 
 
 class Sampling:
-    """What a BLS model running the UniPC loop needs from a build: the unet record, the scheduler
-    config, the token width and a factory of denoisers that call `unet` (and `controlnet`) via BLS."""
+    """What a BLS model running the denoising loop needs from a build: the typed manifest, the UniPC plans
+    per step count, and a factory of EngineDenoisers that call `unet` (and `controlnet`) via BLS."""
 
     def __init__(self, glue: Glue, build_dir: str):
-        from runtime.serving.engines import Build
+        from runtime.manifest import Manifest
 
-        b = Build(build_dir)
-        self.glue, self.unet = glue, b.manifest["components"]["unet"]
-        self.dim = self.unet["spec"]["inputs"][2]["dims"][2]
-        self.scheduler = json.loads((b.path / b.manifest["assets"]["scheduler_config"]).read_text())
-        outs = [t["name"] for t in b.manifest["components"]["controlnet"]["outputs"]] if b.has("controlnet") else None
+        self.glue, self.build = glue, Manifest(build_dir)
+        self.dim, self.plans = self.build.cross_attention_dim, {}
+        outs = self.build.component("controlnet").output_names if self.build.has("controlnet") else None
         self.controlnet = (lambda f: glue.engine("controlnet", f, outs, batched=True)) if outs else None
 
     def denoiser(self):
-        from runtime.serving.logic import EngineDenoiser
+        from runtime.denoise import EngineDenoiser
 
-        return EngineDenoiser(self.unet, lambda f: self.glue.engine("unet", f, ["noise_pred"], batched=True),
-                              self.controlnet)
+        return EngineDenoiser(self.build.component("unet"),
+                              lambda f: self.glue.engine("unet", f, ["noise_pred"], batched=True), self.controlnet,
+                              self.build.text_len)
+
+    def latents(self, opts, text, tokens, is_cancelled):
+        from runtime.serving.logic import generate_latents
+
+        return generate_latents(opts, text, tokens, self.denoiser(), self.build, self.plans, is_cancelled)
+
+
+class SamplingModel:
+    """Base of the Triton BLS models that run the denoising loop (`sampler`, `storymaker`): their model.py sets
+    `pb` (triton_python_backend_utils, importable only inside the stub) and defines `_one(request) -> outputs`."""
+
+    pb = None
+
+    def initialize(self, args):
+        _, params = setup(args)
+        self.glue = Glue(self.pb)
+        self.s = Sampling(self.glue, params["build_dir"])
+
+    def execute(self, requests):
+        return self.glue.run_each(requests, self._one)

@@ -149,13 +149,10 @@ def ngc_command(build_dir: Path, mount: str = "/models", container_tensorrt: str
     version-compatible engines the TensorRT backend needs `--backend-config=tensorrt,version-compatible=true`;
     otherwise every engine loads only on the exact TensorRT version that built it. `container_tensorrt`
     (the container's TensorRT version) is checked against the engines: a mismatch raises with the fix."""
-    import json
+    from runtime.manifest import Manifest
 
-    mf = Path(build_dir) / "manifest.json"
-    if not mf.exists():
-        raise StoryMakerError(f"{build_dir}: no manifest.json; build it with `python -m export.build ... --out {build_dir}`")
-    m = json.loads(mf.read_text())
-    built = {n: r["engine"] for n, r in m["components"].items() if (r.get("engine") or {}).get("status") == "built"}
+    m = Manifest(build_dir)
+    built = {n: c.engine for n, c in m.components.items() if c.engine.get("status") == "built"}
     cmd = ["tritonserver", f"--model-repository={mount.rstrip('/')}/triton_repo_ngc", "--model-control-mode=none",
            "--strict-readiness=true"]
     notes = []

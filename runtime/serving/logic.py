@@ -2,14 +2,13 @@
 
 Each class here is what one served model computes, on the ONNX engines of a
 build (runtime/serving/engines.py) and the same functions as the in-process pipeline
-(tokenisation, preprocessing, `step_inputs`, the UniPC `sample` loop,
-`to_uint8`), so the served path and `StoryMakerPipeline` give the same image
+(tokenisation, preprocessing, and runtime/denoise.py's loop, denoisers and
+decode), so the served path and `StoryMakerPipeline` give the same image
 for the same seed. Request validation lives here too: every bad input raises
 `InputError` with a message for that request only.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +17,9 @@ import torch
 from runtime.characters import Character, preprocess_characters
 from runtime.errors import InputError
 from runtime.face import FaceAnalyzer, FaceInfo
-from runtime.pipeline import GenerateOptions, TextEmbeds, sample, step_inputs, to_uint8, tokenize
-from runtime.shapes import eval_dim
+from runtime.denoise import denoise, step_inputs
+from runtime.pipeline import GenerateOptions, TextEmbeds, tokenize
+from runtime.unipc import UniPCPlan
 
 MAX_STEPS = 200
 
@@ -30,8 +30,7 @@ class TextEncoding:
     def __init__(self, build):
         from transformers import CLIPTokenizer
 
-        a = build.manifest["assets"]
-        self.tok = [CLIPTokenizer.from_pretrained(str(build.path / a[k])) for k in ("tokenizer", "tokenizer_2")]
+        self.tok = [CLIPTokenizer.from_pretrained(str(build.file(build.assets[k]))) for k in ("tokenizer", "tokenizer_2")]
         self.te = [build.engine("text_encoder"), build.engine("text_encoder_2")]
 
     def _encode(self, prompt: str) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -67,11 +66,10 @@ class CharacterEncoding:
     """Photos + masks (+ cloth, face info) -> (positive, negative) image tokens via clip_vision and ppr engines."""
 
     def __init__(self, build, clip_fn=None, ppr_fn=None):
-        c = build.manifest["components"]
-        self.max_chars = c["ppr"]["spec"]["symbols"]["n"][2]
-        self.faces = (FaceAnalyzer(build.path / c["face_detector"]["files"][0]["path"],
-                                   build.path / c["face_recognizer"]["files"][0]["path"])
-                      if "face_detector" in c and "face_recognizer" in c else None)
+        self.max_chars = build.max_characters
+        self.faces = (FaceAnalyzer(build.file(build.component("face_detector").model_file),
+                                   build.file(build.component("face_recognizer").model_file))
+                      if build.has("face_detector") and build.has("face_recognizer") else None)
         self.clip_fn = clip_fn or build.engine("clip_vision").run       # BLS calls when served
         self.ppr_fn = ppr_fn or build.engine("ppr").run
         self._negatives: dict = {}     # (n, identity_only) -> tokens of all-zero inputs: constant, computed once
@@ -112,44 +110,12 @@ class CharacterEncoding:
         return self.tokens(*self.features(req), req.identity_only, req.interpolation)
 
 
-class EngineDenoiser:
-    """eps(x, t) through unet (and controlnet) engines or BLS calls; the same step inputs as TorchDenoiser."""
-
-    def __init__(self, unet_record: dict, unet_fn, controlnet_fn=None):
-        self.rec, self.unet_fn, self.controlnet_fn = unet_record, unet_fn, controlnet_fn
-        self.res = [t for t in unet_record["inputs"] if t["name"].startswith(("down_res", "mid_res"))]
-
-    def prepare(self, inputs: dict) -> None:
-        if inputs["pose"] is not None and self.controlnet_fn is None:
-            raise InputError("a pose map was given but this deployment has no controlnet; rebuild with controlnet/")
-        self.inp = {k: (v.numpy().astype(np.float32) if torch.is_tensor(v) else v) for k, v in inputs.items()}
-        self._zeros: dict = {}         # zero ControlNet residuals per latent shape, allocated once per request
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        i, n = self.inp, x.shape[0]
-        feeds = {"sample": x.numpy().astype(np.float32), "timestep": np.full((n,), float(t), np.float32),
-                 "encoder_hidden_states": i["encoder_hidden_states"], "text_embeds": i["text_embeds"],
-                 "time_ids": i["time_ids"], "ip_scale": i["ip_scale"]}
-        if i["pose"] is not None:
-            cn = {k: feeds[k] for k in ("sample", "timestep", "text_embeds", "time_ids")}
-            cn.update(encoder_hidden_states=i["encoder_hidden_states"][:, :77], controlnet_cond=i["pose"],
-                      conditioning_scale=i["controlnet_scale"])
-            feeds.update(self.controlnet_fn(cn))
-        else:                                   # no pose map: zero residuals (exact: the UNet adds them)
-            key = tuple(x.shape)
-            if key not in self._zeros:
-                vals = {"N": n, "h": x.shape[2], "w": x.shape[3]}
-                self._zeros[key] = {r["name"]: np.zeros([eval_dim(d, vals) for d in r["dims"]], np.float32)
-                                    for r in self.res}
-            feeds.update(self._zeros[key])
-        return torch.from_numpy(self.unet_fn(feeds)["noise_pred"])
-
-
-def validate_options(opts: GenerateOptions, unet_record: dict) -> None:
-    """Per-request checks against the engine profile, with messages that say what to change."""
-    opts.validate(8)
+def validate_options(opts: GenerateOptions, build) -> None:
+    """Per-request checks against the build (VAE factor, engine profile), with messages that say what to change."""
+    opts.validate(build.vae_factor)
     if opts.steps > MAX_STEPS:
         raise InputError(f"steps={opts.steps} exceeds the server limit of {MAX_STEPS}")
-    lo, hi = unet_record["spec"]["symbols"]["h"][0] * 8, unet_record["spec"]["symbols"]["h"][2] * 8
+    lo, _, hi = build.size_range
     for k in ("width", "height"):
         v = getattr(opts, k)
         if not lo <= v <= hi:
@@ -167,22 +133,45 @@ def check_tokens(pos: np.ndarray, neg: np.ndarray, d: int) -> None:
         raise InputError(f"image_tokens {list(pos.shape)} and negative_image_tokens {list(neg.shape)} differ")
 
 
-def generate_latents(opts: GenerateOptions, text: TextEmbeds, tokens, denoiser, scheduler_config: dict,
-                     is_cancelled=None) -> torch.Tensor:
-    """The shared UniPC loop; `is_cancelled()` is checked before every step."""
-    def check(i, n):
-        if is_cancelled is not None and is_cancelled():
-            raise Cancelled(f"request cancelled before step {i + 1}/{n}")
-    tok = tuple(torch.from_numpy(np.asarray(t)) for t in tokens)
-    return sample(denoiser, step_inputs(text, tok, opts), opts, scheduler_config, 4, check)
+class EnginePipeline:
+    """The build's engines in process (onnxruntime sessions): what the served models compute, without Triton.
+    Same text encoding, character encoding, validation, loop and decode as the BLS models."""
+
+    def __init__(self, build):
+        from runtime.denoise import EngineDenoiser
+
+        self.b, self.text, self.chars, self.plans = build, TextEncoding(build), CharacterEncoding(build), {}
+        cn = build.engine("controlnet").run if build.has("controlnet") else None
+        self.denoiser = EngineDenoiser(build.component("unet"), build.engine("unet").run, cn, build.text_len)
+        self.vae = build.engine("vae_decoder").run
+
+    def encode_characters(self, req: CharacterRequest):
+        return self.chars(req)
+
+    def latents(self, opts: GenerateOptions, tokens, is_cancelled=None) -> torch.Tensor:
+        validate_options(opts, self.b)
+        text, _ = self.text(opts.prompt, opts.negative_prompt)
+        return generate_latents(opts, text, tokens, self.denoiser, self.b, self.plans, is_cancelled)
+
+    def generate(self, opts: GenerateOptions, tokens) -> np.ndarray:
+        from runtime.denoise import decode, engine_vae01
+
+        return decode(engine_vae01(self.vae), self.latents(opts, tokens))
 
 
 class Cancelled(Exception):
     """The client cancelled the request; the server stops it and moves on."""
 
 
-def decode_latents(vae_fn, latents: torch.Tensor) -> np.ndarray:
-    img = vae_fn({"latent": latents.numpy().astype(np.float32)})["image"]    # (1, 3, H, W) in [0, 1]
-    if not math.isfinite(float(img.sum())):
-        raise InputError("the VAE produced non-finite pixels (check the embeddings given)")
-    return to_uint8(img[0])
+def generate_latents(opts: GenerateOptions, text: TextEmbeds, tokens, denoiser, build, plans: dict | None = None,
+                     is_cancelled=None) -> torch.Tensor:
+    """runtime.denoise.denoise on the build's engines; `is_cancelled()` is checked before every step. `plans`
+    caches the UniPC plan per step count (host arithmetic, once)."""
+    def check(i, n):
+        if is_cancelled is not None and is_cancelled():
+            raise Cancelled(f"request cancelled before step {i + 1}/{n}")
+    plans = {} if plans is None else plans
+    if opts.steps not in plans:
+        plans[opts.steps] = UniPCPlan(build.scheduler_config, opts.steps)
+    return denoise(denoiser, step_inputs(text, tokens, opts), opts, plans[opts.steps], build.vae_factor,
+                   build.latent_channels, step_callback=check)

@@ -18,7 +18,7 @@ class TritonPythonModel:
         self.batched = cfg.get("max_batch_size", 0) > 0
         self.glue = Glue(pb_utils)
         self.engine = Build(params["build_dir"]).engine(params["component"])
-        self.rank = {t["name"]: len(t["dims"]) for t in self.engine.record["inputs"]}
+        self.rank = {t.name: len(t.dims) for t in self.engine.record.spec.inputs}
 
     def _feeds(self, request):
         feeds = {}

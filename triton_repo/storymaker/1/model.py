@@ -17,17 +17,16 @@ from PIL import Image
 
 from runtime.errors import InputError
 from runtime.pipeline import TextEmbeds
-from runtime.serving.logic import check_tokens, decode_latents, generate_latents, validate_options
-from runtime.serving.glue import Glue, Sampling, generate_options, setup
+from runtime.denoise import decode, engine_vae01
+from runtime.serving.logic import check_tokens, validate_options
+from runtime.serving.contract import CHARACTERS
+from runtime.serving.glue import SamplingModel, generate_options
 
-CHAR_INPUTS = ("PHOTOS", "MASKS", "CLOTHS", "FACE_INFO", "MASK_CHANNELS", "IDENTITY_ONLY", "INTERPOLATION")
+CHAR_INPUTS = [p.name for p in CHARACTERS]
 
 
-class TritonPythonModel:
-    def initialize(self, args):
-        _, params = setup(args)
-        self.glue = Glue(pb_utils)
-        self.s = Sampling(self.glue, params["build_dir"])
+class TritonPythonModel(SamplingModel):
+    pb = pb_utils
 
     def _tokens(self, r):
         g = self.glue
@@ -45,7 +44,7 @@ class TritonPythonModel:
         g = self.glue
         prompt = g.texts(r, "PROMPT", required=True)[0]
         opts = generate_options(g, r, prompt)
-        validate_options(opts, self.s.unet)
+        validate_options(opts, self.s.build)
         tokens = self._tokens(r)
         te_in = {"PROMPT": np.array([prompt.encode()], dtype=object)}
         neg = g.array(r, "NEGATIVE_PROMPT")
@@ -53,12 +52,8 @@ class TritonPythonModel:
             te_in["NEGATIVE_PROMPT"] = neg.reshape(1)
         te = g.bls("text_encoder", te_in, ["PROMPT_EMBEDS", "POOLED", "TRUNCATED"])
         text = TextEmbeds(torch.from_numpy(te["PROMPT_EMBEDS"]), torch.from_numpy(te["POOLED"]))
-        lat = generate_latents(opts, text, tokens, self.s.denoiser(), self.s.scheduler, r.is_cancelled)
-        img = decode_latents(lambda f: g.engine("vae_decoder", f, ["image"]), lat)
+        lat = self.s.latents(opts, text, tokens, r.is_cancelled)
+        img = decode(engine_vae01(lambda f: g.engine("vae_decoder", f, ["image"])), lat)
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="PNG")
         return {"IMAGE": img, "PNG": np.array([buf.getvalue()], dtype=object), "TRUNCATED": te["TRUNCATED"]}
-
-    def execute(self, requests):
-        return self.glue.run_each(requests, self._one)
-

@@ -1,0 +1,105 @@
+"""The I/O of the BLS models (`text_encoder`, `encode_characters`, `sampler`, `storymaker`), declared once.
+
+The engine models' I/O comes from their component specs in the manifest; the BLS models' I/O is declared
+here, and everything else derives from it: their `config.pbtxt` (export/triton_repo.py), the defaults the glue
+applies to missing optional inputs (runtime/serving/glue.py: a sampling input's default is the
+`GenerateOptions` field it sets, so the server and in-process runs share one set of defaults), the tensor
+types the client sends (runtime/serving/client.py) and the README's table (`markdown_table`, checked by a
+test). Dims are ints, -1 (any), or the build's symbols: "D" image-token/text width, "P" pooled width,
+"L" text length, "C" latent channels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+NUMPY = {"BYTES": object, "FP32": "float32", "INT32": "int32", "INT64": "int64", "BOOL": "bool", "UINT8": "uint8"}
+
+
+@dataclass(frozen=True)
+class Port:
+    name: str
+    dtype: str                       # Triton data type: BYTES FP32 INT32 INT64 BOOL UINT8
+    dims: tuple
+    optional: bool = False
+    option: str | None = None        # the GenerateOptions field this input sets (its default applies)
+    doc: str = ""
+
+    @property
+    def default(self):
+        if self.option is None:
+            return None
+        from runtime.pipeline import GenerateOptions
+
+        return next(f.default for f in fields(GenerateOptions) if f.name == self.option)
+
+    def resolve(self, sizes: dict[str, int]) -> list[int]:
+        return [sizes[d] if isinstance(d, str) else d for d in self.dims]
+
+
+@dataclass(frozen=True)
+class BLSModel:
+    name: str
+    inputs: tuple[Port, ...]
+    outputs: tuple[Port, ...]
+    instances: int
+    doc: str
+
+    def port(self, name: str) -> Port:
+        for p in self.inputs + self.outputs:
+            if p.name == name:
+                return p
+        raise KeyError(f"{self.name} has no input or output {name!r}")
+
+
+def _opt(ports):
+    return tuple(Port(p.name, p.dtype, p.dims, True, p.option, p.doc) for p in ports)
+
+
+CHARACTERS = (
+    Port("PHOTOS", "BYTES", (-1,), doc="encoded photo per character (PNG/JPEG/WEBP)"),
+    Port("MASKS", "BYTES", (-1,), doc="encoded mask per character (white = character)"),
+    Port("CLOTHS", "BYTES", (-1,), True, doc="clothing image per character, empty element = none"),
+    Port("FACE_INFO", "BYTES", (-1,), True, doc='face JSON {"kps", "embedding"} per character, empty = detect'),
+    Port("MASK_CHANNELS", "INT32", (-1,), True, doc="channel of a colour-coded mask per character"),
+    Port("IDENTITY_ONLY", "BOOL", (1,), True, doc="zero the character-image tokens"),
+    Port("INTERPOLATION", "FP32", (1,), True, doc="blend characters 1 and 2 with this weight"),
+)
+TOKENS = (Port("IMAGE_TOKENS", "FP32", (1, -1, "D"), doc="[1, 20(n+1), D] from encode_characters"),
+          Port("NEG_IMAGE_TOKENS", "FP32", (1, -1, "D"), doc="the CFG negative of IMAGE_TOKENS"))
+TEXT = (Port("PROMPT_EMBEDS", "FP32", (2, "L", "D"), doc="[negative, positive] text tokens"),
+        Port("POOLED", "FP32", (2, "P"), doc="[negative, positive] pooled text embedding"))
+SAMPLING = (
+    Port("SEED", "INT64", (1,), True, "seed", "noise seed (0 .. 2^63-1)"),
+    Port("STEPS", "INT32", (1,), True, "steps", "UniPC steps"),
+    Port("GUIDANCE", "FP32", (1,), True, "guidance", "classifier-free guidance scale"),
+    Port("WIDTH", "INT32", (1,), True, "width", "image width in pixels"),
+    Port("HEIGHT", "INT32", (1,), True, "height", "image height in pixels"),
+    Port("IP_SCALE", "FP32", (1,), True, "ip_scale", "character-image attention scale"),
+    Port("POSE", "BYTES", (1,), True, doc="encoded OpenPose map (needs the controlnet model)"),
+    Port("CONTROLNET_SCALE", "FP32", (1,), True, "controlnet_scale", "ControlNet residual scale"),
+)
+PROMPTS = (Port("PROMPT", "BYTES", (1,), doc="UTF-8 prompt"),
+           Port("NEGATIVE_PROMPT", "BYTES", (1,), True, doc="UTF-8 negative prompt (none: zero embeddings)"))
+TRUNCATED = Port("TRUNCATED", "BOOL", (1,), doc="the prompt exceeded L tokens and was cut, as SDXL does")
+
+MODELS = {m.name: m for m in (
+    BLSModel("text_encoder", PROMPTS, (*TEXT, TRUNCATED), 1, "both tokenizers + text encoder engines"),
+    BLSModel("encode_characters", CHARACTERS, TOKENS, 1,
+             "crop by mask, face detection/alignment (the build's buffalo_l files), CLIP, resampler"),
+    BLSModel("sampler", (*TEXT, *TOKENS, *SAMPLING), (Port("LATENTS", "FP32", (1, "C", -1, -1), doc="denoised latents"),),
+             2, "the UniPC + CFG loop, unet/controlnet each step"),
+    BLSModel("storymaker", (*PROMPTS, *_opt(TOKENS), *_opt(CHARACTERS), *SAMPLING),
+             (Port("IMAGE", "UINT8", (-1, -1, 3), doc="the frame"), Port("PNG", "BYTES", (1,), doc="the frame as PNG"),
+              TRUNCATED), 2,
+             "a frame: text, tokens (given, or computed from PHOTOS...), loop, VAE"),
+)}
+
+
+def markdown_table() -> str:
+    """The README rows of the BLS models: model | does | inputs (optional ones with ?) -> outputs."""
+    rows = []
+    for m in MODELS.values():
+        ins = ", ".join(p.name + ("?" if p.optional else "") + (f"={p.default}" if p.default is not None else "")
+                        for p in m.inputs)
+        rows.append(f"| `{m.name}` (BLS) | {m.doc} | {ins} -> {', '.join(p.name for p in m.outputs)} |")
+    return "\n".join(rows)
