@@ -68,26 +68,30 @@ def meta_models(models):
 
 def image_flops(models, size: int, characters: int = 1, steps: int = 25, width: int | None = None) -> dict:
     """Counted FLOPs per stage of one image; `models` may live anywhere (only configs are read)."""
+    from runtime.attention import TEXT_TOKENS
+    from runtime.denoise import vae_scale_factor
+
     m = meta_models(models)
-    h, w = size // 8, (width or size) // 8
+    f, L, c = vae_scale_factor(m["vae"].config), TEXT_TOKENS, m["unet"].config.in_channels
+    h, w = size // f, (width or size) // f
     cfg = m["ppr"].cfg
     t_img = cfg.tokens_per_character * (characters + 1)
     pooled = m["unet"].config.projection_class_embeddings_input_dim - 6 * m["unet"].config.addition_time_embed_dim
     px = m["enc"].config.image_size
     with torch.device("meta"):
-        step = _count(lambda: m["unet"](torch.randn(2, 4, h, w), torch.tensor(500.0),
-                                        encoder_hidden_states=torch.randn(2, 77 + t_img, cfg.cross_attention_dim),
+        step = _count(lambda: m["unet"](torch.randn(2, c, h, w), torch.tensor(500.0),
+                                        encoder_hidden_states=torch.randn(2, L + t_img, cfg.cross_attention_dim),
                                         added_cond_kwargs={"text_embeds": torch.randn(2, pooled),
                                                            "time_ids": torch.randn(2, 6)},
                                         cross_attention_kwargs={"ip_scale": torch.full((2,), 0.8)}))
-        ids = torch.zeros(1, 77, dtype=torch.long)
+        ids = torch.zeros(1, L, dtype=torch.long)
         text = 2 * (_count(lambda: m["te1"](ids, output_hidden_states=True))
                     + _count(lambda: m["te2"](ids, output_hidden_states=True)))
         enc = _count(lambda: m["enc"](torch.randn(2 * characters, 3, px, px), output_hidden_states=True))
         feats = m["enc"].config.hidden_size
         ppr = 2 * _count(lambda: m["ppr"](torch.randn(characters, cfg.id_dim), torch.randn(characters, 257, feats),
                                           torch.randn(characters, 257, feats)))
-        vae = _count(lambda: m["vae"].decode(torch.randn(1, 4, h, w)))
+        vae = _count(lambda: m["vae"].decode(torch.randn(1, c, h, w)))
     return {"encoders": enc, "ppr": ppr, "text": text, "unet_step": step, "denoise": steps * step, "vae": vae}
 
 

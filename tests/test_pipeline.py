@@ -98,3 +98,28 @@ def test_missing_face_without_detector(pipe):
             pipe.encode_characters([c])
     finally:
         pipe.m.face_analyzer = analyzer
+
+
+def test_vae_scale_factor_comes_from_the_vae(layout, two_characters):
+    """A VAE with three blocks (factor 4, not SDXL's 8): the starting latents, the engine specs and the image follow
+    the VAE's config, so the frame still has the requested size."""
+    from diffusers import AutoencoderKL
+
+    from export.components import ExportProfile, build_specs
+    from runtime.loaders import load_storymaker
+    from runtime.pipeline import StoryMakerPipeline
+
+    m = load_storymaker(layout)
+    cfg = dict(m.sdxl.vae.config)
+    cfg["block_out_channels"] = list(cfg["block_out_channels"])[:3]
+    cfg["down_block_types"], cfg["up_block_types"] = cfg["down_block_types"][:3], cfg["up_block_types"][:3]
+    m.sdxl.vae = AutoencoderKL.from_config(cfg).eval()
+    pipe = StoryMakerPipeline(m)
+    assert pipe.vae_factor == 4
+    opts = GenerateOptions("two friends", seed=1, width=64, height=48, steps=2)
+    tokens = pipe.encode_characters(two_characters)
+    lat = pipe.latents(opts, encode_text(m.sdxl, opts.prompt, None), tokens)
+    assert lat.shape == (1, 4, 12, 16)
+    assert pipe.generate(opts, tokens).shape == (48, 64, 3)
+    vae_spec = build_specs(m, ExportProfile.demo())["vae_decoder"]
+    assert vae_spec.output("image").shape({"B": 1, "h": 12, "w": 16}) == (1, 3, 48, 64)

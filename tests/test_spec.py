@@ -161,3 +161,38 @@ def test_trt_flags_reach_the_builder_config(tmp_path, monkeypatch):
     flags = [a[0] for n, a in calls if n == "trt.create_builder_config().set_flag"]
     assert flags == ["REFIT", "VERSION_COMPATIBLE"]
     assert ("trt.create_builder_config().hardware_compatibility_level=", ("AMPERE_PLUS",)) in calls
+
+
+def test_bls_io_is_declared_once():
+    """The BLS models' I/O lives in runtime/serving/contract.py: the README's table is generated from it, the glue's
+    defaults are GenerateOptions' (the release's 960 wide x 1280 high portrait frame), and every sampling input
+    the client can send maps to a declared port."""
+    from pathlib import Path
+
+    from runtime.pipeline import GenerateOptions
+    from runtime.serving.client import OPTIONS
+    from runtime.serving.contract import MODELS, SAMPLING, markdown_table
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert markdown_table() in readme
+    defaults = {p.name: p.default for p in SAMPLING}
+    assert defaults["WIDTH"] == GenerateOptions("x").width == 960 and defaults["HEIGHT"] == GenerateOptions("x").height == 1280
+    assert set(OPTIONS) == {p.option for p in SAMPLING if p.option}
+    assert [p.name for p in MODELS["storymaker"].inputs if p.optional][:2] == ["NEGATIVE_PROMPT", "IMAGE_TOKENS"]
+
+
+def test_bls_configs_derive_from_the_declaration(built):
+    """Each BLS config.pbtxt lists exactly the declared inputs/outputs, types and optionality, with the build's
+    sizes (token width D, text length L) filled in."""
+    from export.triton_config import parse_pbtxt
+    from runtime.manifest import Manifest
+    from runtime.serving.contract import MODELS
+
+    m = Manifest(built)
+    sizes = {"D": m.cross_attention_dim, "P": m.pooled_dim, "L": m.text_len, "C": m.latent_channels}
+    assert sizes["L"] == 77 and m.vae_factor == 8
+    for name, model in MODELS.items():
+        cfg = parse_pbtxt((built / "triton_repo" / name / "config.pbtxt").read_text())
+        assert [(i.name, list(i.dims), i.optional) for i in cfg.input] == \
+            [(p.name, p.resolve(sizes), p.optional) for p in model.inputs], name
+        assert [o.name for o in cfg.output] == [p.name for p in model.outputs], name
