@@ -262,8 +262,9 @@ def build(a) -> int:
         ngc, backends = write_ngc_repo(out, python_env=a.ngc_python_env)
         extra["ngc_repository"] = backends
         write_manifest()
+        engine_failed = {n: b["why"] for n, b in backends.items() if "failed" in b["why"]}   # skips: said above
         print(f"Triton model repository: {repo} (bundled server); {ngc} (NGC container), engine models: "
-              + ", ".join(f"{n} {b['backend']}" + (f" ({b['why']})" if b.get("why") else "") for n, b in backends.items()))
+              + ", ".join(f"{n} {b['backend']}" + (f" ({engine_failed[n]})" if n in engine_failed else "") for n, b in backends.items()))
     failed = [n for n, r in records.items() if r["parity"]["status"] == "failed"]
     print(f"\nmanifest: {out / 'manifest.json'}")
     if failed:
