@@ -5,6 +5,7 @@ buffalo_l files, CLIP preprocessing) runs here, in-process; CLIP and the
 resampler run as the `clip_vision` and `ppr` models via BLS. Outputs
 IMAGE_TOKENS and NEG_IMAGE_TOKENS [1, 20(n+1), D] for `storymaker`/`sampler`.
 """
+import storymaker_serve  # noqa: F401,I001  (first: puts runtime/ on sys.path, installed or in a checkout)
 import triton_python_backend_utils as pb_utils
 
 from runtime.serving.engines import Build

@@ -5,6 +5,7 @@ batching (unet, controlnet) Triton hands over several requests at once; inputs
 with matching shapes run as one batch (runtime.serving.engines.OrtEngine.run_batched).
 A request with bad shapes gets its own INVALID_ARG error.
 """
+import storymaker_serve  # noqa: F401,I001  (first: puts runtime/ on sys.path, installed or in a checkout)
 import numpy as np
 import triton_python_backend_utils as pb_utils
 

@@ -4,6 +4,7 @@ I/O: runtime/serving/contract.py (MODELS["sampler"]). The loop is runtime.denois
 in-process, through runtime.serving.logic.generate_latents, which checks `request.is_cancelled()` before
 every step.
 """
+import storymaker_serve  # noqa: F401,I001  (first: puts runtime/ on sys.path, installed or in a checkout)
 import torch
 import triton_python_backend_utils as pb_utils
 

@@ -8,6 +8,7 @@ step, as runtime.serving.logic.generate_latents) and `vae_decoder`. A BLS model 
 than a static ensemble: its inputs are optional and cancellation must reach
 the denoising loop. Outputs IMAGE [H, W, 3] uint8, PNG [1] bytes, TRUNCATED [1].
 """
+import storymaker_serve  # noqa: F401,I001  (first: puts runtime/ on sys.path, installed or in a checkout)
 import io
 
 import numpy as np

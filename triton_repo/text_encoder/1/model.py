@@ -4,6 +4,7 @@ PROMPT (and optional NEGATIVE_PROMPT; absent = zero embeddings, as SDXL) ->
 PROMPT_EMBEDS [2, 77, D] (negative, positive), POOLED [2, P], TRUNCATED
 (the prompt exceeded 77 tokens and was cut, as SDXL does; also logged).
 """
+import storymaker_serve  # noqa: F401,I001  (first: puts runtime/ on sys.path, installed or in a checkout)
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
