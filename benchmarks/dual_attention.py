@@ -54,12 +54,12 @@ def median_ms(fn) -> float:
 
 
 def main(argv=None) -> None:
-    import argparse
 
     import triton
 
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.dual_attention", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from runtime.cli import argument_parser
+
+    ap = argument_parser("python -m benchmarks.dual_attention", __doc__)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dual_attention.jsonl")
     out = ap.parse_args(argv).out
     if not torch.cuda.is_available():

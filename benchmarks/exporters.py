@@ -17,7 +17,10 @@ from pathlib import Path
 import torch
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    from runtime.cli import argument_parser
+
+    argument_parser("python -m benchmarks.exporters", __doc__).parse_args(argv)   # --help, -v; starts nothing
     from export.build import _Stage, parse_args, _profile
     from export.demo_bundle import write_demo_bundle
     from export.onnx_export import torch_inputs

@@ -21,7 +21,6 @@ under peak GPU memory).
 """
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
@@ -120,7 +119,9 @@ def achieved(flops: dict, stage_seconds: dict, device_name: str | None) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.flops", description=__doc__.split("\n\n")[0])
+    from runtime.cli import argument_parser
+
+    ap = argument_parser("python -m benchmarks.flops", __doc__)
     ap.add_argument("--weights", default="random-full", help="random-full | demo | a weights folder")
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--characters", type=int, default=1, choices=(1, 2, 3))

@@ -28,7 +28,6 @@ project's pure-Python requirements as wheels (recipe: the device tool's README;
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -102,7 +101,9 @@ STAGES = {"tests": stage_tests, "kernel": stage_kernel, "e2e": stage_e2e, "compi
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_suite", description=__doc__.split("\n\n")[0])
+    from runtime.cli import argument_parser
+
+    ap = argument_parser("python -m benchmarks.gpu_suite", __doc__)
     ap.add_argument("--stages", default="tests,kernel,e2e", help=f"comma-separated, from {', '.join(STAGES)}")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--tiny", action="store_true", help="demo bundle, 64 px, 2 steps: checks the plumbing anywhere")

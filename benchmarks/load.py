@@ -14,7 +14,6 @@ Equivalent with NVIDIA's tool (Triton SDK container; not installable here):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import threading
@@ -85,7 +84,9 @@ def main(argv=None) -> None:
     from runtime.serving.client import StoryMakerClient
     from runtime.serving.launcher import TritonServer
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from runtime.cli import argument_parser
+
+    ap = argument_parser("python -m benchmarks.load", __doc__)
     ap.add_argument("--build", type=Path, default=ROOT / "build/demo")
     ap.add_argument("--concurrency", default="1,2,4,8")
     ap.add_argument("--per-client", type=int, default=10)

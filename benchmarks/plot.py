@@ -10,7 +10,6 @@ more than one size or character count.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -100,7 +99,9 @@ def curve(rows: list[dict], x: str, out: Path, name: str, filt=lambda r: True) -
 
 
 def main(argv=None) -> list[Path]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from runtime.cli import argument_parser
+
+    ap = argument_parser("python -m benchmarks.plot", __doc__)
     ap.add_argument("--results", type=Path, default=RESULTS / "runs.jsonl")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)

@@ -19,7 +19,6 @@ the server's steady-state host memory. `--quick` is the CPU smoke setting
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import platform
@@ -39,7 +38,9 @@ CHARS = [("ldh.png", "ldh_mask.png", "ldh.face.json"), ("tsy.png", "tsy_mask.png
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    from runtime.cli import argument_parser
+
+    ap = argument_parser("python -m benchmarks.run", __doc__)
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: demo weights, 128 px, 8 steps, all backends")
     ap.add_argument("--backends", default="reference,torch-opt")
     ap.add_argument("--weights", default="demo", help="demo | random-full | a weights folder")

@@ -13,7 +13,6 @@ line goes to benchmarks/results/unet_step.jsonl.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import tempfile
@@ -69,7 +68,9 @@ def main(argv=None) -> dict:
     from export.parity import session
     from runtime.adapter import build_processors
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from runtime.cli import argument_parser
+
+    ap = argument_parser("python -m benchmarks.unet_step", __doc__)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--torch-variants", action="store_true", help="also time fused_qkv and torch.compile")

@@ -28,7 +28,9 @@ TORCH_COMPONENTS = ("clip_vision", "ppr", "text_encoder", "text_encoder_2", "une
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m export.build", description=__doc__.split("\n\n")[1])
+    from runtime.cli import argument_parser
+
+    ap = argument_parser("python -m export.build", __doc__.split("\n\n", 1)[1])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", type=Path, help="weights folder (sdxl/, mask.bin, image_encoder/, buffalo_l/, controlnet/)")
     src.add_argument("--demo", action="store_true", help="write and build the tiny random demo bundle (CPU, offline)")
@@ -274,11 +276,10 @@ def build(a) -> int:
 
 
 def main(argv=None) -> int:
-    a = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    from runtime.generate import quiet_libraries
+    from runtime.cli import configure_logging
 
-    quiet_libraries()
+    a = parse_args(argv)
+    configure_logging(a)
     return cli_exit(build, a, catch=(ValueError,))
 
 

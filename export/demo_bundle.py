@@ -19,7 +19,6 @@ every loader, exporter and server path runs for real on a CPU.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -142,11 +141,13 @@ def write_demo_bundle(out: Path | str, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from runtime.cli import argument_parser, configure_logging
+
+    ap = argument_parser("python -m export.demo_bundle", __doc__)
     ap.add_argument("out", type=Path, help="folder to write the bundle into")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="weights seed")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging(args)
     path = write_demo_bundle(args.out, args.seed)
     print(f"demo bundle written to {path}")
 

@@ -51,8 +51,9 @@ def check_refit_names(engine_onnx: Path, new_onnx: Path) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m export.refit", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from runtime.cli import argument_parser
+
+    ap = argument_parser("python -m export.refit", __doc__)
     ap.add_argument("--build", type=Path, required=True, help="build folder with a refittable UNet engine")
     ap.add_argument("--weights", type=Path, required=True, help="the weights folder the build was made from")
     ap.add_argument("--lora-scale", type=float, default=0.8, help="StoryMaker LoRA scale to fuse")
@@ -101,7 +102,11 @@ def refit(a) -> int:
 
 
 def main(argv=None) -> int:
-    return cli_exit(refit, parse_args(argv))
+    from runtime.cli import configure_logging
+
+    a = parse_args(argv)
+    configure_logging(a)
+    return cli_exit(refit, a)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ tracing memory; the graph's axes stay dynamic. Run:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import time
@@ -32,7 +31,9 @@ def main(argv=None) -> None:
     from runtime.adapter import build_processors
     from export.sdxl_config import SDXL_UNET
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from runtime.cli import argument_parser
+
+    ap = argument_parser("python -m export.scale_check", __doc__)
     ap.add_argument("--out", type=Path, default=Path("build/scale_check"))
     a = ap.parse_args(argv)
     torch.manual_seed(0)

@@ -185,12 +185,13 @@ class FastPipeline(StoryMakerPipeline):
         with self.encoders_on_device():
             return tuple(t.to(self.dev) for t in super().encode_characters(chars, identity_only, interpolation))
 
-    def latents(self, opts: GenerateOptions, text: TextEmbeds, tokens, times: StageTimes | None = None) -> torch.Tensor:
+    def latents(self, opts: GenerateOptions, text: TextEmbeds, tokens, times: StageTimes | None = None,
+                step_callback=None) -> torch.Tensor:
         """runtime.denoise.denoise on the device: no host synchronisation until the caller reads the result."""
         t0 = time.perf_counter()
         x = denoise(self.denoiser, step_inputs(text, tokens, opts, self.dev), opts, self.plan(opts.steps),
                     self.vae_factor, self.m.sdxl.unet.config.in_channels, device=self.dev,
-                    channels_last=self.o.channels_last)
+                    channels_last=self.o.channels_last, step_callback=step_callback)
         if times is not None:
             self._sync()
             times.add("denoise", time.perf_counter() - t0)
@@ -199,14 +200,14 @@ class FastPipeline(StoryMakerPipeline):
     def decode(self, x: torch.Tensor):
         return decode(VAEDecode(self.m.sdxl.vae), x)
 
-    def generate(self, opts: GenerateOptions, tokens, times: StageTimes | None = None):
+    def generate(self, opts: GenerateOptions, tokens, times: StageTimes | None = None, step_callback=None):
         opts.validate(self.vae_factor)
         t0 = time.perf_counter()
         text = encode_text(self.m.sdxl, opts.prompt, opts.negative_prompt)
         if times is not None:
             self._sync()
             times.add("text", time.perf_counter() - t0)
-        x = self.latents(opts, text, tokens, times)
+        x = self.latents(opts, text, tokens, times, step_callback)
         t1 = time.perf_counter()
         img = self.decode(x)
         if times is not None:

@@ -13,7 +13,6 @@ computation.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,18 @@ if TYPE_CHECKING:
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
+def _default_device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+DEFAULT_DEVICE = _default_device()
+
+
 def _lora(s: str) -> tuple[Path, float]:
     file, _, scale = s.rpartition(":")
     try:
@@ -36,27 +47,28 @@ def _lora(s: str) -> tuple[Path, float]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m runtime.generate", description=__doc__.split("\n\n")[1])
+    from runtime.cli import add_sampling_args, argument_parser
+
+    ap = argument_parser("python -m runtime.generate", __doc__.split("\n\n", 1)[1])
     ap.add_argument("--weights", type=Path, required=True, help="weights folder (sdxl/, mask.bin, image_encoder/, ...)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--story", type=Path, help="story YAML: characters once, a list of frames")
     src.add_argument("--prompt", help="a single frame's prompt (with --character)")
-    ap.add_argument("--character", action="append", default=[], metavar="PHOTO,MASK[,FACE_JSON]")
+    ap.add_argument("--character", action="append", default=[], metavar="PHOTO,MASK[,FACE_JSON]",
+                    help="a character of a --prompt frame (repeat for 2-3)")
     ap.add_argument("--cloth", action="append", default=[], metavar="INDEX:IMAGE", help="cloth swap for character INDEX (1-based)")
     ap.add_argument("--pose", type=Path, help="OpenPose map for the ControlNet (needs controlnet/ in the weights)")
-    ap.add_argument("--out", type=Path, default=Path("out/generate"))
+    ap.add_argument("--out", type=Path, default=Path("out/generate"), help="output folder")
     ap.add_argument("--lora", type=_lora, action="append", default=[], metavar="FILE[:SCALE]", help="style LoRA to fuse")
-    g = ap.add_argument_group("sampling (override the story's defaults)")
-    for name, typ in (("steps", int), ("guidance", float), ("width", int), ("height", int), ("seed", int),
-                      ("ip-scale", float), ("controlnet-scale", float), ("negative-prompt", str)):
-        g.add_argument(f"--{name}", type=typ)
+    add_sampling_args(ap)
     ap.add_argument("--lora-scale", type=float, default=0.8, help="StoryMaker LoRA scale (fused at load)")
     ap.add_argument("--identity-only", action="store_true", help="zero the character-image tokens (face identity only)")
     ap.add_argument("--interpolation", type=float, help="blend characters 1 and 2 with this weight")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default=DEFAULT_DEVICE, help="torch device (default: cuda when a GPU is visible)")
     ap.add_argument("--dual-attention-kernel", action="store_true",
                     help="fused Triton kernel for the decoupled cross-attention (CUDA; reference elsewhere)")
-    ap.add_argument("--precision", choices=sorted(DTYPES), default="fp32")
+    ap.add_argument("--precision", choices=sorted(DTYPES),
+                    help="model precision (default: fp16 on CUDA, fp32 elsewhere; the VAE stays fp32)")
     ap.add_argument("--backend", choices=("reference", "torch-opt"), default="reference")
     opt = ap.add_argument_group("torch-opt flags (with --backend torch-opt)")
     opt.add_argument("--fused-qkv", action="store_true", help="one GEMM for Q|K|V (self) and K|V, K_ip|V_ip (cross)")
@@ -66,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt.add_argument("--cuda-graph", action="store_true", help="replay the UNet step as a CUDA graph (CUDA only)")
     opt.add_argument("--compile", action="store_true", help="torch.compile the UNet (max-autotune; slow first frame)")
     a = ap.parse_args(argv)
+    if a.precision is None:
+        a.precision = "fp16" if str(a.device).startswith("cuda") else "fp32"
     extra = [f for f in ("fused_qkv", "channels_last", "offload_encoders", "cuda_graph", "compile") if getattr(a, f)]
     if extra and a.backend != "torch-opt":
         ap.error(f"--{extra[0].replace('_', '-')} needs --backend torch-opt")
@@ -106,31 +120,19 @@ def _single_frame_story(a) -> "Story":
     return Story(chars, [frame], {})
 
 
-def quiet_libraries() -> None:
-    """CLI only: hide diffusers/transformers progress bars and info chatter; keep warnings we log."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def main(argv=None) -> int:
     import torch
 
     from runtime.loaders import WeightsLayout, load_storymaker
     from runtime.story import Story, run_story
 
+    from runtime.cli import configure_logging, sampling_overrides
+
     a = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    quiet_libraries()
+    configure_logging(a)
     try:
         story = Story.load(a.story) if a.story else _single_frame_story(a)
-        overrides = {k: v for k, v in {"steps": a.steps, "guidance": a.guidance, "width": a.width, "height": a.height,
-                                       "seed": a.seed, "ip_scale": a.ip_scale, "controlnet_scale": a.controlnet_scale,
-                                       "negative_prompt": a.negative_prompt}.items() if v is not None}
+        overrides = sampling_overrides(a)
         if a.story and (a.identity_only or a.interpolation is not None):
             for f in story.frames:
                 f.identity_only = f.identity_only or a.identity_only

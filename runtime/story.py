@@ -107,6 +107,7 @@ def contact_sheet(refs: list[Image.Image], frames: list[np.ndarray], captions: l
 def run_story(pipe, story: Story, out: Path, overrides: dict | None = None, progress=print) -> list[Path]:
     """Generate every frame of `story` with `pipe` (a StoryMakerPipeline); write PNGs, sheet, settings."""
     from runtime.characters import Character
+    from runtime.cli import step_progress
     from runtime.pipeline import GenerateOptions
     from runtime.preprocess import character_image, decode_image
 
@@ -127,7 +128,7 @@ def run_story(pipe, story: Story, out: Path, overrides: dict | None = None, prog
         opts = GenerateOptions(prompt=fr.prompt, **{**story.defaults, **fr.options, **(overrides or {})})
         if fr.pose:
             opts.pose_image = decode_image(fr.pose, f"frame {i + 1} pose")
-        img = pipe.generate(opts, token_cache[key])
+        img = pipe.generate(opts, token_cache[key], step_callback=step_progress(f"frame {i + 1}/{len(story.frames)}"))
         p = out / f"frame_{i + 1:02d}.png"
         Image.fromarray(img).save(p)
         images.append(img)

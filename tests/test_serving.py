@@ -273,3 +273,14 @@ def test_launcher_rejects_incomplete_repository(tmp_path, built, capsys):
         TritonServer(repo)
     assert serve_main(["--repo", str(repo)]) == 2
     assert "export.build" in capsys.readouterr().err
+
+
+def test_http_protocol_gives_the_grpc_frame(server, client):
+    """The client over HTTP (tritonclient.http) sends the same typed inputs and gets the same frame as over gRPC."""
+    http = StoryMakerClient(f"{server.address}:{server.http_port}", protocol="http", retries=1)
+    tokens = client.encode_characters([MAN])
+    a, _ = client.generate("a man", tokens=tokens, negative_prompt="blurry", controlnet_scale=1.0, **SMALL)
+    b, info = http.generate("a man", tokens=tokens, negative_prompt="blurry", controlnet_scale=1.0, **SMALL)
+    assert np.array_equal(a, b) and not info["truncated"]
+    with pytest.raises(StoryMakerError, match="width=1024 is outside"):
+        http.generate("a man", tokens=tokens, **{**SMALL, "width": 1024})

@@ -1,6 +1,6 @@
-"""gRPC client for the StoryMaker Triton deployment: Python API and `python -m runtime.client` CLI.
+"""Client for the StoryMaker Triton deployment (gRPC or HTTP, optional TLS): Python API and `python -m runtime.client`.
 
-`StoryMakerClient(url)` wraps tritonclient's gRPC client: `encode_characters`
+`StoryMakerClient(url)` wraps tritonclient's gRPC (default) or HTTP client: `encode_characters`
 (once per story) returns the image tokens, `generate` makes one frame (from
 tokens, or from photos directly), `generate_async` returns a handle that can be
 cancelled. Prompts and images travel as BYTES; message sizes are bounded on
@@ -12,7 +12,6 @@ starts a local server on loopback for the run and stops it afterwards.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -33,13 +32,34 @@ def _bytes(x) -> bytes:
 
 
 class StoryMakerClient:
-    def __init__(self, url: str = "127.0.0.1:8001", retries: int = 5, timeout_s: float = 600.0):
-        import tritonclient.grpc as grpcclient
+    """A Triton client for the StoryMaker models over gRPC (default) or HTTP, optionally with TLS.
 
-        self.g = grpcclient
-        opts = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
-        self.client = grpcclient.InferenceServerClient(url, channel_args=opts)
-        self.retries, self.timeout_s = retries, timeout_s
+    gRPC: `ssl=True` with `root_certificates` (CA bundle; default: the system's) and, for mutual TLS,
+    `private_key` + `certificate_chain` (PEM files). HTTP: `ssl=True` with the same files (CA bundle, client
+    key/certificate); `insecure=True` skips server-certificate verification (testing only). Cancelling a
+    running request (`generate_async(...).cancel()`) needs gRPC."""
+
+    def __init__(self, url: str = "127.0.0.1:8001", retries: int = 5, timeout_s: float = 600.0,
+                 protocol: str = "grpc", ssl: bool = False, root_certificates: str | None = None,
+                 private_key: str | None = None, certificate_chain: str | None = None, insecure: bool = False):
+        if protocol not in ("grpc", "http"):
+            raise InputError(f"protocol {protocol!r}: use grpc or http")
+        self.protocol, self.retries, self.timeout_s = protocol, retries, timeout_s
+        if protocol == "grpc":
+            import tritonclient.grpc as g
+
+            opts = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
+            self.client = g.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates,
+                                                  private_key=private_key, certificate_chain=certificate_chain,
+                                                  channel_args=opts)
+        else:
+            import tritonclient.http as g
+
+            tls = {k: v for k, v in (("ca_certs", root_certificates), ("keyfile", private_key),
+                                     ("certfile", certificate_chain)) if v}
+            self.client = g.InferenceServerClient(url, ssl=ssl, ssl_options=tls or None, insecure=insecure,
+                                                  connection_timeout=timeout_s, network_timeout=timeout_s)
+        self.g = g
 
     def _input(self, name: str, values, model: str = "storymaker"):
         """One input, typed by the model's declaration (runtime/serving/contract.py)."""
@@ -52,14 +72,14 @@ class StoryMakerClient:
     def _call(self, model: str, inputs: list, outputs: list[str]) -> dict[str, np.ndarray]:
         from tritonclient.utils import InferenceServerException
 
+        kw = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         delay = 0.5
         for attempt in range(self.retries + 1):
             try:
-                r = self.client.infer(model, inputs, outputs=[self.g.InferRequestedOutput(o) for o in outputs],
-                                      client_timeout=self.timeout_s)
+                r = self.client.infer(model, inputs, outputs=[self.g.InferRequestedOutput(o) for o in outputs], **kw)
                 return {o: r.as_numpy(o) for o in outputs}
             except InferenceServerException as e:
-                if "UNAVAILABLE" in str(e.status()) and attempt < self.retries:
+                if str(e.status()) in ("StatusCode.UNAVAILABLE", "503") and attempt < self.retries:
                     time.sleep(delay)
                     delay *= 2
                     continue
@@ -112,7 +132,9 @@ class StoryMakerClient:
         return out["IMAGE"], {"truncated": bool(out["TRUNCATED"][0]), "png": bytes(out["PNG"][0])}
 
     def generate_async(self, prompt: str, callback, tokens=None, characters=None, **opts):
-        """Start a frame; `callback(result, error)` runs when it ends. Returns a handle with `.cancel()`."""
+        """Start a frame; `callback(result, error)` runs when it ends. Returns a handle with `.cancel()` (gRPC)."""
+        if self.protocol != "grpc":
+            raise InputError("generate_async with cancellation needs protocol='grpc'")
         return self.client.async_infer("storymaker", self._frame_inputs(prompt, tokens, characters, **opts), callback,
                                        outputs=[self.g.InferRequestedOutput("IMAGE")], client_timeout=self.timeout_s)
 
@@ -159,17 +181,25 @@ def run_story_remote(client: StoryMakerClient, story, out: Path, overrides: dict
 def main(argv=None) -> int:
     from runtime.story import Story
 
-    ap = argparse.ArgumentParser(prog="python -m runtime.client", description=__doc__.split("\n\n")[0])
+    from runtime.cli import add_sampling_args, argument_parser, configure_logging, sampling_overrides
+
+    ap = argument_parser("python -m runtime.client", __doc__)
     ap.add_argument("story", type=Path, help="story YAML (see runtime/story.py)")
-    ap.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
+    ap.add_argument("--url", help="server address (default: 127.0.0.1:8001 for gRPC, 127.0.0.1:8000 for HTTP)")
+    ap.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="Triton protocol")
+    tls = ap.add_argument_group("TLS")
+    tls.add_argument("--ssl", action="store_true", help="connect with TLS")
+    tls.add_argument("--root-certificates", metavar="PEM", help="CA bundle to verify the server (default: system)")
+    tls.add_argument("--private-key", metavar="PEM", help="client key (mutual TLS)")
+    tls.add_argument("--certificate-chain", metavar="PEM", help="client certificate chain (mutual TLS)")
+    tls.add_argument("--insecure", action="store_true", help="HTTP: do not verify the server certificate (testing only)")
     ap.add_argument("--serve", type=Path, metavar="REPO", help="start a local tritonserver on REPO for this run")
-    ap.add_argument("--out", type=Path, default=Path("out/story"))
+    ap.add_argument("--out", type=Path, default=Path("out/story"), help="output folder")
     ap.add_argument("--concurrency", type=int, default=1, help="frames generated at once")
-    for name, typ in (("steps", int), ("width", int), ("height", int), ("seed", int), ("guidance", float), ("ip-scale", float)):
-        ap.add_argument(f"--{name}", type=typ)
+    add_sampling_args(ap)
     a = ap.parse_args(argv)
-    overrides = {k: v for k, v in {"steps": a.steps, "width": a.width, "height": a.height, "seed": a.seed,
-                                   "guidance": a.guidance, "ip_scale": a.ip_scale}.items() if v is not None}
+    configure_logging(a)
+    overrides = sampling_overrides(a)
     server = None
     try:
         story = Story.load(a.story)
@@ -178,10 +208,12 @@ def main(argv=None) -> int:
 
             print(f"starting tritonserver on {a.serve} (loopback) ...", flush=True)
             server = TritonServer(a.serve).start()
-            a.url = server.url
+            a.url = server.url if a.protocol == "grpc" else f"{server.address}:{server.http_port}"
             print(f"server ready at {a.url}", flush=True)
-        paths = run_story_remote(StoryMakerClient(a.url), story, a.out, overrides, a.concurrency,
-                                 progress=lambda s: print(s, flush=True))
+        url = a.url or ("127.0.0.1:8001" if a.protocol == "grpc" else "127.0.0.1:8000")
+        client = StoryMakerClient(url, protocol=a.protocol, ssl=a.ssl, root_certificates=a.root_certificates,
+                                  private_key=a.private_key, certificate_chain=a.certificate_chain, insecure=a.insecure)
+        paths = run_story_remote(client, story, a.out, overrides, a.concurrency, progress=lambda s: print(s, flush=True))
     except StoryMakerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

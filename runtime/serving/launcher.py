@@ -194,7 +194,9 @@ def _raise_interrupt(*_):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__.split("\n\n")[0])
+    from runtime.cli import argument_parser, configure_logging
+
+    ap = argument_parser("python -m runtime.serve", __doc__)
     ap.add_argument("--repo", type=Path, help="BUILD/triton_repo written by export.build")
     ap.add_argument("--ngc-command", type=Path, metavar="BUILD",
                     help="print the tritonserver command and requirements for BUILD/triton_repo_ngc in an NGC "
@@ -208,6 +210,7 @@ def main(argv=None) -> int:
     ap.add_argument("--admin-key", help="value of the admin-key header for admin protocols (default: "
                                         "$STORYMAKER_ADMIN_KEY or a random key printed at start)")
     a = ap.parse_args(argv)
+    configure_logging(a)
     if a.ngc_command:
         try:
             cmd, notes = ngc_command(a.ngc_command, container_tensorrt=a.container_tensorrt)
