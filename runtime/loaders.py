@@ -106,8 +106,21 @@ class SDXLParts:
     scheduler_config: dict
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def weights_variant(folder: Path) -> str | None:
+    """'fp16' when a diffusers/transformers folder holds only the fp16 variant weight files (`*.fp16.safetensors`,
+    what most users download), None when it has the default files. Read locally; nothing is downloaded."""
+    names = [p.name for p in Path(folder).rglob("*") if p.name.endswith(WEIGHT_SUFFIXES) and "checkpoint" not in p.name
+             and "training_args" not in p.name]
+    fp16 = [n for n in names if ".fp16." in n]
+    return "fp16" if fp16 and len(fp16) == len(names) else None
+
+
 def load_sdxl(path: Path, config_dir: Path | None = None) -> SDXLParts:
-    """SDXL from a diffusers folder, or from a single .safetensors file plus a local config folder."""
+    """SDXL from a diffusers folder (default or fp16-variant files), or from a single .safetensors file plus a local
+    config folder. Weights are loaded as float32; pipelines cast them to the precision they run in."""
     from diffusers import StableDiffusionXLPipeline
 
     path = _require(Path(path), "SDXL base model", "Pass a diffusers SDXL folder or a .safetensors checkpoint.")
@@ -121,7 +134,8 @@ def load_sdxl(path: Path, config_dir: Path | None = None) -> SDXLParts:
         for sub in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
             _require(path / sub, f"SDXL component '{sub}'", "The SDXL diffusers folder is incomplete; re-download it.")
         try:
-            pipe = StableDiffusionXLPipeline.from_pretrained(str(path), local_files_only=True)
+            pipe = StableDiffusionXLPipeline.from_pretrained(str(path), local_files_only=True,
+                                                             variant=weights_variant(path), torch_dtype=torch.float32)
         except (OSError, ValueError, EnvironmentError) as e:
             raise WeightsError(f"{path}: SDXL diffusers folder could not be loaded: {e}") from None
     return SDXLParts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
@@ -152,7 +166,8 @@ def fuse_style_loras(parts: SDXLParts, loras: list[tuple[Path, float]]) -> None:
 def _from_pretrained(cls, path: Path, what: str, fix: str):
     path = _require(Path(path), what, fix)
     try:
-        return cls.from_pretrained(str(path), local_files_only=True).eval()
+        return cls.from_pretrained(str(path), local_files_only=True, variant=weights_variant(path),
+                                   torch_dtype=torch.float32).eval()
     except (OSError, ValueError) as e:
         raise WeightsError(f"{path}: {what} could not be loaded: {e}") from None
 

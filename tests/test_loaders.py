@@ -129,3 +129,27 @@ def test_mask_bin_assembled_from_the_documented_key_list(bundle, tmp_path):
         proc = m.sdxl.unet.attn_processors[name]
         if name.endswith("attn2.processor"):
             assert torch.all(proc.to_k_ip.weight == i) and torch.all(proc.to_v_ip.weight == -i), name
+
+
+def test_fp16_variant_folders_load(bundle, tmp_path):
+    """What most users download: diffusers/transformers folders holding only `*.fp16.safetensors` (written here by
+    diffusers/transformers themselves with variant="fp16"). They load, as float32, to the fp16-rounded weights."""
+    from diffusers import ControlNetModel, StableDiffusionXLPipeline
+    from transformers import CLIPVisionModelWithProjection
+
+    from runtime.loaders import load_controlnet, load_image_encoder, weights_variant
+
+    StableDiffusionXLPipeline.from_pretrained(str(bundle / "sdxl")).to(torch.float16).save_pretrained(
+        str(tmp_path / "sdxl"), variant="fp16")
+    CLIPVisionModelWithProjection.from_pretrained(str(bundle / "image_encoder")).half().save_pretrained(
+        str(tmp_path / "image_encoder"), variant="fp16")
+    ControlNetModel.from_pretrained(str(bundle / "controlnet")).half().save_pretrained(
+        str(tmp_path / "controlnet"), variant="fp16")
+    assert next((tmp_path / "sdxl" / "unet").glob("*.safetensors")).name == "diffusion_pytorch_model.fp16.safetensors"
+    assert weights_variant(tmp_path / "sdxl") == "fp16" and weights_variant(bundle / "sdxl") is None
+    parts = load_sdxl(tmp_path / "sdxl")
+    w = parts.unet.get_submodule(ATTN).to_q.weight
+    assert w.dtype == torch.float32 and torch.equal(w, _base_weight(bundle).half().float())
+    enc = load_image_encoder(tmp_path / "image_encoder")
+    assert next(enc.parameters()).dtype == torch.float32
+    assert load_controlnet(tmp_path / "controlnet") is not None
