@@ -29,28 +29,52 @@ CHAR_SIZE = 224
 MAX_PIXELS = 4096 * 4096
 
 
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"%!PS", "EPS/PostScript"),
+               (b"\xc5\xd0\xd3\xc6", "EPS/PostScript"), (b"GIF8", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"),
+               (b"MM\x00*", "TIFF"), (b"%PDF", "PDF"), (b"<?xml", "XML/SVG"), (b"<svg", "SVG"))
+
+
+def sniff_format(head: bytes) -> str:
+    """The container format from the first bytes (never handing them to a decoder)."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for sig, name in _SIGNATURES if head.startswith(sig)), "unknown")
+
+
 def decode_image(data: bytes | str | Path | np.ndarray | Image.Image, name: str = "image", mode: str = "RGB",
                  max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode PNG/JPEG bytes or a file path to uint8 HxWx3 (mode RGB) with a pixel cap."""
+    """Decode PNG/JPEG/WEBP bytes or a file to uint8 HxWx3 (mode RGB), upright, with a pixel cap.
+
+    Untrusted uploads meet an allow-list first (by signature: other formats, e.g. EPS, which Pillow hands to
+    Ghostscript, are refused by name before any decoder sees them); the pixel cap is checked from the header
+    before decoding (decompression bombs); EXIF orientation is applied, so a phone photo and a mask drawn on
+    it as displayed line up."""
+    from PIL import ImageOps
+
     if isinstance(data, np.ndarray):
         return data
     if isinstance(data, Image.Image):
         return np.array(data.convert(mode))
+    if isinstance(data, (str, Path)):
+        if not Path(data).exists():
+            raise InputError(f"{name}: file {data} not found")
+        data = Path(data).read_bytes()
+    fmt = sniff_format(bytes(data[:16]))
+    if fmt == "unknown":
+        raise InputError(f"{name}: cannot decode image (not {', '.join(ALLOWED_FORMATS)}); send PNG, JPEG or WEBP bytes")
+    if fmt not in ALLOWED_FORMATS:
+        raise InputError(f"{name}: {fmt} images are not accepted; send {', '.join(ALLOWED_FORMATS)}")
     try:
-        if isinstance(data, (str, Path)):
-            if not Path(data).exists():
-                raise InputError(f"{name}: file {data} not found")
-            im = Image.open(data)
-        else:
-            im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
         w, h = im.size
         if w * h > max_pixels:
             raise InputError(f"{name}: {w}x{h} pixels exceeds the limit of {max_pixels}; downscale it first")
-        return np.array(im.convert(mode))
+        return np.array(ImageOps.exif_transpose(im).convert(mode))
     except InputError:
         raise
     except Exception as e:  # PIL raises many types for undecodable input
-        raise InputError(f"{name}: cannot decode image ({type(e).__name__}: {e}); send PNG or JPEG bytes") from None
+        raise InputError(f"{name}: cannot decode image ({type(e).__name__}: {e}); send PNG, JPEG or WEBP bytes") from None
 
 
 def mask_bbox(mask: np.ndarray, name: str = "mask") -> tuple[int, int, int, int]:

@@ -101,3 +101,49 @@ def test_resize_filter_is_the_releases():
     assert np.array_equal(np.asarray(cloth_image(cloth)), np.asarray(Image.fromarray(cloth).resize((224, 224))))
     assert not np.array_equal(np.asarray(cloth_image(cloth)),
                               np.asarray(Image.fromarray(cloth).resize((224, 224), Image.BILINEAR)))
+
+
+def _jpeg(arr, orientation=None) -> bytes:
+    buf = io.BytesIO()
+    im = Image.fromarray(arr)
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    im.save(buf, format="JPEG", quality=100, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_exif_orientation_is_applied():
+    """A phone JPEG stored sideways with EXIF orientation 6 decodes upright: with the mask drawn as displayed it
+    gives the same character crop as the upright photo (same box, pixels within JPEG noise)."""
+    from runtime.characters import Character
+
+    upright = decode_image(DATA / "ldh.png")
+    mask = decode_image(DATA / "ldh_mask.png")
+    stored_sideways = np.rot90(upright, 1).copy()            # what the sensor wrote; orientation 6 turns it back
+    phone = decode_image(_jpeg(stored_sideways, orientation=6))
+    assert phone.shape == upright.shape
+    ref = Character.load(_jpeg(upright), DATA / "ldh_mask.png")
+    got = Character.load(_jpeg(stored_sideways, orientation=6), DATA / "ldh_mask.png")
+    assert mask_bbox(got.mask) == mask_bbox(ref.mask)
+    a, b = (np.asarray(character_image(c.photo, c.mask), np.int16) for c in (ref, got))
+    assert np.abs(a - b).mean() < 2.0
+    sideways = Character.load(_jpeg(stored_sideways), DATA / "ldh_mask.png")       # no EXIF: sideways, as stored
+    with pytest.raises(InputError, match="mask is 448x640 but the photo is 640x448"):
+        character_image(sideways.photo, sideways.mask)
+
+
+def test_formats_outside_the_allow_list_are_refused_by_name(tmp_path):
+    """EPS (which Pillow would hand to Ghostscript), GIF, TIFF, PDF are refused by name before any decoder runs;
+    WEBP is accepted."""
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(InputError, match="photo: EPS/PostScript images are not accepted; send PNG, JPEG, WEBP"):
+        decode_image(eps, "photo")
+    for fmt, label in (("GIF", "GIF"), ("TIFF", "TIFF"), ("BMP", "BMP")):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, format=fmt)
+        with pytest.raises(InputError, match=f"{label} images are not accepted"):
+            decode_image(buf.getvalue())
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), (10, 20, 30)).save(buf, format="WEBP", lossless=True)
+    assert decode_image(buf.getvalue()).shape == (6, 8, 3)

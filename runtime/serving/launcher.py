@@ -96,7 +96,7 @@ class TritonServer:
                                   self.admin_key, self.work)
         self._log = open(self.log_file, "w")
         self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         self.wait_ready(timeout)
         return self
 
@@ -189,6 +189,18 @@ def _trt_loads(engine: dict, runtime_version: str) -> bool:
     return run[:1] == built[:1] and run >= built
 
 
+def _die_with_parent() -> None:
+    """In the forked child before exec (Linux): SIGTERM to tritonserver when the launcher dies, even by SIGKILL,
+    so a killed launcher never leaves an orphan server holding its ports."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):     # not Linux: stop() and the signal handlers still cover clean exits
+        pass
+
+
 def _raise_interrupt(*_):
     raise KeyboardInterrupt
 
@@ -223,27 +235,28 @@ def main(argv=None) -> int:
         return 0
     if a.repo is None:
         ap.error("--repo is required (or --ngc-command BUILD)")
+    signal.signal(signal.SIGTERM, _raise_interrupt)      # before starting: a stop while starting stops the server
+    srv = None
     try:
         srv = TritonServer(a.repo, a.grpc_port, a.http_port, a.metrics_port, a.address, a.admin_key)
         print(f"starting tritonserver on {a.address} (gRPC {a.grpc_port}, HTTP {a.http_port}, metrics {a.metrics_port}); "
               f"log: {srv.log_file}", flush=True)
         srv.start()
-    except StoryMakerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"ready: gRPC {srv.url}; restricted APIs need header triton-grpc-protocol-admin-key (gRPC) or "
-          f"admin-key (HTTP) = {srv.admin_key}", flush=True)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
+        print(f"ready: gRPC {srv.url}; restricted APIs need header triton-grpc-protocol-admin-key (gRPC) or "
+              f"admin-key (HTTP) = {srv.admin_key}", flush=True)
         while srv.proc.poll() is None:
             time.sleep(1)
         print(f"tritonserver exited with code {srv.proc.returncode}", file=sys.stderr)
         return 1
+    except StoryMakerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("stopping tritonserver ...", flush=True)
-        srv.stop()
         return 0
-
+    finally:
+        if srv is not None:
+            srv.stop()
 
 if __name__ == "__main__":
     sys.exit(main())
