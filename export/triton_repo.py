@@ -21,7 +21,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from export.triton_config import DTYPES, model_config, to_pbtxt
 from runtime.manifest import Component, Manifest
-from runtime.serving.contract import MODELS, BLSModel
+from runtime.serving.contract import LIMITS, MODELS, BLSModel
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_MODELS = ("clip_vision", "ppr", "unet", "controlnet", "vae_decoder")
@@ -38,6 +38,8 @@ def _io_config(model: BLSModel, sizes: dict[str, int]) -> pb.ModelConfig:
     for p in model.outputs:
         cfg.output.add(name=p.name, data_type=typ(p.dtype), dims=p.resolve(sizes))
     cfg.instance_group.add(count=model.instances, kind=pb.ModelInstanceGroup.KIND_CPU)
+    for k, v in LIMITS.items():               # request budgets: edit them here, per model
+        cfg.parameters[k].string_value = str(v)
     return cfg
 
 

@@ -43,8 +43,10 @@ class Character:
             raise InputError(f"{name}: mask_channel must be 0, 1 or 2, got {mask_channel}")
         if mask_channel:
             m = np.repeat(m[:, :, mask_channel:mask_channel + 1], 3, axis=2)
-        return cls(decode_image(photo, f"{name} photo"), m, face_info,
-                   None if cloth is None else decode_image(cloth, f"{name} cloth"), name)
+        img = decode_image(photo, f"{name} photo")
+        if face_info is not None:
+            face_info.check_inside(img.shape[1], img.shape[0], f"{name} face info")
+        return cls(img, m, face_info, None if cloth is None else decode_image(cloth, f"{name} cloth"), name)
 
 
 @dataclass

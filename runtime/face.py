@@ -27,8 +27,11 @@ class FaceInfo:
     embedding: np.ndarray  # (512,) float32, L2-normalised
 
     def __post_init__(self):
-        self.kps = np.asarray(self.kps, dtype=np.float32)
-        emb = np.asarray(self.embedding, dtype=np.float32).reshape(-1)
+        try:
+            self.kps = np.asarray(self.kps, dtype=np.float32)
+            emb = np.asarray(self.embedding, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"face info: kps and embedding must be numbers ({e})") from None
         if self.kps.shape != (5, 2):
             raise InputError(f"face info: kps must be 5x2 keypoints, got shape {self.kps.shape}")
         if emb.shape != (EMBED_DIM,) or not np.isfinite(emb).all() or not np.isfinite(self.kps).all():
@@ -52,8 +55,16 @@ class FaceInfo:
         try:
             d = json.loads(text)
             return cls(d["kps"], d["embedding"])
-        except (KeyError, json.JSONDecodeError, TypeError) as e:
+        except (KeyError, json.JSONDecodeError, TypeError, AttributeError) as e:
             raise InputError(f"{source}: expected JSON with 'kps' (5x2) and 'embedding' (512): {e}") from None
+
+    def check_inside(self, width: int, height: int, source: str = "face info") -> None:
+        """Keypoints are photo pixels: all five must lie on the photo (a JSON made for another photo or size
+        would align the wrong face)."""
+        x, y = self.kps[:, 0], self.kps[:, 1]
+        if (x < 0).any() or (y < 0).any() or (x > width).any() or (y > height).any():
+            raise InputError(f"{source}: keypoints {self.kps.round(1).tolist()} fall outside the {width}x{height} "
+                             "photo; give the keypoints of this photo, in its pixels (as displayed)")
 
     def to_json(self) -> str:
         return json.dumps({"kps": self.kps.tolist(), "embedding": self.embedding.tolist()})

@@ -25,6 +25,7 @@ from runtime.errors import InputError
 from runtime.unipc import UniPCPlan
 
 log = logging.getLogger(__name__)
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -51,6 +52,9 @@ class GenerateOptions:
                 raise InputError(f"{k}={v} must be a positive multiple of {vae_factor}")
         if not np.isfinite([self.guidance, self.ip_scale, self.controlnet_scale]).all():
             raise InputError("guidance, ip_scale and controlnet_scale must be finite numbers")
+        if not 0 <= int(self.seed) <= MAX_SEED:
+            raise InputError(f"seed={self.seed} must be 0..{MAX_SEED}: the CPU generator that draws the starting noise "
+                             "(as in the release) uses 32 bits, so larger seeds would repeat images")
 
 
 @dataclass

@@ -89,3 +89,189 @@ def test_sigkill_while_serving_leaves_no_server(built):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     assert _gone(server), f"tritonserver {server} kept running after its launcher was killed"
+
+
+# ---- hostile and malformed requests against the real server ----
+import io  # noqa: E402
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from conftest import DATA  # noqa: E402
+
+MAN = {"photo": DATA / "ldh.png", "mask": DATA / "ldh_mask.png", "face": DATA / "ldh.face.json"}
+SMALL = dict(width=64, height=64, steps=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def server(built):
+    from runtime.serving.launcher import TritonServer
+
+    with TritonServer(built / "triton_repo") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from runtime.serving.client import StoryMakerClient
+
+    return StoryMakerClient(server.url, retries=1)
+
+
+def _raw(server, model: str, inputs: dict, outputs=("IMAGE",)):
+    """One request with tritonclient directly (no client-side checks, large messages allowed); returns
+    (status code name, message) or ("OK", result)."""
+    import tritonclient.grpc as g
+    from tritonclient.utils import InferenceServerException
+
+    c = g.InferenceServerClient(server.url, channel_args=[("grpc.max_send_message_length", 512 << 20),
+                                                          ("grpc.max_receive_message_length", 512 << 20)])
+    ins = []
+    for name, (arr, dtype) in inputs.items():
+        i = g.InferInput(name, list(arr.shape), dtype)
+        i.set_data_from_numpy(arr)
+        ins.append(i)
+    try:
+        r = c.infer(model, ins, outputs=[g.InferRequestedOutput(o) for o in outputs])
+        return "OK", r
+    except InferenceServerException as e:
+        return str(e.status()).replace("StatusCode.", ""), e.message()
+
+
+def _bytes(*xs):
+    return np.array(list(xs), dtype=object), "BYTES"
+
+
+def test_huge_prompt_is_refused_fast_and_does_not_delay_others(server, client):
+    import threading
+
+    tokens = client.encode_characters([MAN])
+    t0 = time.perf_counter()
+    client.generate("a man", tokens=tokens, **SMALL)
+    alone = time.perf_counter() - t0
+    result = {}
+
+    def huge():
+        t = time.perf_counter()
+        result["huge"] = _raw(server, "storymaker", {"PROMPT": _bytes(b"a " * (4 << 20))})
+        result["huge_s"] = time.perf_counter() - t
+
+    th = threading.Thread(target=huge)
+    th.start()
+    t0 = time.perf_counter()
+    client.generate("a man", tokens=tokens, **SMALL)
+    concurrent = time.perf_counter() - t0
+    th.join(60)
+    code, msg = result["huge"]
+    assert code == "INVALID_ARGUMENT" and "PROMPT" in msg and "max_prompt_bytes" in msg
+    assert result["huge_s"] < 1.0, result["huge_s"]
+    assert concurrent - alone < 1.0, (alone, concurrent)
+
+
+def test_request_budget_is_checked_before_anything_is_decoded(server):
+    photo, mask = (DATA / "ldh.png").read_bytes(), (DATA / "ldh_mask.png").read_bytes()
+    code, msg = _raw(server, "storymaker", {"PROMPT": _bytes(b"x"), "PHOTOS": _bytes(*[photo] * 8),
+                                            "MASKS": _bytes(*[mask] * 8)})
+    assert code == "INVALID_ARGUMENT" and "8 characters given" in msg
+    big = b"\xff\xd8\xff" + bytes(30 << 20)                           # 30 MB "JPEG": never decoded
+    t = time.perf_counter()
+    code, msg = _raw(server, "encode_characters", {"PHOTOS": _bytes(big, big, big), "MASKS": _bytes(mask, mask, mask)},
+                     ("IMAGE_TOKENS",))
+    assert code == "INVALID_ARGUMENT" and "max_request_bytes" in msg, msg
+    assert time.perf_counter() - t < 10
+
+
+@pytest.mark.parametrize("case,inputs,code,text", [
+    ("keypoints as strings", {"FACE_INFO": '{"kps": [["a","b"]], "embedding": []}'}, "INVALID_ARGUMENT", "face info"),
+    ("keypoints off the photo", {"FACE_INFO": json.dumps({"kps": [[9000, 10]] * 5, "embedding": [1.0] * 512})},
+     "INVALID_ARGUMENT", "outside the 448x640 photo"),
+    ("EPS photo", {"PHOTOS": b"%!PS-Adobe-3.0 EPSF-3.0\n"}, "INVALID_ARGUMENT", "EPS/PostScript images are not accepted"),
+    ("seed beyond 32 bits", {"SEED": 2**40}, "INVALID_ARGUMENT", "seed=1099511627776 must be 0..4294967295"),
+])
+def test_client_mistakes_are_invalid_argument_and_name_the_input(server, client, case, inputs, code, text):
+    photo, mask = (DATA / "ldh.png").read_bytes(), (DATA / "ldh_mask.png").read_bytes()
+    req = {"PROMPT": _bytes(b"a man"), "PHOTOS": _bytes(inputs.get("PHOTOS", photo)), "MASKS": _bytes(mask),
+           "WIDTH": (np.array([64], np.int32), "INT32"), "HEIGHT": (np.array([64], np.int32), "INT32"),
+           "STEPS": (np.array([2], np.int32), "INT32")}
+    if "FACE_INFO" in inputs:
+        req["FACE_INFO"] = _bytes(inputs["FACE_INFO"].encode())
+    if "SEED" in inputs:
+        req["SEED"] = (np.array([inputs["SEED"]], np.int64), "INT64")
+    got, msg = _raw(server, "storymaker", req)
+    assert got == code and text in msg, (got, msg)
+    img, _ = client.generate("a man", characters=[MAN], **SMALL)       # and the server still serves
+    assert img.shape == (64, 64, 3)
+
+
+def test_sampler_checks_its_inputs_as_storymaker_does(server):
+    """Shapes are Triton's to check (fixed dims in config.pbtxt); values are ours: non-finite embeddings, bad
+    tokens and out-of-profile sizes are refused by the sampler as by storymaker."""
+    tok = np.zeros((1, 40, 128), np.float32)
+    emb = np.full((2, 77, 128), np.nan, np.float32)
+    base = {"POOLED": (np.zeros((2, 64), np.float32), "FP32"), "IMAGE_TOKENS": (tok, "FP32"),
+            "NEG_IMAGE_TOKENS": (tok, "FP32"), "WIDTH": (np.array([64], np.int32), "INT32"),
+            "HEIGHT": (np.array([64], np.int32), "INT32")}
+    code, msg = _raw(server, "sampler", {**base, "PROMPT_EMBEDS": (emb, "FP32")}, ("LATENTS",))
+    assert code == "INVALID_ARGUMENT" and "PROMPT_EMBEDS contains NaN" in msg, msg
+    ok = {**base, "PROMPT_EMBEDS": (np.zeros((2, 77, 128), np.float32), "FP32")}
+    code, msg = _raw(server, "sampler", {**ok, "WIDTH": (np.array([1024], np.int32), "INT32")}, ("LATENTS",))
+    assert code == "INVALID_ARGUMENT" and "width=1024 is outside" in msg, msg
+    code, _ = _raw(server, "sampler", {**ok, "STEPS": (np.array([2], np.int32), "INT32")}, ("LATENTS",))
+    assert code == "OK"
+
+
+def test_missing_size_defaults_inside_the_build_profile(server, client):
+    """The demo build's engines take 64..256 px: without WIDTH/HEIGHT a request gets the profile's optimal size
+    (the release's 960x1280 where a build allows it) instead of an error."""
+    tokens = client.encode_characters([MAN])
+    img, _ = client.generate("a man", tokens=tokens, steps=2, seed=1)
+    assert img.shape == (128, 128, 3)
+
+
+class _FakePb:
+    """The slice of triton_python_backend_utils that Glue.error uses."""
+
+    class TritonError:
+        INVALID_ARG, INTERNAL, CANCELLED, UNAVAILABLE = "INVALID_ARG", "INTERNAL", "CANCELLED", "UNAVAILABLE"
+
+        def __init__(self, message, code):
+            self.msg, self.c = message, code
+
+        def message(self):
+            return self.msg
+
+        def code(self):
+            return self.c
+
+    class InferenceResponse:
+        def __init__(self, output_tensors=None, error=None):
+            self.error = error
+
+
+class _Req:
+    def request_id(self):
+        return "req-42"
+
+
+def test_error_codes_say_whose_fault_it_is(caplog):
+    """Client mistakes: INVALID_ARG with the input named; our faults: INTERNAL with the request id (traceback in
+    the server log under that id, not in the answer); a called model's error keeps its code."""
+    from runtime.errors import InputError
+    from runtime.serving.glue import CalleeError, Glue
+    from runtime.serving.logic import Cancelled
+
+    g = Glue(_FakePb)
+    e = g.error(InputError("PROMPT is empty"), _Req()).error
+    assert (e.c, e.msg) == ("INVALID_ARG", "invalid input: PROMPT is empty")
+    with caplog.at_level("ERROR", logger="storymaker.triton"):
+        try:
+            raise KeyError("boom")
+        except KeyError as exc:
+            e = g.error(exc, _Req()).error
+    assert e.c == "INTERNAL" and "request req-42" in e.msg and "boom" not in e.msg
+    assert "req-42" in caplog.text and "Traceback" in caplog.text
+    assert g.error(Cancelled("request cancelled before step 3/8")).error.c == "CANCELLED"
+    for code, msg, want in (("UNAVAILABLE", "queue full", "UNAVAILABLE"), ("INTERNAL", "invalid input: x", "INVALID_ARG"),
+                            ("INTERNAL", "internal error (request 1): KeyError", "INTERNAL"),
+                            ("INTERNAL", "request cancelled before step 2/8", "CANCELLED")):
+        assert g.error(CalleeError("encode_characters", msg, code, _FakePb)).error.c == want, msg

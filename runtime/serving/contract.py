@@ -51,6 +51,16 @@ class BLSModel:
         raise KeyError(f"{self.name} has no input or output {name!r}")
 
 
+# Request budgets (config parameters of every BLS model; these defaults are written into config.pbtxt and can
+# be edited there): checked from the sizes of the inputs before anything is decoded or forwarded by BLS.
+LIMITS = {
+    "max_prompt_bytes": 4096,            # PROMPT / NEGATIVE_PROMPT: ~50x what 77 tokens need, far below megabytes
+    "max_element_bytes": 32 << 20,       # one encoded image (PHOTOS, MASKS, CLOTHS, POSE elements)
+    "max_request_bytes": 64 << 20,       # all images of one request together
+}
+IMAGE_INPUTS = ("PHOTOS", "MASKS", "CLOTHS", "FACE_INFO", "POSE")
+
+
 def _opt(ports):
     return tuple(Port(p.name, p.dtype, p.dims, True, p.option, p.doc) for p in ports)
 

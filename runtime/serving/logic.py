@@ -123,6 +123,17 @@ def validate_options(opts: GenerateOptions, build) -> None:
                              "rebuild with --min-size/--max-size")
 
 
+def check_text(embeds: np.ndarray, pooled: np.ndarray, build) -> None:
+    """Given text embeddings (the sampler's inputs): [2, L, D] and [2, P], finite."""
+    want = {"PROMPT_EMBEDS": (2, build.text_len, build.cross_attention_dim), "POOLED": (2, build.pooled_dim)}
+    for name, t in (("PROMPT_EMBEDS", embeds), ("POOLED", pooled)):
+        if tuple(t.shape) != want[name]:
+            raise InputError(f"{name} must be {list(want[name])} ([negative, positive], from text_encoder), "
+                             f"got {list(t.shape)}")
+        if not np.isfinite(t).all():
+            raise InputError(f"{name} contains NaN or infinite values")
+
+
 def check_tokens(pos: np.ndarray, neg: np.ndarray, d: int) -> None:
     for name, t in (("image_tokens", pos), ("negative_image_tokens", neg)):
         if t.ndim != 3 or t.shape[0] != 1 or t.shape[2] != d or t.shape[1] % 20 or not 40 <= t.shape[1] <= 80:

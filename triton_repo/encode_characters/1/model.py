@@ -16,12 +16,13 @@ from runtime.serving.glue import Glue, character_request, setup
 class TritonPythonModel:
     def initialize(self, args):
         _, params = setup(args)
-        self.glue = Glue(pb_utils)
+        self.glue = Glue(pb_utils, params)
         self.enc = CharacterEncoding(Build(params["build_dir"]),
                                      clip_fn=lambda f: self.glue.engine("clip_vision", f, ["hidden_states"]),
                                      ppr_fn=lambda f: self.glue.engine("ppr", f, ["image_tokens"]))
 
     def _one(self, r):
+        self.glue.check_request_budget(r, self.enc.max_chars)           # before decoding anything
         pos, neg = self.enc(character_request(self.glue, r))
         return {"IMAGE_TOKENS": pos, "NEG_IMAGE_TOKENS": neg}
 

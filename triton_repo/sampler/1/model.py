@@ -9,7 +9,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from runtime.pipeline import TextEmbeds
-from runtime.serving.logic import check_tokens, validate_options
+from runtime.serving.logic import check_text, check_tokens, validate_options
 from runtime.serving.glue import SamplingModel, generate_options
 
 
@@ -18,10 +18,12 @@ class TritonPythonModel(SamplingModel):
 
     def _one(self, r):
         g = self.glue
-        opts = generate_options(g, r)
+        opts = generate_options(g, r, build=self.s.build)
         validate_options(opts, self.s.build)
         tokens = (g.array(r, "IMAGE_TOKENS", True), g.array(r, "NEG_IMAGE_TOKENS", True))
         check_tokens(*tokens, self.s.dim)
-        text = TextEmbeds(torch.from_numpy(g.array(r, "PROMPT_EMBEDS", True)), torch.from_numpy(g.array(r, "POOLED", True)))
+        embeds, pooled = g.array(r, "PROMPT_EMBEDS", True), g.array(r, "POOLED", True)
+        check_text(embeds, pooled, self.s.build)                      # the checks storymaker's own text gets
+        text = TextEmbeds(torch.from_numpy(embeds), torch.from_numpy(pooled))
         lat = self.s.latents(opts, text, tokens, r.is_cancelled)
         return {"LATENTS": lat.numpy()}

@@ -35,6 +35,7 @@ class TritonPythonModel(SamplingModel):
         if pos is None or neg is None:
             if g.array(r, "PHOTOS") is None:
                 raise InputError("give IMAGE_TOKENS + NEG_IMAGE_TOKENS (from encode_characters) or PHOTOS + MASKS")
+            g.check_request_budget(r, self.s.build.max_characters)        # before forwarding anything
             fwd = {k: v for k in CHAR_INPUTS if (v := g.array(r, k)) is not None}
             out = g.bls("encode_characters", fwd, ["IMAGE_TOKENS", "NEG_IMAGE_TOKENS"])
             pos, neg = out["IMAGE_TOKENS"], out["NEG_IMAGE_TOKENS"]
@@ -43,14 +44,14 @@ class TritonPythonModel(SamplingModel):
 
     def _one(self, r):
         g = self.glue
-        prompt = g.texts(r, "PROMPT", required=True)[0]
-        opts = generate_options(g, r, prompt)
+        prompt = g.prompt(r)                                          # byte budget before anything else
+        neg = g.prompt(r, "NEGATIVE_PROMPT", required=False)
+        opts = generate_options(g, r, prompt, self.s.build)
         validate_options(opts, self.s.build)
         tokens = self._tokens(r)
         te_in = {"PROMPT": np.array([prompt.encode()], dtype=object)}
-        neg = g.array(r, "NEGATIVE_PROMPT")
         if neg is not None:
-            te_in["NEGATIVE_PROMPT"] = neg.reshape(1)
+            te_in["NEGATIVE_PROMPT"] = np.array([neg.encode()], dtype=object)
         te = g.bls("text_encoder", te_in, ["PROMPT_EMBEDS", "POOLED", "TRUNCATED"])
         text = TextEmbeds(torch.from_numpy(te["PROMPT_EMBEDS"]), torch.from_numpy(te["POOLED"]))
         lat = self.s.latents(opts, text, tokens, r.is_cancelled)

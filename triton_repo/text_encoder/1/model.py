@@ -16,13 +16,12 @@ from runtime.serving.glue import Glue, setup
 class TritonPythonModel:
     def initialize(self, args):
         _, params = setup(args)
-        self.glue = Glue(pb_utils)
+        self.glue = Glue(pb_utils, params)
         self.te = TextEncoding(Build(params["build_dir"]))
 
     def _one(self, r):
-        prompt = self.glue.texts(r, "PROMPT", required=True)[0]
-        neg = self.glue.texts(r, "NEGATIVE_PROMPT")
-        text, truncated = self.te(prompt, neg[0] if neg else None)
+        prompt = self.glue.prompt(r)                                   # byte budget before tokenising
+        text, truncated = self.te(prompt, self.glue.prompt(r, "NEGATIVE_PROMPT", required=False))
         return {"PROMPT_EMBEDS": text.prompt_embeds.numpy(), "POOLED": text.pooled.numpy(),
                 "TRUNCATED": np.array([truncated])}
 
