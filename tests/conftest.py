@@ -68,3 +68,19 @@ def built(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("build") / "demo"
     assert main(["--demo", "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def server(built):
+    """A real tritonserver on loopback serving the demo build, shared by the serving test modules."""
+    from runtime.serving.launcher import TritonServer
+
+    with TritonServer(built / "triton_repo") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from runtime.serving.client import StoryMakerClient
+
+    return StoryMakerClient(server.url, retries=2)

@@ -103,21 +103,6 @@ MAN = {"photo": DATA / "ldh.png", "mask": DATA / "ldh_mask.png", "face": DATA / 
 SMALL = dict(width=64, height=64, steps=2, seed=3)
 
 
-@pytest.fixture(scope="module")
-def server(built):
-    from runtime.serving.launcher import TritonServer
-
-    with TritonServer(built / "triton_repo") as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    from runtime.serving.client import StoryMakerClient
-
-    return StoryMakerClient(server.url, retries=1)
-
-
 def _raw(server, model: str, inputs: dict, outputs=("IMAGE",)):
     """One request with tritonclient directly (no client-side checks, large messages allowed); returns
     (status code name, message) or ("OK", result)."""

@@ -19,17 +19,6 @@ MAN = {"photo": DATA / "ldh.png", "mask": DATA / "ldh_mask.png", "face": DATA / 
 WOMAN = {"photo": DATA / "tsy.png", "mask": DATA / "tsy_mask.png"}          # face detected by buffalo_l
 
 
-@pytest.fixture(scope="module")
-def server(built):
-    with TritonServer(built / "triton_repo") as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return StoryMakerClient(server.url, retries=2)
-
-
 THIRD = {"photo": DATA / "two_people.jpg", "mask": DATA / "two_people_mask.png", "mask_channel": 2}
 CLOTH, POSE = DATA / "cloth1.png", DATA / "two_people_pose.jpg"
 STORY = [("one character", [MAN], {}), ("two characters", [MAN, WOMAN], {}), ("three characters", [MAN, WOMAN, THIRD], {}),
