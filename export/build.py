@@ -21,6 +21,7 @@ from export import manifest as mf
 from export.components import ExportProfile
 from export.faces import FILES as FACE_FILES
 from export.onnx_export import check_opset
+from runtime.cli import component_paths
 from runtime.errors import StoryMakerError, cli_exit
 
 log = logging.getLogger(__name__)
@@ -28,12 +29,13 @@ TORCH_COMPONENTS = ("clip_vision", "ppr", "text_encoder", "text_encoder_2", "une
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from runtime.cli import argument_parser
+    from runtime.cli import add_component_args, argument_parser
 
     ap = argument_parser("python -m export.build", __doc__.split("\n\n", 1)[1])
-    src = ap.add_mutually_exclusive_group(required=True)
+    src = ap.add_mutually_exclusive_group()
     src.add_argument("--weights", type=Path, help="weights folder (sdxl/, mask.bin, image_encoder/, buffalo_l/, controlnet/)")
     src.add_argument("--demo", action="store_true", help="write and build the tiny random demo bundle (CPU, offline)")
+    add_component_args(ap)
     ap.add_argument("--out", type=Path, required=True, help="build folder (manifest.json, onnx/, engines/)")
     ap.add_argument("--fp16", action="store_true", help="fp16 ONNX (float32 I/O, sensitive ops in fp32); VAE stays fp32")
     ap.add_argument("--fp16-vae", action="store_true", help="also the VAE in fp16 (only for an fp16-fixed VAE)")
@@ -58,7 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ngc-python-env", type=Path, metavar="TAR_GZ",
                     help="a conda-pack'ed Python environment with this project installed, copied into the NGC "
                          "repository for its Python-backend models (EXECUTION_ENV_PATH); default: the container's Python")
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    if not (a.demo or a.weights or a.sdxl or a.mask_bin or a.image_encoder):
+        ap.error("give --weights DIR, the components (--sdxl, --mask-bin, --image-encoder, ...), or --demo")
+    return a
 
 
 def _is_demo_bundle(weights: Path) -> bool:
@@ -83,18 +88,20 @@ def _sources(layout, hasher) -> dict[str, dict[str, str]]:
     sd = layout.sdxl
     sub = (lambda s: sd / s) if sd.is_dir() else (lambda s: sd)
     loras = {f"{p}:{s}": hasher.file_sha(Path(p)) for p, s in layout.style_loras}
+    t = lambda p, label: hasher.tree(p, label)            # keyed by role, not location: any layout, same key
     src = {
-        "clip_vision": hasher.tree(layout.image_encoder), "ppr": hasher.tree(layout.mask_bin),
-        "text_encoder": {**hasher.tree(sub("text_encoder")), **hasher.tree(sub("tokenizer")), **loras},
-        "text_encoder_2": {**hasher.tree(sub("text_encoder_2")), **hasher.tree(sub("tokenizer_2")), **loras},
-        "unet": {**hasher.tree(sub("unet")), **hasher.tree(layout.mask_bin), **loras},
-        "vae_decoder": hasher.tree(sub("vae")),
+        "clip_vision": t(layout.image_encoder, "image_encoder"), "ppr": t(layout.mask_bin, "mask.bin"),
+        "text_encoder": {**t(sub("text_encoder"), "sdxl/text_encoder"), **t(sub("tokenizer"), "sdxl/tokenizer"), **loras},
+        "text_encoder_2": {**t(sub("text_encoder_2"), "sdxl/text_encoder_2"), **t(sub("tokenizer_2"), "sdxl/tokenizer_2"),
+                           **loras},
+        "unet": {**t(sub("unet"), "sdxl/unet"), **t(layout.mask_bin, "mask.bin"), **loras},
+        "vae_decoder": t(sub("vae"), "sdxl/vae"),
     }
     if layout.controlnet:
-        src["controlnet"] = hasher.tree(layout.controlnet)
+        src["controlnet"] = t(layout.controlnet, "controlnet")
     if layout.buffalo_l:
         for name, f in FACE_FILES.items():
-            src[name] = hasher.tree(layout.buffalo_l / f)
+            src[name] = t(layout.buffalo_l / f, f"buffalo_l/{f}")
     return src
 
 
@@ -198,9 +205,9 @@ def build(a) -> int:
         weights = write_demo_bundle(out / "demo_bundle")
     else:
         weights = a.weights
-    prof = _profile(a, weights)
     loras = [(Path(s.rpartition(":")[0] or s), float(s.rpartition(":")[2]) if ":" in s else 1.0) for s in a.lora]
-    layout = WeightsLayout.from_dir(weights, style_loras=loras or None)
+    layout = WeightsLayout.resolve(weights, style_loras=loras or None, **component_paths(a))
+    prof = _profile(a, weights or layout.mask_bin.parent)
     hasher = mf.Hasher(out / ".hashcache.json")
     sources = _sources(layout, hasher)
     wanted = a.components.split(",") if a.components else [c for c in (*FACE_FILES, *TORCH_COMPONENTS) if c in sources]
@@ -220,7 +227,9 @@ def build(a) -> int:
         return mf.write(out, {"format": 1, "assets": assets, "precision": "fp16" if a.fp16 else "fp32",
                               "tools": mf.tool_versions(), "weights": {k: v for s in sources.values() for k, v in s.items()},
                               "profile": asdict(prof), "lora_scale": a.lora_scale,
-                              "style_loras": [f"{p}:{s}" for p, s in loras], "components": {**old, **records}, **extra})
+                              "style_loras": [f"{p}:{s}" for p, s in loras], "components": {**old, **records},
+                              "weights_layout": {k: str(v) for k, v in asdict(layout).items()
+                                                 if v is not None and k != "style_loras"}, **extra})
 
     for i, name in enumerate(wanted, 1):
         key = mf.stage_key({}, sources[name], precision=_precision(name, a), **settings)

@@ -56,12 +56,16 @@ class Hasher:
             self.memo[key] = h.hexdigest()
         return self.memo[key]
 
-    def tree(self, p: Path | None) -> dict[str, str]:
-        """sha256 of every file under p (or of p itself), keyed by path."""
+    def tree(self, p: Path | None, label: str | None = None) -> dict[str, str]:
+        """sha256 of every file under p (or of p itself, symlinks followed), keyed by `label`/relative path: the
+        same weights in another folder, a folder of symlinks or a Hugging Face cache snapshot key the same."""
         if p is None:
             return {}
-        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-        return {str(f): self.file_sha(f) for f in files}
+        label = label or p.name
+        if p.is_file():
+            return {label: self.file_sha(p)}
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+        return {f"{label}/{f.relative_to(p).as_posix()}": self.file_sha(f) for f in files}
 
     def save(self) -> None:
         self.file.parent.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,27 @@ def add_sampling_args(ap: argparse.ArgumentParser, title: str = "sampling (overr
     return g
 
 
+COMPONENTS = (("sdxl", "SDXL base: a diffusers folder (default or fp16 files) or a .safetensors file"),
+              ("mask-bin", "the StoryMaker adapter mask.bin"), ("image-encoder", "CLIP ViT-H/14 image encoder folder"),
+              ("buffalo-l", "insightface buffalo_l folder"), ("controlnet", "SDXL OpenPose ControlNet folder"),
+              ("sdxl-config", "config + tokenizer folder for a single-file SDXL"))
+
+
+def add_component_args(ap: argparse.ArgumentParser):
+    """Weights given one by one (instead of, or overriding parts of, --weights DIR); each may also be a local
+    Hugging Face cache folder (models--ORG--NAME or its snapshots/REV)."""
+    from pathlib import Path
+
+    g = ap.add_argument_group("weights given one by one (override --weights DIR; HF cache folders accepted)")
+    for name, text in COMPONENTS:
+        g.add_argument(f"--{name}", type=Path, help=text)
+    return g
+
+
+def component_paths(a: argparse.Namespace) -> dict:
+    return {n.replace("-", "_"): getattr(a, n.replace("-", "_")) for n, _ in COMPONENTS}
+
+
 SAMPLING_KEYS = ("steps", "guidance", "width", "height", "seed", "ip_scale", "controlnet_scale", "negative_prompt")
 
 

@@ -47,10 +47,12 @@ def _lora(s: str) -> tuple[Path, float]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from runtime.cli import add_sampling_args, argument_parser
+    from runtime.cli import add_component_args, add_sampling_args, argument_parser
 
     ap = argument_parser("python -m runtime.generate", __doc__.split("\n\n", 1)[1])
-    ap.add_argument("--weights", type=Path, required=True, help="weights folder (sdxl/, mask.bin, image_encoder/, ...)")
+    ap.add_argument("--weights", type=Path, help="weights folder (sdxl/, mask.bin, image_encoder/, ...); or give the "
+                                                 "components one by one")
+    add_component_args(ap)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--story", type=Path, help="story YAML: characters once, a list of frames")
     src.add_argument("--prompt", help="a single frame's prompt (with --character)")
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
     from runtime.loaders import WeightsLayout, load_storymaker
     from runtime.story import Story, run_story
 
-    from runtime.cli import configure_logging, sampling_overrides
+    from runtime.cli import component_paths, configure_logging, sampling_overrides
 
     a = parse_args(argv)
     configure_logging(a)
@@ -138,8 +140,8 @@ def main(argv=None) -> int:
                 f.identity_only = f.identity_only or a.identity_only
                 f.interpolation = a.interpolation if a.interpolation is not None else f.interpolation
         t0 = time.perf_counter()
-        print(f"loading weights from {a.weights} ...", flush=True)
-        layout = WeightsLayout.from_dir(a.weights, style_loras=a.lora or None)
+        print(f"loading weights from {a.weights or 'the given components'} ...", flush=True)
+        layout = WeightsLayout.resolve(a.weights, style_loras=a.lora or None, **component_paths(a))
         models = load_storymaker(layout, lora_scale=a.lora_scale, dtype=getattr(torch, DTYPES[a.precision]),
                                  device=a.device,   # torch-opt installs the kernel itself (FastOptions)
                                  dual_attention_kernel=a.dual_attention_kernel and a.backend == "reference")

@@ -37,6 +37,22 @@ class WeightsLayout:
     style_loras: list[tuple[Path, float]] = field(default_factory=list)
 
     @classmethod
+    def resolve(cls, weights: Path | str | None = None, style_loras=None, **parts) -> "WeightsLayout":
+        """A layout from a weights folder, from components given one by one (sdxl, mask_bin, image_encoder,
+        buffalo_l, controlnet, sdxl_config), or both (the parts override the folder's). Any path may be a local
+        Hugging Face cache folder (`models--ORG--NAME` or its `snapshots/REV`); nothing is downloaded."""
+        parts = {k: hf_cache_path(v) for k, v in parts.items() if v is not None}
+        if weights is not None:
+            return cls.from_dir(hf_cache_path(weights), style_loras=style_loras, **parts)
+        missing = [k for k in ("sdxl", "mask_bin", "image_encoder") if k not in parts]
+        if missing:
+            raise WeightsError("without --weights DIR give every required component: "
+                               + ", ".join(f"--{m.replace('_', '-')}" for m in missing) + " missing")
+        for k, v in parts.items():
+            _require(v, k.replace("_", " "), f"Check the --{k.replace('_', '-')} path.")
+        return cls(**parts, style_loras=list(style_loras or []))
+
+    @classmethod
     def from_dir(cls, root: Path | str, **overrides) -> "WeightsLayout":
         root = Path(root)
         if not root.is_dir():
@@ -56,6 +72,23 @@ class WeightsLayout:
             raise WeightsError(f"weights folder {root} lacks " + "; ".join(want[m] for m in missing)
                                + ". Put the files there or pass their paths explicitly.")
         return cls(**found)
+
+
+def hf_cache_path(path: Path | str) -> Path:
+    """A local Hugging Face hub cache folder given as a path: `models--ORG--NAME` resolves to the snapshot its
+    `refs/main` names (or its only snapshot); a `snapshots/REV` folder (symlinks into ../../blobs) is used as
+    it is. Any other path is returned unchanged. Offline: only the local folders are read."""
+    p = Path(path).expanduser()
+    if p.name.startswith("models--") and (p / "snapshots").is_dir():
+        ref = p / "refs" / "main"
+        snaps = sorted(s for s in (p / "snapshots").iterdir() if s.is_dir())
+        rev = ref.read_text().strip() if ref.exists() else None
+        pick = p / "snapshots" / rev if rev and (p / "snapshots" / rev).is_dir() else (snaps[0] if len(snaps) == 1 else None)
+        if pick is None:
+            raise WeightsError(f"{p}: a Hugging Face cache folder with {len(snaps)} snapshots and no refs/main; pass "
+                               "the snapshot folder itself (models--ORG--NAME/snapshots/REV)")
+        return pick
+    return p
 
 
 def _require(path: Path, what: str, fix: str) -> Path:

@@ -31,7 +31,9 @@ def test_manifest_records_every_component(built, capsys):
         assert all(c["engine"]["status"] == "skipped" and c["engine"]["reason"] for c in m["components"].values())
     assert {s["n"] for s in m["components"]["ppr"]["parity"]["shapes"]} == {1, 2, 3}
     assert {s["S"] for s in m["components"]["unet"]["parity"]["shapes"]} == {117, 137, 157}
-    assert all(k.startswith(str(built / "demo_bundle")) for k in m["weights"])
+    roles = ("sdxl/", "mask.bin", "image_encoder/", "controlnet/", "buffalo_l/")
+    assert m["weights"] and all(k.startswith(roles) for k in m["weights"])        # keyed by role, not location
+    assert m["weights_layout"]["sdxl"] == str(built / "demo_bundle" / "sdxl")      # where they came from
 
 
 def test_second_build_reuses_cache(built, capsys):
@@ -141,3 +143,79 @@ def test_triton_repositories_are_complete_and_parse(built):
     unet = parse_pbtxt((ngc / "unet" / "config.pbtxt").read_text())
     assert unet.dynamic_batching.default_queue_policy.max_queue_size == 64
     assert set(REQUIRED_MODELS) <= {p.name for p in ngc.iterdir()}
+
+
+def _hf_cache(src, dst):
+    """A Hugging Face hub cache entry for folder `src`: blobs by sha256, snapshots/REV of relative symlinks, refs/main."""
+    import hashlib
+    import os
+
+    rev = "0123abcd"
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        sha = hashlib.sha256(f.read_bytes()).hexdigest()
+        (dst / "blobs").mkdir(parents=True, exist_ok=True)
+        (dst / "blobs" / sha).write_bytes(f.read_bytes())
+        link = dst / "snapshots" / rev / f.relative_to(src)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(dst / "blobs" / sha, link.parent))
+    (dst / "refs").mkdir()
+    (dst / "refs" / "main").write_text(rev)
+    return dst
+
+
+def test_weights_as_flags_symlinks_or_hf_cache_give_the_same_build(tmp_path, built, capsys):
+    """The same weights given as one folder, as components one by one (SDXL from a Hugging Face cache entry),
+    and as a folder of symlinks export to the same files (sha256) and the same stage keys, so a rebuild from
+    another layout is served from the cache."""
+    bundle = built / "demo_bundle"
+    hf = _hf_cache(bundle / "sdxl", tmp_path / "hub" / "models--demo--sdxl")
+    links = tmp_path / "links"
+    links.mkdir()
+    for p in bundle.iterdir():
+        (links / p.name).symlink_to(p.resolve())
+    comps = ["--components", "ppr,text_encoder_2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["--sdxl", str(hf), "--mask-bin", str(bundle / "mask.bin"), "--image-encoder",
+                 str(bundle / "image_encoder"), "--buffalo-l", str(bundle / "buffalo_l"), "--out", str(a), *comps]) == 0
+    assert main(["--weights", str(links), "--out", str(b), *comps]) == 0
+    ma, mb = (json.loads((d / "manifest.json").read_text())["components"] for d in (a, b))
+    for name in ("ppr", "text_encoder_2"):
+        assert ma[name]["files"][0]["sha256"] == mb[name]["files"][0]["sha256"] and ma[name]["key"] == mb[name]["key"]
+    capsys.readouterr()
+    assert main(["--weights", str(links), "--out", str(a), *comps]) == 0     # the flag-built folder, another layout
+    assert capsys.readouterr().out.count(": cached") == 2
+    from runtime.errors import WeightsError
+    from runtime.loaders import WeightsLayout, hf_cache_path
+
+    assert hf_cache_path(hf) == hf / "snapshots" / "0123abcd"
+    with pytest.raises(WeightsError, match="--image-encoder missing"):
+        WeightsLayout.resolve(sdxl=hf, mask_bin=bundle / "mask.bin")
+    assert main(["--sdxl", str(hf), "--out", str(tmp_path / "c")]) == 2
+
+
+def test_interrupted_build_resumes_from_what_finished(tmp_path, built, monkeypatch, capsys):
+    """The manifest is written after every component: a build that dies part-way keeps what finished, and the
+    rerun reports those components cached and builds only the rest."""
+    import export.build as eb
+
+    real, done = eb._build_one, []
+
+    def dies_on_the_third(name, *a, **k):
+        if len(done) == 2:
+            raise KeyboardInterrupt("power cut")
+        done.append(name)
+        return real(name, *a, **k)
+
+    out, comps = tmp_path / "b", ["--components", "ppr,text_encoder,text_encoder_2,vae_decoder"]
+    args = ["--weights", str(built / "demo_bundle"), "--out", str(out), *comps]
+    monkeypatch.setattr(eb, "_build_one", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    kept = json.loads((out / "manifest.json").read_text())["components"]
+    assert sorted(kept) == sorted(done) == ["ppr", "text_encoder"]
+    monkeypatch.setattr(eb, "_build_one", real)
+    capsys.readouterr()
+    assert main(args) == 0
+    lines = capsys.readouterr().out
+    assert "ppr: cached" in lines and "text_encoder: cached" in lines
+    assert "text_encoder_2: building" in lines and "vae_decoder: building" in lines
