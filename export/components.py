@@ -125,8 +125,8 @@ def residual_specs(unet_config) -> list[tuple[int, int]]:
     return out + [(chans[-1], k)]
 
 
-def _f(name, dims, low=-1.0, high=1.0):
-    return TensorSpec(name, "float32", tuple(dims), low, high)
+def _f(name, dims, low=-1.0, high=1.0, zero_default=False):
+    return TensorSpec(name, "float32", tuple(dims), low, high, zero_default)
 
 
 def build_specs(m, prof: ExportProfile) -> dict[str, ComponentSpec]:
@@ -149,7 +149,7 @@ def build_specs(m, prof: ExportProfile) -> dict[str, ComponentSpec]:
     pooled = u.projection_class_embeddings_input_dim - 6 * u.addition_time_embed_dim
     cond = [_f("text_embeds", ("N", pooled)), _f("time_ids", ("N", 6), 0.0, 1.0)]
     res = [_f(f"down_res_{i}" if i < len(residual_specs(u)) - 1 else "mid_res", ("N", ch, f"h/{k}" if k > 1 else "h",
-           f"w/{k}" if k > 1 else "w")) for i, (ch, k) in enumerate(residual_specs(u))]
+           f"w/{k}" if k > 1 else "w"), zero_default=True) for i, (ch, k) in enumerate(residual_specs(u))]
     vocab = lambda tok: len(tok)
     te = lambda enc: enc.config.hidden_size
     specs = [
@@ -177,7 +177,7 @@ def build_specs(m, prof: ExportProfile) -> dict[str, ComponentSpec]:
             "controlnet", (_f("sample", ("N", 4, "h", "w")), _f("timestep", ("N",), 0.0, 999.0),
                            _f("encoder_hidden_states", ("N", L, d)), _f("controlnet_cond", ("N", 3, f"{f}*h", f"{f}*w"), 0.0, 1.0),
                            _f("conditioning_scale", ("N",), 0.0, 1.0), *cond),
-            tuple(res), {**n2, **hw}, 1e-4, "text tokens only as context; residuals feed the unet's residual inputs"))
+            tuple(TensorSpec(r.name, r.dtype, r.dims, r.low, r.high) for r in res), {**n2, **hw}, 1e-4, "text tokens only as context; residuals feed the unet's residual inputs"))
     return {s.name: s for s in specs}
 
 

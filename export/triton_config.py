@@ -22,7 +22,9 @@ BACKENDS = {"onnxruntime": ("onnxruntime", "model.onnx"), "tensorrt": ("tensorrt
 
 
 def model_config(spec: ComponentSpec, backend: str = "onnxruntime", max_batch_size: int = 0,
-                 instances: int = 1, kind: str = "KIND_CPU") -> pb.ModelConfig:
+                 instances: int = 1, kind: str = "KIND_CPU", zero_default_optional: bool = False) -> pb.ModelConfig:
+    """zero_default_optional: inputs the runner fills with zeros (TensorSpec.zero_default) are declared optional;
+    only for our Python-backend engine models, which fill them (native backends need every input)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: use one of {sorted(BACKENDS)}")
     name, filename = BACKENDS[backend]
@@ -32,6 +34,8 @@ def model_config(spec: ComponentSpec, backend: str = "onnxruntime", max_batch_si
         for t in tensors:
             dims = spec.triton_dims(t, batch_dim=batched)
             entry = field.add(name=t.name, data_type=DTYPES[t.dtype], dims=dims or [1])
+            if field is cfg.input and zero_default_optional and t.zero_default:
+                entry.optional = True
             if not dims and batched:    # a per-sample (N,) vector: [1] per request outside, [] to the model
                 entry.reshape.SetInParent()
             elif not dims:

@@ -45,7 +45,8 @@ def _io_config(model: BLSModel, sizes: dict[str, int]) -> pb.ModelConfig:
 
 def _engine_config(name: str, comp: Component) -> pb.ModelConfig:
     spec = comp.spec
-    cfg = model_config(spec, backend="python", max_batch_size=spec.max_batch() if name in BATCHED else 0)
+    cfg = model_config(spec, backend="python", max_batch_size=spec.max_batch() if name in BATCHED else 0,
+                       zero_default_optional=True)   # the engine glue feeds zeros for absent ControlNet residuals
     if name in BATCHED:
         db = cfg.dynamic_batching
         db.max_queue_delay_microseconds = 2000
@@ -106,6 +107,7 @@ def write_ngc_repo(build_dir: Path, python_env: Path | None = None) -> tuple[Pat
         else:
             cfg.parameters["build_dir"].string_value = "../.."
             cfg.parameters["component"].string_value = name
+            cfg.parameters["send_zero_residuals"].string_value = "true"   # native engines need every input
             if env_param:
                 cfg.parameters["EXECUTION_ENV_PATH"].string_value = env_param
         (out / name / "1").mkdir(parents=True, exist_ok=True)

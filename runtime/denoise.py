@@ -140,11 +140,14 @@ class EngineDenoiser(Denoiser):
     """UNet (+ ControlNet) as functions over numpy feeds named as in the build's specs: onnxruntime sessions in
     process, or BLS calls when served. `unet` is the manifest's unet record (runtime.manifest.Component)."""
 
-    def __init__(self, unet, unet_fn, controlnet_fn=None, text_len: int = TEXT_TOKENS):
+    def __init__(self, unet, unet_fn, controlnet_fn=None, text_len: int = TEXT_TOKENS, send_zero_residuals: bool = False):
         self.rec, self.unet_fn, self.controlnet_fn = unet, unet_fn, controlnet_fn
         self.has_controlnet = controlnet_fn is not None
         self.res = [t for t in unet.spec.inputs if t.name.startswith(("down_res", "mid_res"))]
         self.text_len = text_len                                  # the build's (Manifest.text_len)
+        # without a pose map the residuals are zeros: the engine runner fills them (our onnxruntime sessions and
+        # Python-backend models); only a native engine (NGC repository) needs them sent, once allocated per shape
+        self.send_zeros = send_zero_residuals or not all(t.zero_default for t in self.res)
 
     def convert(self, inputs):
         self._zeros: dict = {}          # zero ControlNet residuals per latent shape, allocated once per request
@@ -164,7 +167,9 @@ class EngineDenoiser(Denoiser):
         return self.controlnet_fn(feeds)
 
     def unet(self, x, t, inp, residuals):
-        if residuals is None:           # no pose map: zero residuals (exact: the UNet adds them)
+        if residuals is None and not self.send_zeros:
+            residuals = {}              # no pose map: the runner feeds zeros (exact: the UNet adds them)
+        elif residuals is None:         # a native engine: zero residuals made here, once per latent shape
             key = x.shape
             if key not in self._zeros:
                 vals = {"N": x.shape[0], "h": x.shape[2], "w": x.shape[3]}

@@ -30,6 +30,7 @@ class TensorSpec:
     dims: tuple[int | str, ...]
     low: float = -1.0                # sample-input value range (uniform); ints: [low, high)
     high: float = 1.0
+    zero_default: bool = False       # may be left out: the runner feeds zeros (the UNet's ControlNet residuals)
 
     def shape(self, values: dict[str, int]) -> tuple[int, ...]:
         return tuple(eval_dim(d, values) for d in self.dims)
@@ -62,6 +63,15 @@ class ComponentSpec:
             if t.name == name:
                 return t
         raise KeyError(f"{self.name} has no {kind} {name!r} (it has {[t.name for t in tensors]})")
+
+    def bind(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+        """Symbol values read off the shapes of the given inputs (plain-symbol axes, e.g. N, h, w, S)."""
+        values: dict[str, int] = {}
+        for t in self.inputs:
+            for d, n in zip(t.dims, shapes.get(t.name, ())):
+                if isinstance(d, str) and d in self.symbols:
+                    values.setdefault(d, int(n))
+        return values
 
     def range(self, symbol: str) -> Range:
         return Range(*self.symbols[symbol])

@@ -7,6 +7,7 @@ fallback and benchmark: tests/test_dual_attention.py.)
 """
 import json
 import shutil
+from pathlib import Path
 
 import onnx
 import pytest
@@ -201,3 +202,36 @@ def test_stable_names_rename_numbered_initializers():
     assert stable_weight_names(model) == 1
     assert model.graph.initializer[0].name == "unet.mid.attn2.to_k.MatMul.input1" == model.graph.node[0].input[1]
     onnx.checker.check_model(model)
+
+
+def test_zero_residuals_are_not_shipped_per_step(built):
+    """Without a pose map no ControlNet residuals travel to the UNet: the Python-backend unet declares them
+    optional and its runner feeds zeros made once per shape; with a pose map they are sent. The NGC repository
+    (native engines need every input) keeps them required and tells its BLS models to send them."""
+    from export.triton_config import parse_pbtxt
+    from runtime.pipeline import GenerateOptions
+    from runtime.serving.engines import Build
+    from runtime.serving.logic import CharacterRequest, EnginePipeline
+
+    unet = parse_pbtxt((built / "triton_repo" / "unet" / "config.pbtxt").read_text())
+    res = [i for i in unet.input if i.name.startswith(("down_res", "mid_res"))]
+    assert res and all(i.optional for i in res) and not any(i.optional for i in unet.input if i not in res)
+    ngc = parse_pbtxt((built / "triton_repo_ngc" / "unet" / "config.pbtxt").read_text())
+    assert not any(i.optional for i in ngc.input)
+    sampler = parse_pbtxt((built / "triton_repo_ngc" / "sampler" / "config.pbtxt").read_text())
+    assert sampler.parameters["send_zero_residuals"].string_value == "true"
+
+    ep = EnginePipeline(Build(built))
+    sent, run = [], ep.denoiser.unet_fn
+    ep.denoiser.unet_fn = lambda feeds: sent.append(sorted(feeds)) or run(feeds)
+    data = lambda f: (Path(__file__).parent / "data" / f).read_bytes()
+    tokens = ep.encode_characters(CharacterRequest([data("ldh.png")], [data("ldh_mask.png")], [None],
+                                                   [data("ldh.face.json").decode()], [0]))
+    ep.generate(GenerateOptions("a man", width=64, height=64, steps=2), tokens)
+    assert sent and not any(n.startswith(("down_res", "mid_res")) for n in sent[0])
+    sent.clear()
+    from runtime.preprocess import decode_image
+
+    pose = decode_image(Path(__file__).parent / "data" / "two_people_pose.jpg")
+    ep.generate(GenerateOptions("a man", width=64, height=64, steps=2, pose_image=pose), tokens)
+    assert "down_res_0" in sent[0] and "mid_res" in sent[0]

@@ -32,6 +32,7 @@ class OrtEngine:
         self.record = record
         self.inputs, self.outputs = record.input_names, record.output_names
         self.profile = record.profile
+        self._zeros: dict = {}
 
     def check_profile(self, feeds: dict[str, np.ndarray], skip_batch: bool = False) -> None:
         """Reject shapes outside the engine's min/max profile with a message naming the input.
@@ -47,12 +48,33 @@ class OrtEngine:
                 raise InputError(f"{self.record.name}: input {name} has shape {list(arr.shape)}, outside "
                                  f"the engine profile {list(lo)}..{list(hi)}; rebuild with wider --min-size/--max-size")
 
+    def complete(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Feeds with the inputs a caller may leave out (TensorSpec.zero_default: the UNet's ControlNet residuals
+        without a pose map) filled with zeros, allocated here once per shape instead of shipped per step."""
+        spec = self.record.spec
+        missing = [t for t in spec.inputs if t.name not in feeds]
+        if not missing:
+            return feeds
+        values = spec.bind({k: v.shape for k, v in feeds.items()})
+        out = dict(feeds)
+        for t in missing:
+            if not t.zero_default:
+                raise InputError(f"{self.record.name}: missing required input {t.name}")
+            shape = t.shape(values)
+            key = (t.name, shape)
+            if key not in self._zeros:
+                self._zeros[key] = np.zeros(shape, np.float32)
+            out[t.name] = self._zeros[key]
+        return out
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = self.complete(feeds)
         return dict(zip(self.outputs, self.sess.run(self.outputs, {k: feeds[k] for k in self.inputs})))
 
     def run_batched(self, many: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         """Run compatible feeds as one batch (grouped by non-batch shapes); results in input order."""
         groups: dict[tuple, list[int]] = {}
+        many = [self.complete(f) for f in many]
         for i, f in enumerate(many):
             groups.setdefault(tuple((k, f[k].shape[1:]) for k in self.inputs), []).append(i)
         results: list = [None] * len(many)

@@ -229,10 +229,11 @@ class Sampling:
     """What a BLS model running the denoising loop needs from a build: the typed manifest, the UniPC plans
     per step count, and a factory of EngineDenoisers that call `unet` (and `controlnet`) via BLS."""
 
-    def __init__(self, glue: Glue, build_dir: str):
+    def __init__(self, glue: Glue, build_dir: str, send_zero_residuals: str | bool = False):
         from runtime.manifest import Manifest
 
         self.glue, self.build = glue, Manifest(build_dir)
+        self.send_zero_residuals = str(send_zero_residuals).lower() == "true"
         self.dim, self.plans = self.build.cross_attention_dim, {}
         outs = self.build.component("controlnet").output_names if self.build.has("controlnet") else None
         self.controlnet = (lambda f: glue.engine("controlnet", f, outs, batched=True)) if outs else None
@@ -242,7 +243,7 @@ class Sampling:
 
         return EngineDenoiser(self.build.component("unet"),
                               lambda f: self.glue.engine("unet", f, ["noise_pred"], batched=True), self.controlnet,
-                              self.build.text_len)
+                              self.build.text_len, self.send_zero_residuals)
 
     def latents(self, opts, text, tokens, is_cancelled):
         from runtime.serving.logic import generate_latents
@@ -259,7 +260,7 @@ class SamplingModel:
     def initialize(self, args):
         _, params = setup(args)
         self.glue = Glue(self.pb, params)
-        self.s = Sampling(self.glue, params["build_dir"])
+        self.s = Sampling(self.glue, params["build_dir"], params.get("send_zero_residuals", "false"))
 
     def execute(self, requests):
         return self.glue.run_each(requests, self._one)

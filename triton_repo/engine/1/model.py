@@ -20,14 +20,16 @@ class TritonPythonModel:
         self.glue = Glue(pb_utils)
         self.engine = Build(params["build_dir"]).engine(params["component"])
         self.rank = {t.name: len(t.dims) for t in self.engine.record.spec.inputs}
+        self.optional = {t.name for t in self.engine.record.spec.inputs if t.zero_default}
 
     def _feeds(self, request):
         feeds = {}
         for name in self.engine.inputs:
-            a = self.glue.array(request, name, required=True)
-            feeds[name] = a.reshape(-1) if self.rank[name] == 1 else a     # (N,) vectors arrive as [N, 1] via BLS
+            a = self.glue.array(request, name, required=name not in self.optional)
+            if a is not None:                                            # absent residuals: zeros, filled here
+                feeds[name] = a.reshape(-1) if self.rank[name] == 1 else a     # (N,) vectors arrive as [N, 1] via BLS
         self.engine.check_profile(feeds, skip_batch=self.batched)
-        return feeds
+        return self.engine.complete(feeds)
 
     def execute(self, requests):
         responses, feeds, idx = [None] * len(requests), [], []
