@@ -73,19 +73,10 @@ def test_sigterm_while_starting_stops_the_server(built):
 
 
 def test_sigkill_while_serving_leaves_no_server(built):
-    import tritonclient.grpc as grpcclient
+    from runtime.serving.launcher import wait_until_ready
 
     proc, server, port = _launch(built)
-    client, deadline = grpcclient.InferenceServerClient(f"127.0.0.1:{port}"), time.time() + 240
-    while time.time() < deadline:
-        try:
-            if client.is_server_ready():
-                break
-        except Exception:  # noqa: BLE001 - not listening yet
-            pass
-        time.sleep(0.5)
-    else:
-        pytest.fail("server not ready")
+    assert wait_until_ready(f"127.0.0.1:{port}", 240, proc), "server not ready"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     assert _gone(server), f"tritonserver {server} kept running after its launcher was killed"

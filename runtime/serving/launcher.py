@@ -101,20 +101,11 @@ class TritonServer:
         return self
 
     def wait_ready(self, timeout: float) -> None:
-        import tritonclient.grpc as grpcclient
-
-        client = grpcclient.InferenceServerClient(self.url)
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise StoryMakerError(f"tritonserver exited with code {self.proc.returncode}; log: {self.log_file}\n"
-                                      + self.log_tail())
-            try:
-                if client.is_server_ready():
-                    return
-            except Exception:  # noqa: BLE001 - not listening yet
-                pass
-            time.sleep(0.5)
+        if wait_until_ready(self.url, timeout, self.proc):
+            return
+        if self.proc.poll() is not None:
+            raise StoryMakerError(f"tritonserver exited with code {self.proc.returncode}; log: {self.log_file}\n"
+                                  + self.log_tail())
         self.stop()
         raise StoryMakerError(f"tritonserver not ready after {timeout:.0f} s; log: {self.log_file}\n" + self.log_tail())
 
@@ -187,6 +178,21 @@ def _trt_loads(engine: dict, runtime_version: str) -> bool:
     if not engine.get("version_compatible"):
         return built == run
     return run[:1] == built[:1] and run >= built
+
+
+def wait_until_ready(url: str, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    """Poll a server's gRPC readiness until ready (True), the timeout, or `proc` exiting (False)."""
+    import tritonclient.grpc as grpcclient
+
+    client, deadline = grpcclient.InferenceServerClient(url), time.monotonic() + timeout
+    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
+        try:
+            if client.is_server_ready():
+                return True
+        except Exception:  # noqa: BLE001 - not listening yet
+            pass
+        time.sleep(0.5)
+    return False
 
 
 def _die_with_parent() -> None:
