@@ -251,3 +251,24 @@ def test_error_codes_say_whose_fault_it_is(caplog):
                             ("INTERNAL", "internal error (request 1): KeyError", "INTERNAL"),
                             ("INTERNAL", "request cancelled before step 2/8", "CANCELLED")):
         assert g.error(CalleeError("encode_characters", msg, code, _FakePb)).error.c == want, msg
+
+
+def test_launcher_refuses_a_repository_whose_backends_the_server_lacks(built):
+    """The NGC repository needs the onnxruntime backend (tensorrt where engines exist); the bundled wheel server
+    has only the Python backend: the launcher says which backend is missing, for which models, and the fix.
+    Both repositories are complete."""
+    from runtime.errors import StoryMakerError
+    from runtime.serving.launcher import REQUIRED_MODELS, TritonServer, check_repo, repo_backends, server_backends
+
+    available, where = server_backends()
+    ngc = built / "triton_repo_ngc"
+    check_repo(ngc)                                              # complete: configs and model files
+    check_repo(built / "triton_repo", available, where)          # served here
+    needs = repo_backends(ngc)
+    assert set(needs["onnxruntime"]) == {"clip_vision", "ppr", "unet", "controlnet", "vae_decoder"}
+    assert set(needs["python"]) >= set(REQUIRED_MODELS) - set(needs["onnxruntime"])
+    if "onnxruntime" in available:
+        pytest.skip("this tritonserver has the onnxruntime backend")
+    with pytest.raises(StoryMakerError, match=r"has no backend 'onnxruntime' \(for clip_vision, controlnet, ppr, unet, "
+                                              r"vae_decoder\).*NGC tritonserver container"):
+        TritonServer(ngc)

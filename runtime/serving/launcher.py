@@ -37,11 +37,62 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def check_repo(repo: Path) -> None:
-    missing = [m for m in REQUIRED_MODELS if not (repo / m / "config.pbtxt").exists() or not (repo / m / "1" / "model.py").exists()]
+PLATFORMS = {"tensorrt_plan": "tensorrt", "onnxruntime_onnx": "onnxruntime"}
+
+
+def repo_backends(repo: Path) -> dict[str, list[str]]:
+    """backend -> models that need it, from the repository's config.pbtxt files (backend or platform)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    out: dict[str, list[str]] = {}
+    for f in sorted(Path(repo).glob("*/config.pbtxt")):
+        cfg = text_format.Parse(f.read_text(), pb.ModelConfig())
+        out.setdefault(cfg.backend or PLATFORMS.get(cfg.platform, cfg.platform), []).append(f.parent.name)
+    return out
+
+
+def server_backends() -> tuple[set[str], str]:
+    """The backends the tritonserver that server_command would start has, and where they were looked up."""
+    if shutil.which("tritonserver"):
+        where = Path(os.environ.get("TRITON_BACKEND_DIRECTORY", "/opt/tritonserver/backends"))
+    else:
+        try:
+            import pytriton
+        except ImportError:
+            return set(), "no tritonserver on PATH and no nvidia-pytriton wheel"
+        where = Path(pytriton.__file__).parent / "tritonserver" / "backends"
+    return ({p.name for p in where.iterdir() if p.is_dir()} if where.is_dir() else set()), str(where)
+
+
+def check_repo(repo: Path, available: set[str] | None = None, where: str = "") -> None:
+    """The repository is complete (every required model with its config and model file) and the server has every
+    backend it names; otherwise a message that names what is missing and the fix."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    missing = []
+    for m in REQUIRED_MODELS:
+        cfg_file = repo / m / "config.pbtxt"
+        if not cfg_file.exists():
+            missing.append(m)
+            continue
+        cfg = text_format.Parse(cfg_file.read_text(), pb.ModelConfig())
+        model_file = cfg.default_model_filename or ("model.py" if cfg.backend == "python" else "model.onnx")
+        if not (repo / m / "1" / model_file).exists():
+            missing.append(f"{m}/1/{model_file}")
     if not repo.is_dir() or missing:
         raise StoryMakerError(f"{repo}: incomplete Triton repository (missing {missing or 'the folder'}). "
                               "Write it with `python -m export.build ... --out BUILD` (it creates BUILD/triton_repo).")
+    if available is None:
+        return
+    lacking = {b: ms for b, ms in repo_backends(repo).items() if b not in available}
+    if lacking:
+        need = "; ".join(f"'{b}' (for {', '.join(ms)})" for b, ms in lacking.items())
+        raise StoryMakerError(f"{repo}: this tritonserver ({where}) has no backend {need}; it has "
+                              f"{sorted(available) or 'none'}. Serve BUILD/triton_repo (every model on the Python "
+                              "backend) with this server, or this repository in the NGC tritonserver container "
+                              "(`python -m runtime.serve --ngc-command BUILD` prints the command).")
 
 
 def _wheel_server(work: Path) -> tuple[list[str], dict]:
@@ -78,7 +129,7 @@ class TritonServer:
                  metrics_port: int | None = None, address: str = "127.0.0.1", admin_key: str | None = None,
                  log_file: Path | None = None):
         self.repo = Path(repo).resolve()
-        check_repo(self.repo)
+        check_repo(self.repo, *server_backends())
         self.grpc_port, self.http_port = grpc_port or free_port(), http_port or free_port()
         self.metrics_port = metrics_port or free_port()
         self.address = address
