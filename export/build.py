@@ -57,6 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "same major; serve with --backend-config=tensorrt,version-compatible=true)")
     ap.add_argument("--trt-hardware-compat", choices=("none", "ampere+", "same-cc"), default="none",
                     help="TensorRT hardware compatibility level (default none: this GPU's architecture only)")
+    dep = ap.add_argument_group("deployment (where the served engine models run)")
+    dep.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="engine models on the CPU or on GPUs")
+    dep.add_argument("--providers", help="onnxruntime execution providers in priority order, from tensorrt, cuda, cpu "
+                                         "(default: cpu; with --device cuda: cuda,cpu)")
+    dep.add_argument("--gpu-instances", type=int, default=1, help="instances of each engine model per GPU")
     ap.add_argument("--ngc-python-env", type=Path, metavar="TAR_GZ",
                     help="a conda-pack'ed Python environment with this project installed, copied into the NGC "
                          "repository for its Python-backend models (EXECUTION_ENV_PATH); default: the container's Python")
@@ -64,6 +69,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not (a.demo or a.weights or a.sdxl or a.mask_bin or a.image_encoder):
         ap.error("give --weights DIR, the components (--sdxl, --mask-bin, --image-encoder, ...), or --demo")
     return a
+
+
+def deployment(a) -> dict:
+    """The manifest's deployment record: where served engine models run (configs and sessions derive from it)."""
+    from runtime.serving.engines import session_providers
+
+    providers = (a.providers or ("cuda,cpu" if a.device == "cuda" else "cpu")).split(",")
+    session_providers(providers)                                  # unknown names fail here, at build time
+    if a.device == "cpu" and set(providers) - {"cpu"}:
+        raise StoryMakerError(f"--providers {a.providers} needs --device cuda")
+    if a.gpu_instances < 1:
+        raise StoryMakerError("--gpu-instances must be >= 1")
+    return {"device": a.device, "providers": providers, "gpu_instances": a.gpu_instances}
 
 
 def _is_demo_bundle(weights: Path) -> bool:
@@ -196,6 +214,7 @@ def build(a) -> int:
     from runtime.loaders import WeightsLayout
 
     check_opset(a.opset)
+    deploy = deployment(a)
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
     if a.demo:
@@ -228,6 +247,7 @@ def build(a) -> int:
                               "tools": mf.tool_versions(), "weights": {k: v for s in sources.values() for k, v in s.items()},
                               "profile": asdict(prof), "lora_scale": a.lora_scale,
                               "style_loras": [f"{p}:{s}" for p, s in loras], "components": {**old, **records},
+                              "deployment": deploy,
                               "weights_layout": {k: str(v) for k, v in asdict(layout).items()
                                                  if v is not None and k != "style_loras"}, **extra})
 

@@ -43,10 +43,13 @@ def _io_config(model: BLSModel, sizes: dict[str, int]) -> pb.ModelConfig:
     return cfg
 
 
-def _engine_config(name: str, comp: Component) -> pb.ModelConfig:
+def _engine_config(name: str, comp: Component, deploy: dict | None = None) -> pb.ModelConfig:
     spec = comp.spec
+    gpu = (deploy or {}).get("device") == "cuda"
     cfg = model_config(spec, backend="python", max_batch_size=spec.max_batch() if name in BATCHED else 0,
-                       zero_default_optional=True)   # the engine glue feeds zeros for absent ControlNet residuals
+                       zero_default_optional=True,   # the engine glue feeds zeros for absent ControlNet residuals
+                       instances=(deploy or {}).get("gpu_instances", 1) if gpu else 1,
+                       kind="KIND_GPU" if gpu else "KIND_CPU")
     if name in BATCHED:
         db = cfg.dynamic_batching
         db.max_queue_delay_microseconds = 2000
@@ -96,7 +99,8 @@ def write_ngc_repo(build_dir: Path, python_env: Path | None = None) -> tuple[Pat
             plan = eng.get("path") if eng.get("status") == "built" else None
             spec = rec.spec
             batch = spec.max_batch() if name in BATCHED else 0
-            cfg = model_config(spec, backend="tensorrt" if plan else "onnxruntime", max_batch_size=batch, kind="KIND_GPU")
+            cfg = model_config(spec, backend="tensorrt" if plan else "onnxruntime", max_batch_size=batch, kind="KIND_GPU",
+                               instances=m.deployment["gpu_instances"])
             if plan:
                 cfg.platform, cfg.backend = "tensorrt_plan", ""
             if name in BATCHED:
@@ -125,7 +129,7 @@ def write_ngc_repo(build_dir: Path, python_env: Path | None = None) -> tuple[Pat
 
 def _python_configs(m: Manifest) -> dict[str, tuple[pb.ModelConfig, str]]:
     """Every model of the repository as a Python-backend config: (config, glue folder in triton_repo/)."""
-    configs = {n: (_engine_config(n, m.component(n)), "engine") for n in ENGINE_MODELS if m.has(n)}
+    configs = {n: (_engine_config(n, m.component(n), m.deployment), "engine") for n in ENGINE_MODELS if m.has(n)}
     sizes = {"D": m.cross_attention_dim, "P": m.pooled_dim, "L": m.text_len, "C": m.latent_channels}
     configs.update({n: (_io_config(model, sizes), n) for n, model in MODELS.items()})
     return configs

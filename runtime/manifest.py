@@ -82,6 +82,13 @@ class Manifest:
         return self.path / rel
 
     @property
+    def deployment(self) -> dict:
+        """Where the engines run (`export.build --device/--providers/--gpu-instances`); CPU by default."""
+        d = self.data.get("deployment") or {}
+        return {"device": d.get("device", "cpu"), "providers": list(d.get("providers", ["cpu"])),
+                "gpu_instances": int(d.get("gpu_instances", 1))}
+
+    @property
     def scheduler_config(self) -> dict:
         return json.loads((self.path / self.assets["scheduler_config"]).read_text())
 

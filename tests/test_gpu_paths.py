@@ -235,3 +235,46 @@ def test_zero_residuals_are_not_shipped_per_step(built):
     pose = decode_image(Path(__file__).parent / "data" / "two_people_pose.jpg")
     ep.generate(GenerateOptions("a man", width=64, height=64, steps=2, pose_image=pose), tokens)
     assert "down_res_0" in sent[0] and "mid_res" in sent[0]
+
+
+@pytest.mark.parametrize("device,providers,gpus", [("cpu", None, 1), ("cuda", None, 1), ("cuda", "tensorrt,cuda,cpu", 2)])
+def test_deployment_sets_providers_instances_and_batch(built, tmp_path, device, providers, gpus):
+    """export.build --device/--providers/--gpu-instances: the manifest records the deployment; the engine models'
+    configs get KIND_GPU instances per GPU (KIND_CPU on the CPU) with max_batch_size inside the engine profile, and
+    their onnxruntime sessions the providers in order with their options (the GPU ones written, not run here)."""
+    from export.triton_config import parse_pbtxt
+    from runtime.manifest import Manifest
+    from runtime.serving.engines import session_providers
+
+    b = _copy_build(built, tmp_path)
+    argv = ["--weights", str(built / "demo_bundle"), "--out", str(b), "--device", device, "--gpu-instances", str(gpus)]
+    assert build_main(argv + (["--providers", providers] if providers else [])) == 0
+    m = Manifest(b)
+    want = (providers or ("cuda,cpu" if device == "cuda" else "cpu")).split(",")
+    assert m.deployment == {"device": device, "providers": want, "gpu_instances": gpus}
+    for repo in ("triton_repo", "triton_repo_ngc"):
+        for name in ("unet", "vae_decoder", "clip_vision"):
+            cfg = parse_pbtxt((b / repo / name / "config.pbtxt").read_text())
+            kind = "KIND_GPU" if device == "cuda" or repo == "triton_repo_ngc" else "KIND_CPU"
+            assert cfg.instance_group[0].kind == getattr(type(cfg.instance_group[0]), kind), (repo, name)
+            assert cfg.instance_group[0].count == (gpus if kind == "KIND_GPU" else 1)
+            prof = m.component(name).profile
+            assert cfg.max_batch_size <= min(p["max"][0] for p in prof.values())
+        sampler = parse_pbtxt((b / repo / "sampler" / "config.pbtxt").read_text())
+        assert sampler.instance_group[0].kind == type(sampler.instance_group[0]).KIND_CPU   # BLS logic on the host
+    names, options = session_providers(want, device_id=1, cache_dir="/c")
+    assert names[-1] == "CPUExecutionProvider" and len(names) == len(want)
+    if "tensorrt" in want:
+        trt = options[names.index("TensorrtExecutionProvider")]
+        assert trt["trt_engine_cache_enable"] == "1" and trt["trt_engine_cache_path"] == "/c" and trt["device_id"] == "1"
+    if "cuda" in want:
+        assert options[names.index("CUDAExecutionProvider")]["device_id"] == "1"
+
+
+def test_bad_deployment_flags_are_refused(built, tmp_path, capsys):
+    b = tmp_path / "b"
+    assert build_main(["--weights", str(built / "demo_bundle"), "--out", str(b), "--providers", "cuda,cpu"]) == 2
+    assert "needs --device cuda" in capsys.readouterr().err
+    assert build_main(["--weights", str(built / "demo_bundle"), "--out", str(b), "--device", "cuda",
+                       "--providers", "rocm"]) == 2
+    assert "use ['cpu', 'cuda', 'tensorrt']" in capsys.readouterr().err

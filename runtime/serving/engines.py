@@ -20,15 +20,35 @@ from runtime.errors import InputError
 from runtime.manifest import Component, Manifest
 
 
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def session_providers(names, device_id: int = 0, cache_dir: str | None = None) -> tuple[list[str], list[dict]]:
+    """onnxruntime execution providers, in priority order, with their options (WRITTEN for the GPU, not run here):
+    CUDA on `device_id` (heuristic cuDNN algorithm search, copies on the default stream); TensorRT with fp16
+    kernels allowed and its engine and timing caches kept in `cache_dir` (first load builds, later loads reuse);
+    the CPU last as the fallback for any op the others lack."""
+    opts = {"cpu": {}, "cuda": {"device_id": str(device_id), "cudnn_conv_algo_search": "HEURISTIC",
+                                "do_copy_in_default_stream": "1"},
+            "tensorrt": {"device_id": str(device_id), "trt_fp16_enable": "1", "trt_engine_cache_enable": "1",
+                         "trt_engine_cache_path": str(cache_dir or "."), "trt_timing_cache_enable": "1"}}
+    unknown = [n for n in names if n not in PROVIDERS]
+    if unknown:
+        raise ValueError(f"execution providers {unknown}: use {sorted(PROVIDERS)} (e.g. tensorrt,cuda,cpu)")
+    return [PROVIDERS[n] for n in names], [opts[n] for n in names]
+
+
 class OrtEngine:
-    def __init__(self, path: Path, record: Component, threads: int | None = None):
+    def __init__(self, path: Path, record: Component, threads: int | None = None, providers=("cpu",),
+                 device_id: int = 0, cache_dir: str | None = None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
-        self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        names, options = session_providers(providers, device_id, cache_dir)
+        self.sess = ort.InferenceSession(str(path), opts, providers=names, provider_options=options)
         self.record = record
         self.inputs, self.outputs = record.input_names, record.output_names
         self.profile = record.profile
@@ -91,7 +111,9 @@ class OrtEngine:
 class Build(Manifest):
     """A build folder: its typed manifest (runtime/manifest.py) plus onnxruntime sessions of its components."""
 
-    def engine(self, name: str, threads: int | None = None) -> OrtEngine:
+    def engine(self, name: str, threads: int | None = None, device_id: int = 0) -> OrtEngine:
+        """A session with the build's deployment providers (`export.build --device/--providers`; CPU when none)."""
         rec = self.component(name)
         threads = threads or int(os.environ.get("STORYMAKER_ORT_THREADS", "0")) or None
-        return OrtEngine(self.file(rec.model_file), rec, threads)
+        return OrtEngine(self.file(rec.model_file), rec, threads, self.deployment["providers"], device_id,
+                         str(self.path / "engines" / "ort_trt_cache"))

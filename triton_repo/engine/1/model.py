@@ -18,7 +18,8 @@ class TritonPythonModel:
         cfg, params = setup(args)
         self.batched = cfg.get("max_batch_size", 0) > 0
         self.glue = Glue(pb_utils)
-        self.engine = Build(params["build_dir"]).engine(params["component"])
+        self.engine = Build(params["build_dir"]).engine(params["component"],
+                                                        device_id=int(args.get("model_instance_device_id") or 0))
         self.rank = {t.name: len(t.dims) for t in self.engine.record.spec.inputs}
         self.optional = {t.name for t in self.engine.record.spec.inputs if t.zero_default}
 
