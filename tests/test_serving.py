@@ -273,3 +273,19 @@ def test_http_protocol_gives_the_grpc_frame(server, client):
     assert np.array_equal(a, b) and not info["truncated"]
     with pytest.raises(StoryMakerError, match="width=1024 is outside"):
         http.generate("a man", tokens=tokens, **{**SMALL, "width": 1024})
+
+
+def test_stage_timings_are_exposed_as_metrics(server, client):
+    """Where a request spent its time: per-stage seconds and counts of the storymaker model on the Prometheus
+    metrics port (Python backend custom metrics)."""
+    import urllib.request
+
+    client.generate("a man", characters=[MAN], **SMALL)
+    text = urllib.request.urlopen(f"http://{server.address}:{server.metrics_port}/metrics", timeout=10).read().decode()
+    stages = {}
+    for line in text.splitlines():
+        if line.startswith("storymaker_stage_seconds_total{") and 'model="storymaker"' in line:
+            stages[line.split('stage="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    assert set(stages) >= {"characters", "text", "denoise", "vae", "png"}, text[-2000:]
+    assert stages["denoise"] > 0 and all(v >= 0 for v in stages.values())
+    assert any(l.startswith("storymaker_stage_count_total{") for l in text.splitlines())

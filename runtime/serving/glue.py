@@ -251,6 +251,40 @@ class Sampling:
         return generate_latents(opts, text, tokens, self.denoiser(), self.build, self.plans, is_cancelled)
 
 
+class StageMetrics:
+    """Per-stage time of every request as Triton custom metrics on the metrics port (Python backend metrics API):
+    `storymaker_stage_seconds_total{model, stage}` (seconds spent) and `storymaker_stage_count_total{model,
+    stage}` (times run), so an operator sees where requests spend their time (rate(seconds)/rate(count) is the
+    mean per stage). A no-op where the stub has no metrics API."""
+
+    def __init__(self, pb, model: str):
+        self.model, self.seconds, self.count, self.series = model, None, None, {}
+        fam = getattr(pb, "MetricFamily", None)
+        if fam is not None:
+            self.seconds = fam(name="storymaker_stage_seconds_total", description="seconds spent per request stage",
+                               kind=fam.COUNTER)
+            self.count = fam(name="storymaker_stage_count_total", description="request stages run", kind=fam.COUNTER)
+
+    def stage(self, name: str):
+        import contextlib
+        import time
+
+        @contextlib.contextmanager
+        def timed():
+            t0 = time.perf_counter()
+            yield
+            if self.seconds is None:
+                return
+            if name not in self.series:
+                labels = {"model": self.model, "stage": name}
+                self.series[name] = (self.seconds.Metric(labels=labels), self.count.Metric(labels=labels))
+            secs, count = self.series[name]
+            secs.increment(time.perf_counter() - t0)
+            count.increment(1)
+
+        return timed()
+
+
 class SamplingModel:
     """Base of the Triton BLS models that run the denoising loop (`sampler`, `storymaker`): their model.py sets
     `pb` (triton_python_backend_utils, importable only inside the stub) and defines `_one(request) -> outputs`."""
@@ -261,6 +295,7 @@ class SamplingModel:
         _, params = setup(args)
         self.glue = Glue(self.pb, params)
         self.s = Sampling(self.glue, params["build_dir"], params.get("send_zero_residuals", "false"))
+        self.metrics = StageMetrics(self.pb, params.get("component", "storymaker"))
 
     def execute(self, requests):
         return self.glue.run_each(requests, self._one)

@@ -48,14 +48,20 @@ class TritonPythonModel(SamplingModel):
         neg = g.prompt(r, "NEGATIVE_PROMPT", required=False)
         opts = generate_options(g, r, prompt, self.s.build)
         validate_options(opts, self.s.build)
-        tokens = self._tokens(r)
+        stage = self.metrics.stage                                    # per-stage time, on the metrics port
+        with stage("characters"):
+            tokens = self._tokens(r)
         te_in = {"PROMPT": np.array([prompt.encode()], dtype=object)}
         if neg is not None:
             te_in["NEGATIVE_PROMPT"] = np.array([neg.encode()], dtype=object)
-        te = g.bls("text_encoder", te_in, ["PROMPT_EMBEDS", "POOLED", "TRUNCATED"])
+        with stage("text"):
+            te = g.bls("text_encoder", te_in, ["PROMPT_EMBEDS", "POOLED", "TRUNCATED"])
         text = TextEmbeds(torch.from_numpy(te["PROMPT_EMBEDS"]), torch.from_numpy(te["POOLED"]))
-        lat = self.s.latents(opts, text, tokens, r.is_cancelled)
-        img = decode(engine_vae01(lambda f: g.engine("vae_decoder", f, ["image"])), lat)
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="PNG")
+        with stage("denoise"):
+            lat = self.s.latents(opts, text, tokens, r.is_cancelled)
+        with stage("vae"):
+            img = decode(engine_vae01(lambda f: g.engine("vae_decoder", f, ["image"])), lat)
+        with stage("png"):
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="PNG")
         return {"IMAGE": img, "PNG": np.array([buf.getvalue()], dtype=object), "TRUNCATED": te["TRUNCATED"]}
