@@ -14,8 +14,8 @@ request has a pose map, none otherwise); the implementations only say how to run
 - `TorchDenoiser`: PyTorch modules. The reference passes the release's unfused LoRA processors, eager;
   torch-opt passes the fused/compiled UNet and a `GraphedStep` (CUDA graph) as its step.
 - `EngineDenoiser`: functions over numpy feeds: onnxruntime sessions in process, or BLS calls to the
-  `unet`/`controlnet` models when served. Without a pose map it feeds zero residuals (exact), made once per
-  latent shape.
+  `unet`/`controlnet` models when served. Without a pose map it sends no residuals: the engine runner feeds
+  zeros (exact), allocated once per shape; only a native engine (NGC repository) gets them sent.
 """
 from __future__ import annotations
 
@@ -170,11 +170,8 @@ class EngineDenoiser(Denoiser):
         if residuals is None and not self.send_zeros:
             residuals = {}              # no pose map: the runner feeds zeros (exact: the UNet adds them)
         elif residuals is None:         # a native engine: zero residuals made here, once per latent shape
-            key = x.shape
-            if key not in self._zeros:
-                vals = {"N": x.shape[0], "h": x.shape[2], "w": x.shape[3]}
-                self._zeros[key] = {r.name: np.zeros(r.shape(vals), np.float32) for r in self.res}
-            residuals = self._zeros[key]
+            spec = self.rec.spec
+            residuals = spec.zeros(self.res, spec.bind({"sample": x.shape}), self._zeros)
         feeds = {**self._feeds(x, t, inp), "encoder_hidden_states": inp["encoder_hidden_states"],
                  "ip_scale": inp["ip_scale"], **residuals}
         return self.unet_fn(feeds)["noise_pred"]

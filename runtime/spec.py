@@ -73,6 +73,16 @@ class ComponentSpec:
                     values.setdefault(d, int(n))
         return values
 
+    def zeros(self, tensors, values: dict[str, int], cache: dict) -> dict[str, np.ndarray]:
+        """float32 zeros for `tensors` at the symbol `values`, each allocated once per (name, shape) in `cache`."""
+        out = {}
+        for t in tensors:
+            key = (t.name, t.shape(values))
+            if key not in cache:
+                cache[key] = np.zeros(key[1], np.float32)
+            out[t.name] = cache[key]
+        return out
+
     def range(self, symbol: str) -> Range:
         return Range(*self.symbols[symbol])
 

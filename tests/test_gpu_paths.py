@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -227,8 +228,12 @@ def test_zero_residuals_are_not_shipped_per_step(built):
     data = lambda f: (Path(__file__).parent / "data" / f).read_bytes()
     tokens = ep.encode_characters(CharacterRequest([data("ldh.png")], [data("ldh_mask.png")], [None],
                                                    [data("ldh.face.json").decode()], [0]))
-    ep.generate(GenerateOptions("a man", width=64, height=64, steps=2), tokens)
+    frame = ep.generate(GenerateOptions("a man", width=64, height=64, steps=2), tokens)
     assert sent and not any(n.startswith(("down_res", "mid_res")) for n in sent[0])
+    ep.denoiser.send_zeros, sent[:] = True, []                   # as for a native engine: zeros sent, same frame
+    assert np.array_equal(ep.generate(GenerateOptions("a man", width=64, height=64, steps=2), tokens), frame)
+    assert "down_res_0" in sent[0] and "mid_res" in sent[0]
+    ep.denoiser.send_zeros = False
     sent.clear()
     from runtime.preprocess import decode_image
 

@@ -75,17 +75,10 @@ class OrtEngine:
         missing = [t for t in spec.inputs if t.name not in feeds]
         if not missing:
             return feeds
-        values = spec.bind({k: v.shape for k, v in feeds.items()})
-        out = dict(feeds)
         for t in missing:
             if not t.zero_default:
                 raise InputError(f"{self.record.name}: missing required input {t.name}")
-            shape = t.shape(values)
-            key = (t.name, shape)
-            if key not in self._zeros:
-                self._zeros[key] = np.zeros(shape, np.float32)
-            out[t.name] = self._zeros[key]
-        return out
+        return {**feeds, **spec.zeros(missing, spec.bind({k: v.shape for k, v in feeds.items()}), self._zeros)}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = self.complete(feeds)
