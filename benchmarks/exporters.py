@@ -30,8 +30,9 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         weights = write_demo_bundle(Path(tmp) / "bundle")
         a = parse_args(["--weights", str(weights), "--out", tmp])
-        comps = _Stage(WeightsLayout.from_dir(weights), a, _profile(a, weights)).components()
-        for name, c in comps.items():
+        stage = _Stage(WeightsLayout.from_dir(weights), a, _profile(a, weights))
+        for name in stage.specs():
+            c = stage.component(name)
             for dynamo in (False, True):
                 path = Path(tmp) / f"{name}_{dynamo}.onnx"
                 t0 = time.perf_counter()

@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-size", type=int, help="largest image side (default 1536; demo 256)")
     ap.add_argument("--max-batch", type=int, help="images per UNet call (CFG doubles it; default 2)")
     ap.add_argument("--components", help="comma-separated subset to build (default: all available)")
+    ap.add_argument("--parity", choices=("auto", "full", "quick", "off"), default="auto",
+                    help="parity vs PyTorch: full = min/opt/max shapes, quick = the minimum shapes only, off = none "
+                         "(recorded as not run); auto = full on the demo bundle, quick at full size")
     ap.add_argument("--engines", choices=("auto", "off"), default="auto",
                     help="TensorRT engines: auto = build where TensorRT and a CUDA GPU exist (default), off = ONNX only")
     ap.add_argument("--refittable", action="store_true",
@@ -129,55 +132,150 @@ def _precision(name: str, a) -> str:
     return "fp16" if a.fp16 else "fp32"
 
 
+def _parity_mode(a, weights) -> str:
+    """--parity auto: every shape on the demo bundle (seconds), the minimum shapes at full size (the UNet's three
+    profile shapes cost about 15 minutes on 2 cores, its minimum about one)."""
+    if a.parity != "auto":
+        return a.parity
+    return "full" if weights is not None and _is_demo_bundle(weights) else "quick"
+
+
 def _build_one(name, stage, a, out, hasher) -> dict:
-    """Export/copy, convert, check one component; returns its manifest record."""
+    """Export/copy, convert, check one component; returns its manifest record. Order bounds memory: load, compute
+    the reference outputs, export, drop the torch model, then run onnxruntime (fp32, then fp16) one session at a time."""
+    from export import parity as P
     from export.faces import OnnxReference, build_face_model
     from export.onnx_export import export_onnx, to_fp16
-    from export.parity import check
 
     prec = _precision(name, a)
     t0 = time.perf_counter()
+    mf.reset_peak_rss()
+    timings = {}
     if name in FACE_FILES:
         spec, files, src = build_face_model(name, stage.layout.buffalo_l, out / "onnx" / name, prec)
-        ref, info = OnnxReference(src, spec), {"exporter": "copied from buffalo_l", "opset": None, "slimmed": False}
+        info = {"exporter": "copied from buffalo_l", "opset": None, "slimmed": False}
+        cases = P.reference_cases(spec, OnnxReference(src, spec), P.assignments(spec, a.parity_mode))
         fp32_parity = None
     else:
-        comp = stage.components()[name]
-        spec, ref = comp.spec, comp.reference
+        comp = stage.component(name)
+        spec = comp.spec
+        t = time.perf_counter()
+        cases = P.reference_cases(spec, comp.reference, P.assignments(spec, a.parity_mode))
+        timings["reference_seconds"] = round(time.perf_counter() - t, 1)
+        if comp.prepare_export:
+            comp.prepare_export()
+        t = time.perf_counter()
         info = export_onnx(comp.graph, spec, out / "onnx" / name / "model.onnx", a.opset)
+        timings["onnx_export_seconds"] = round(time.perf_counter() - t, 1)
+        del comp
+        stage.release()
         files = info.pop("files")
-        fp32_parity = check(spec, files[0], ref, "fp32")
+        t = time.perf_counter()
+        fp32_parity = P.check(spec, files[0], cases, "fp32")
+        timings["parity_fp32_seconds"] = round(time.perf_counter() - t, 1)
         if prec == "fp16":
+            t = time.perf_counter()
             files = to_fp16(files[0], out / "onnx" / name / "model.fp16.onnx")
-    parity = check(spec, files[0], ref, prec) if (prec == "fp16" or fp32_parity is None) else fp32_parity
+            timings["fp16_seconds"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    parity = P.check(spec, files[0], cases, prec) if (prec == "fp16" or fp32_parity is None) else fp32_parity
+    if prec == "fp16" or fp32_parity is None:
+        timings[f"parity_{prec}_seconds"] = round(time.perf_counter() - t, 1)
     rec = {"files": mf.file_records(files, out, hasher), "precision": prec, "opset": info.pop("opset") or None,
            "spec": spec.to_json(), "inputs": [asdict(t) for t in spec.inputs], "outputs": [asdict(t) for t in spec.outputs],
            "profile": spec.profile(), "parity": parity.to_json(), "export_seconds": round(time.perf_counter() - t0, 2),
-           **info}
+           "parity_mode": a.parity_mode, "timings": timings, "peak_rss_gib": mf.peak_rss_gib(), **info}
     if fp32_parity is not None and prec == "fp16":
         rec["parity_fp32_export"] = fp32_parity.to_json()
     return rec
 
 
 class _Stage:
-    """Loads the models once, only if some torch component must be (re)built."""
+    """Loads, for each component, only the weights that component needs, and drops them before the next: the
+    full-size UNet is 11.6 GB in fp32, so the build never holds two UNets, nor a UNet beside another model. The
+    specs come from the configs alone (meta device, no weights). The UNet is loaded once with the release's
+    unfused LoRA processors (the parity reference), its reference outputs are computed, then its LoRA is fused in
+    place (`prepare_export`) and that same model is exported."""
 
     def __init__(self, layout, a, prof):
-        self.layout, self.a, self.prof, self._comps = layout, a, prof, None
+        self.layout, self.a, self.prof, self._specs, self._mask = layout, a, prof, None, None
 
-    def components(self):
-        if self._comps is None:
-            from export.components import build_components
-            from runtime.adapter import attach_storymaker
-            from runtime.loaders import fuse_style_loras, load_mask_bin, load_sdxl, load_storymaker
+    def mask_bin(self):
+        from runtime.loaders import load_mask_bin
 
-            print("  loading weights (fused UNet for export, unfused release processors as the reference) ...", flush=True)
-            m = load_storymaker(self.layout, lora_scale=self.a.lora_scale)
-            ref = load_sdxl(self.layout.sdxl, self.layout.sdxl_config)
-            fuse_style_loras(ref, self.layout.style_loras)
-            attach_storymaker(ref.unet, load_mask_bin(self.layout.mask_bin)[1], lora_scale=self.a.lora_scale, fuse=False)
-            self._comps = build_components(m, ref.unet.eval(), self.prof)
-        return self._comps
+        if self._mask is None:
+            self._mask = load_mask_bin(self.layout.mask_bin)
+        return self._mask
+
+    def specs(self):
+        if self._specs is None:
+            from types import SimpleNamespace as NS
+
+            from transformers import CLIPTokenizer, CLIPVisionConfig
+
+            from export.components import build_specs
+            from runtime.loaders import check_compatible, sdxl_part_config
+            from runtime.ppr import PPRConfig
+
+            cfg = lambda part: sdxl_part_config(self.layout.sdxl, part, self.layout.sdxl_config)
+            base = self.layout.sdxl if self.layout.sdxl.is_dir() else self.layout.sdxl_config
+            unet = cfg("unet")
+            ppr = PPRConfig.from_state_dict(self.mask_bin()[0])
+            clip = CLIPVisionConfig.from_pretrained(str(self.layout.image_encoder))
+            check_compatible(unet.cross_attention_dim, ppr, clip.hidden_size, self.layout.mask_bin, self.layout.image_encoder)
+            sdxl = NS(unet=NS(config=unet), vae=NS(config=cfg("vae")),
+                      text_encoder=NS(config=cfg("text_encoder")), text_encoder_2=NS(config=cfg("text_encoder_2")),
+                      tokenizer=CLIPTokenizer.from_pretrained(str(base / "tokenizer")),
+                      tokenizer_2=CLIPTokenizer.from_pretrained(str(base / "tokenizer_2")))
+            self._specs = build_specs(NS(sdxl=sdxl, ppr=NS(cfg=ppr), controlnet=self.layout.controlnet), self.prof)
+        return self._specs
+
+    def component(self, name: str):
+        """Component(spec, graph, reference) for `name`, loaded now; drop it (and call release()) when done."""
+        from export import components as C
+        from runtime.adapter import attach_storymaker, fuse_lora
+        from runtime.denoise import VAEDecode
+        from runtime.loaders import load_controlnet, load_image_encoder, load_ppr, load_sdxl_part
+
+        spec = self.specs()[name]
+        part = lambda p: load_sdxl_part(self.layout.sdxl, p, self.layout.sdxl_config, self.layout.style_loras or ())
+        print(f"  loading {name} weights ...", flush=True)
+        if name == "clip_vision":
+            enc = load_image_encoder(self.layout.image_encoder)
+            return C.Component(spec, C.ClipVisionGraph(enc).eval(), C.ClipVisionReference(enc).eval())
+        if name == "ppr":
+            g = C.PPRGraph(load_ppr(self.mask_bin()[0], str(self.layout.mask_bin))).eval()
+            return C.Component(spec, g, g)
+        if name in ("text_encoder", "text_encoder_2"):
+            g = C.TextEncoderGraph(part(name), name == "text_encoder_2").eval()
+            return C.Component(spec, g, g)
+        if name == "unet":
+            unet = attach_storymaker(part("unet").eval(), self.mask_bin()[1], lora_scale=self.a.lora_scale, fuse=False,
+                                     source=str(self.layout.mask_bin))
+            g = C.UNetGraph(unet).eval()
+
+            def fuse():          # the release's processors -> LoRA folded into the same weights (no second UNet)
+                unet.set_attn_processor(fuse_lora(unet, dict(unet.attn_processors), self.a.lora_scale))
+
+            return C.Component(spec, g, g, prepare_export=fuse)
+        if name == "vae_decoder":
+            g = VAEDecode(part("vae")).eval()
+            return C.Component(spec, g, g)
+        if name == "controlnet":
+            g = C.ControlNetGraph(load_controlnet(self.layout.controlnet)).eval()
+            return C.Component(spec, g, g)
+        raise KeyError(name)
+
+    def release(self) -> None:
+        """Drop what the next component does not need (the UNet's mask.bin LoRA) and return memory to the OS."""
+        import ctypes
+        import gc
+
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)   # glibc keeps freed arenas otherwise; RSS would not fall
+        except OSError:
+            pass
 
 
 def _assets(layout, out: Path) -> dict[str, str]:
@@ -227,6 +325,7 @@ def build(a) -> int:
     loras = [(Path(s.rpartition(":")[0] or s), float(s.rpartition(":")[2]) if ":" in s else 1.0) for s in a.lora]
     layout = WeightsLayout.resolve(weights, style_loras=loras or None, **component_paths(a))
     prof = _profile(a, weights or layout.mask_bin.parent)
+    a.parity_mode = _parity_mode(a, weights)
     hasher = mf.Hasher(out / ".hashcache.json")
     sources = _sources(layout, hasher)
     wanted = a.components.split(",") if a.components else [c for c in (*FACE_FILES, *TORCH_COMPONENTS) if c in sources]
@@ -235,6 +334,7 @@ def build(a) -> int:
         raise StoryMakerError(f"cannot build {unknown}: unknown component or its weights are absent; available: {sorted(sources)}")
     old = mf.load(out).get("components", {})
     stage, records = _Stage(layout, a, prof), {}
+
     settings = dict(opset=a.opset, profile=asdict(prof), lora_scale=a.lora_scale)
     extra: dict = {}
     hasher.save()
@@ -247,7 +347,8 @@ def build(a) -> int:
                               "tools": mf.tool_versions(), "weights": {k: v for s in sources.values() for k, v in s.items()},
                               "profile": asdict(prof), "lora_scale": a.lora_scale,
                               "style_loras": [f"{p}:{s}" for p, s in loras], "components": {**old, **records},
-                              "deployment": deploy,
+                              "deployment": deploy, "peak_rss_gib": max(
+                                  [mf.peak_rss_gib()] + [r.get("peak_rss_gib", 0.0) for r in {**old, **records}.values()]),
                               "weights_layout": {k: str(v) for k, v in asdict(layout).items()
                                                  if v is not None and k != "style_loras"}, **extra})
 

@@ -45,13 +45,22 @@ class Component:
     spec: ComponentSpec
     graph: nn.Module
     reference: nn.Module
+    prepare_export: "object | None" = None   # called after the reference outputs, before export (the UNet's LoRA fuse)
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    """A copy sharing parameters but with its own child table: copy.copy alone shares `_modules`, so replacing a
+    child of the copy would replace it in the original too."""
+    out = copy.copy(module)
+    out._modules = dict(module._modules)
+    return out
 
 
 class ClipVisionGraph(nn.Module):
     def __init__(self, encoder):
         super().__init__()
-        vm = copy.copy(encoder.vision_model)
-        vm.encoder = copy.copy(vm.encoder)
+        vm = _shallow(encoder.vision_model)             # the encoder itself stays whole (it is the parity reference)
+        vm.encoder = _shallow(vm.encoder)
         vm.encoder.layers = vm.encoder.layers[:-1]          # hidden_states[-2] needs all but the last layer
         self.vm = vm
 

@@ -10,7 +10,16 @@ weight a user brings, in the layout `runtime.loaders.WeightsLayout` reads:
     OUT/buffalo_l/       det_10g.onnx (SCRFD I/O: 9 outputs) + w600k_r50.onnx (112x112 -> 512)
     OUT/controlnet/      diffusers SDXL ControlNet folder
 
-Sizes are shrunk except where code or formats hard-code them: 224x224 CLIP input
+`python -m export.demo_bundle --full --out OUT` writes the same layout at the RELEASED
+sizes (SDXL base 2.6 B UNet, CLIP-L + bigG text encoders, SDXL VAE, StoryMaker
+mask.bin with 140 processors of rank-128 LoRA and the released resampler, CLIP
+ViT-H/14), seeded random weights, as a user's download looks: the SDXL folder holds
+only the `fp16` variant files (`*.fp16.safetensors`; `--fp32` adds the default fp32
+files), mask.bin is fp16, the image encoder fp32 (as h94/IP-Adapter ships it);
+`--controlnet` adds a full-size SDXL ControlNet (fp16 variant). One model is in
+memory at a time. Not part of CI; disk and time are in the README.
+
+Tiny bundle sizes are shrunk except where code or formats hard-code them: 224x224 CLIP input
 with patch 14 (257 tokens), ArcFace 512-d, 77 text tokens, 4 + 16 = 20 tokens per
 character, 3 position rows, VAE downsampling 8, head dim 64 in the resampler, the
 SDXL UNet block structure (text_time embedding, two text encoders whose widths add
@@ -140,16 +149,144 @@ def write_demo_bundle(out: Path | str, seed: int = 0) -> Path:
     return out
 
 
+SDXL_MODEL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+    "feature_extractor": [None, None], "image_encoder": [None, None],
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def _save_variant(model, folder: Path, fp32: bool) -> None:
+    """The fp16 variant files (what most users download); the default fp32 files too with `fp32`."""
+    if fp32:
+        model.save_pretrained(str(folder), safe_serialization=True)
+    model.half().save_pretrained(str(folder), safe_serialization=True, variant="fp16")
+
+
+def _free(*models) -> None:
+    import gc
+
+    del models
+    gc.collect()
+
+
+def write_full_bundle(out: Path | str, seed: int = 0, fp32: bool = False, controlnet: bool = False) -> Path:
+    """Released-size random bundle (see the module doc); idempotent per (seed, fp32, controlnet) and per part:
+    an interrupted run keeps the parts it finished."""
+    import time
+
+    import diffusers
+    from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig
+    from transformers import CLIPVisionModelWithProjection
+
+    from export.demo_faces import write_buffalo_l
+    from export.random_models import BIGG_TEXT, CLIP_L_TEXT, SDXL_VAE
+    from export.sdxl_config import CLIP_VIT_H14, SDXL_UNET
+    from runtime.adapter import build_processors
+
+    out = Path(out)
+    want = {"kind": "storymaker-full-bundle", "seed": seed, "fp32_files": fp32, "controlnet": controlnet}
+    stamp = out / "bundle.json"
+    if stamp.exists() and all(json.loads(stamp.read_text()).get(k) == v for k, v in want.items()):
+        log.info("full-size bundle already present at %s", out)
+        return out
+    sd = out / "sdxl"
+    sd.mkdir(parents=True, exist_ok=True)
+    parts = out / ".parts.json"                 # finished parts of an interrupted run
+    done = set(json.loads(parts.read_text())) if parts.exists() else set()
+    t0 = time.perf_counter()
+
+    def part(name, make):
+        if name in done:
+            print(f"  {name}: present", flush=True)
+            return
+        t = time.perf_counter()
+        torch.manual_seed(seed + len(name))   # each part its own seed: a resumed run writes the same weights
+        make()
+        done.add(name)
+        parts.write_text(json.dumps(sorted(done)))
+        print(f"  {name}: {time.perf_counter() - t:.0f} s", flush=True)
+
+    def tokenizers():
+        write_clip_tokenizer(sd / "tokenizer")
+        write_clip_tokenizer(sd / "tokenizer_2", pad_token="!")
+        EulerDiscreteScheduler(**SDXL_SCHEDULER).save_pretrained(str(sd / "scheduler"))
+        (sd / "model_index.json").write_text(json.dumps({**SDXL_MODEL_INDEX, "_diffusers_version": diffusers.__version__},
+                                                        indent=2))
+
+    def text_encoders():
+        from transformers import CLIPTokenizer
+
+        for sub, cls, cfg in (("", CLIPTextModel, CLIP_L_TEXT), ("_2", CLIPTextModelWithProjection, BIGG_TEXT)):
+            tok = CLIPTokenizer.from_pretrained(str(sd / f"tokenizer{sub}"))   # the generated BPE's special ids
+            te = cls(CLIPTextConfig(**cfg, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                    eos_token_id=tok.eos_token_id)).eval()
+            _save_variant(te, sd / f"text_encoder{sub}", fp32)
+            _free(te)
+
+    def vae():
+        _save_variant(AutoencoderKL(**SDXL_VAE).eval(), sd / "vae", fp32)
+
+    def unet_and_mask_bin():
+        from runtime.ppr import PPRConfig
+
+        unet = UNet2DConditionModel(**SDXL_UNET).eval()
+        procs = nn.ModuleList(build_processors(unet, rank=128, lora_scale=1.0, ip_scale=1.0).values())
+        _perturb_(procs, ("up.weight",), 0.002)
+        ppr = PositionalPerceiverResampler(PPRConfig())
+        _perturb_(ppr, ("pos_embed", "bg_embed"), 0.5)
+        torch.save({"image_proj_model": {k: v.half() for k, v in ppr.state_dict().items()},
+                    "ip_adapter": {k: v.half() for k, v in procs.state_dict().items()}}, out / "mask.bin")
+        _free(procs, ppr)
+        if controlnet:
+            cn = ControlNetModel.from_unet(unet)
+            _perturb_(cn, ("controlnet_down_blocks", "controlnet_mid_block"), 0.02)
+            _save_variant(cn.eval(), out / "controlnet", fp32)
+            _free(cn)
+        _save_variant(unet, sd / "unet", fp32)
+
+    def image_encoder():
+        enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VIT_H14)).eval()
+        enc.save_pretrained(str(out / "image_encoder"), safe_serialization=True)
+
+    print(f"full-size random bundle -> {out} (one model in memory at a time)", flush=True)
+    part("tokenizers+scheduler", tokenizers)
+    part("text_encoders", text_encoders)
+    part("vae", vae)
+    part("unet+mask.bin" + ("+controlnet" if controlnet else ""), unet_and_mask_bin)
+    part("image_encoder", image_encoder)
+    part("buffalo_l", lambda: write_buffalo_l(out / "buffalo_l"))
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    stamp.write_text(json.dumps({**want, "disk_bytes": size, "seconds": round(time.perf_counter() - t0, 1),
+                                 "note": "random weights at the released sizes; images are noise"}, indent=2))
+    parts.unlink()
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     from runtime.cli import argument_parser, configure_logging
 
     ap = argument_parser("python -m export.demo_bundle", __doc__)
-    ap.add_argument("out", type=Path, help="folder to write the bundle into")
+    ap.add_argument("out", type=Path, nargs="?", help="folder to write the bundle into")
+    ap.add_argument("--out", dest="out_flag", type=Path, help="the same, as a flag")
     ap.add_argument("--seed", type=int, default=0, help="weights seed")
+    ap.add_argument("--full", action="store_true", help="released sizes (about 12 GB on disk; one model in memory at "
+                                                        "a time, peak about 11 GB)")
+    ap.add_argument("--fp32", action="store_true", help="--full: also the default fp32 SDXL files (+13 GB)")
+    ap.add_argument("--controlnet", action="store_true", help="--full: add a full-size SDXL ControlNet (+2.5 GB)")
     args = ap.parse_args(argv)
     configure_logging(args)
-    path = write_demo_bundle(args.out, args.seed)
-    print(f"demo bundle written to {path}")
+    out = args.out_flag or args.out
+    if out is None:
+        ap.error("give the output folder (OUT or --out OUT)")
+    if (args.fp32 or args.controlnet) and not args.full:
+        ap.error("--fp32 and --controlnet apply to --full")
+    path = write_full_bundle(out, args.seed, args.fp32, args.controlnet) if args.full else write_demo_bundle(out, args.seed)
+    print(f"{'full-size' if args.full else 'demo'} bundle written to {path}")
 
 
 if __name__ == "__main__":

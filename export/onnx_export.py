@@ -10,6 +10,19 @@ full-size SDXL UNet (> 2 GB) is saved with all weights in one external
 shape inference) for models under 2 GB. fp16 variants are made with
 onnxruntime's float16 converter with float32 I/O, keeping normalisation,
 softmax/exp/pow and reductions in float32 (the numerically sensitive ops).
+
+fp16 of graphs over 2 GB (UNet 11.6 GB, text_encoder_2 2.8 GB, CLIP-H 2.5 GB,
+ControlNet in fp32) runs the same converter on the graph alone: the model is
+loaded without its external data (a few MB of protobuf), the converter decides
+per node and initializer what becomes fp16 and where Casts go (shape inference
+works on the graph-only model), and the weights are then streamed one tensor
+at a time from the fp32 data file into the fp16 one, rounded with the
+converter's own clamping. Host memory stays at one tensor (the largest SDXL
+weight is 26 MB); the graph and the op policy are exactly the small-graph
+path's. Chosen over exporting from an fp16 PyTorch model because that would
+put normalisations and softmax in fp16 (no per-op policy) and needs a second
+full-size trace; the streamed conversion costs one read and one write of the
+weights.
 """
 from __future__ import annotations
 
@@ -84,11 +97,19 @@ def stable_weight_names(model: onnx.ModelProto) -> int:
     return len(renamed)
 
 
+def trace_assignment(spec: ComponentSpec) -> dict[str, int]:
+    """The shapes the exporter traces at: the profile's optimum, with the image axes (h, w) at their minimum. The
+    axes stay dynamic either way; the smaller trace bounds the full-size export's memory and time (a 1024 px UNet
+    trace holds 4096-token attention maps)."""
+    values, low = spec.assignment("opt"), spec.assignment("min")
+    return {k: low[k] if k in ("h", "w") else v for k, v in values.items()}
+
+
 def export_onnx(graph: torch.nn.Module, spec: ComponentSpec, path: Path, opset: int = 17) -> dict:
     """Export `graph` to `path` (fp32); returns {'files': [...], 'seconds': s, 'exporter': ..., 'slimmed': bool}."""
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    args = torch_inputs(spec, spec.assignment("opt"))
+    args = torch_inputs(spec, trace_assignment(spec))
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:   # the legacy exporter may write per-tensor files
         raw = Path(tmp) / "raw.onnx"
         with torch.no_grad():
@@ -140,11 +161,61 @@ def consolidate_external_data(raw: Path, path: Path) -> list[Path]:
 
 
 def to_fp16(src: Path, dst: Path) -> list[Path]:
-    """fp16 weights/compute with float32 I/O; sensitive ops stay float32 (the converter needs ONNX shape
-    inference to put Casts around them, which works on graphs under 2 GB; larger fp16 graphs: see README)."""
+    """fp16 weights/compute with float32 I/O; sensitive ops stay float32. Graphs with external data (> 2 GB) are
+    converted graph-only and their weights streamed tensor by tensor (module doc)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(str(src))
-    half = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS, disable_shape_infer=False)
-    return _save(half, dst)
+    src, dst = Path(src), Path(dst)
+    model = onnx.load(str(src), load_external_data=False)
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        return _save(convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS), dst)
+    import onnxruntime.transformers.float16 as f16
+    from unittest import mock
+
+    types = {t.name: t.data_type for t in external}
+    # The converter reads an initializer's data only for its shape (value info); the shape is in its dims.
+    shape_from_dims = lambda t: onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+    with mock.patch.object(f16, "make_value_info_from_tensor", shape_from_dims):
+        half = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS)
+    return _stream_weights(half, types, src.parent, dst)
+
+
+def _stream_weights(model: onnx.ModelProto, src_types: dict[str, int], src_dir: Path, dst: Path) -> list[Path]:
+    """Write `model`'s external tensors to `dst`.data, reading each from its fp32 source file; tensors the converter
+    turned to FLOAT16 are rounded here (with its clamping), the others are copied byte for byte."""
+    import numpy as np
+    from onnx.external_data_helper import ExternalDataInfo
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for old in dst.parent.glob(dst.name + "*"):
+        old.unlink()
+    data_name = dst.name + ".data"
+    offset, handles = 0, {}
+    try:
+        with open(dst.parent / data_name, "wb") as out:
+            for t in model.graph.initializer:
+                if t.name not in src_types:
+                    continue
+                info = ExternalDataInfo(t)
+                f = handles.get(info.location) or handles.setdefault(info.location, open(src_dir / info.location, "rb"))
+                f.seek(info.offset or 0)
+                blob = f.read(info.length) if info.length else f.read()
+                if t.data_type == onnx.TensorProto.FLOAT16 and src_types[t.name] == onnx.TensorProto.FLOAT:
+                    blob = convert_np_to_float16(np.frombuffer(blob, dtype=np.float32)).astype(np.float16).tobytes()
+                pad = (-offset) % 4096                   # page-aligned tensors (mmap-friendly)
+                out.write(b"\0" * pad)
+                offset += pad
+                out.write(blob)
+                del t.external_data[:]
+                for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(blob)))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = key, value
+                offset += len(blob)
+    finally:
+        for f in handles.values():
+            f.close()
+    onnx.save_model(model, str(dst))
+    return [dst, dst.parent / data_name]
 

@@ -175,6 +175,55 @@ def load_sdxl(path: Path, config_dir: Path | None = None) -> SDXLParts:
                      dict(pipe.scheduler.config))
 
 
+SDXL_PART_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
+                     "text_encoder": ("transformers", "CLIPTextModel"),
+                     "text_encoder_2": ("transformers", "CLIPTextModelWithProjection")}
+
+
+def _sdxl_part_class(part: str):
+    import importlib
+
+    lib, name = SDXL_PART_CLASSES[part]
+    return getattr(importlib.import_module(lib), name)
+
+
+def load_sdxl_part(path: Path, part: str, config_dir: Path | None = None, style_loras=()):
+    """One SDXL component (float32) without loading the others: what a memory-conscious build needs (the full-size
+    UNet alone is 10 GB in fp32). A single-file checkpoint, or style LoRAs to fuse (they touch the UNet and both
+    text encoders), load the whole pipeline once and keep only `part`."""
+    path = _require(Path(path), "SDXL base model", "Pass a diffusers SDXL folder or a .safetensors checkpoint.")
+    if path.is_file() or style_loras:
+        parts = load_sdxl(path, config_dir)
+        fuse_style_loras(parts, list(style_loras))
+        return getattr(parts, part)
+    return _from_pretrained(_sdxl_part_class(part), path / part, f"SDXL component '{part}'",
+                            "The SDXL diffusers folder is incomplete; re-download it.")
+
+
+def sdxl_part_config(path: Path, part: str, config_dir: Path | None = None):
+    """A component's config (diffusers FrozenDict / transformers config, defaults filled) read without weights."""
+    base = Path(path) if Path(path).is_dir() else config_dir
+    if base is None:
+        raise WeightsError(f"{path}: a single-file SDXL checkpoint needs its config folder: put it at "
+                           "WEIGHTS/sdxl_config/ or pass --sdxl-config DIR. Nothing is downloaded.")
+    folder = _require(base / part, f"SDXL component '{part}'", "The SDXL diffusers folder is incomplete; re-download it.")
+    cls = _sdxl_part_class(part)
+    if SDXL_PART_CLASSES[part][0] == "diffusers":
+        with torch.device("meta"):
+            return cls.from_config(cls.load_config(str(folder))).config
+    return cls.config_class.from_pretrained(str(folder))
+
+
+def check_compatible(unet_cross_attention_dim: int, ppr_cfg: PPRConfig, clip_hidden: int, mask_bin, image_encoder) -> None:
+    """The SDXL base, mask.bin and image encoder belong together (checked from configs and shapes)."""
+    if ppr_cfg.cross_attention_dim != unet_cross_attention_dim:
+        raise WeightsError(f"{mask_bin}: resampler outputs D={ppr_cfg.cross_attention_dim} but the UNet's "
+                           f"cross_attention_dim is {unet_cross_attention_dim}; use the SDXL base it was trained with.")
+    if clip_hidden != ppr_cfg.clip_dim:
+        raise WeightsError(f"{image_encoder}: hidden size {clip_hidden} but {mask_bin} expects "
+                           f"CLIP features of width {ppr_cfg.clip_dim} (CLIP ViT-H/14: 1280).")
+
+
 def fuse_style_loras(parts: SDXLParts, loras: list[tuple[Path, float]]) -> None:
     """Fuse style LoRA files (diffusers/kohya formats, via diffusers + peft) into UNet and text encoders."""
     if not loras:
@@ -245,14 +294,9 @@ def load_storymaker(layout: WeightsLayout, *, lora_scale: float = 0.8, ip_scale:
 
         use_dual_attention_kernel(parts.unet, device)
     ppr = load_ppr(proj_sd, str(layout.mask_bin))
-    if ppr.cfg.cross_attention_dim != parts.unet.config.cross_attention_dim:
-        raise WeightsError(f"{layout.mask_bin}: resampler outputs D={ppr.cfg.cross_attention_dim} but the UNet's "
-                           f"cross_attention_dim is {parts.unet.config.cross_attention_dim}; use the SDXL base it was "
-                           "trained with.")
     enc = load_image_encoder(layout.image_encoder)
-    if enc.config.hidden_size != ppr.cfg.clip_dim:
-        raise WeightsError(f"{layout.image_encoder}: hidden size {enc.config.hidden_size} but {layout.mask_bin} expects "
-                           f"CLIP features of width {ppr.cfg.clip_dim} (CLIP ViT-H/14: 1280).")
+    check_compatible(parts.unet.config.cross_attention_dim, ppr.cfg, enc.config.hidden_size, layout.mask_bin,
+                     layout.image_encoder)
     face = FaceAnalyzer.from_folder(layout.buffalo_l) if layout.buffalo_l else None
     cn = load_controlnet(layout.controlnet) if layout.controlnet else None
     for m in (parts.unet, parts.text_encoder, parts.text_encoder_2, ppr, enc, cn):

@@ -219,3 +219,54 @@ def test_interrupted_build_resumes_from_what_finished(tmp_path, built, monkeypat
     lines = capsys.readouterr().out
     assert "ppr: cached" in lines and "text_encoder: cached" in lines
     assert "text_encoder_2: building" in lines and "vae_decoder: building" in lines
+
+
+def test_parity_modes(tmp_path, built, capsys):
+    """--parity quick checks the minimum shapes only, off checks none and says so (never 'passed'); auto is full on
+    the demo bundle. Each result states its scale-aware tolerance and the relative error."""
+    args = ["--weights", str(built / "demo_bundle"), "--components", "ppr,vae_decoder"]
+    assert main([*args, "--out", str(tmp_path / "q"), "--parity", "quick"]) == 0
+    c = json.loads((tmp_path / "q" / "manifest.json").read_text())["components"]
+    assert all(len(r["parity"]["shapes"]) == 1 and r["parity"]["passed"] and r["parity_mode"] == "quick" for r in c.values())
+    assert c["ppr"]["parity"]["shapes"] == [{"n": 1}] and c["vae_decoder"]["parity"]["rel_err"] is not None
+    assert "x max(1, max|ref|)" in c["vae_decoder"]["parity"]["tolerance"]
+    assert main([*args, "--out", str(tmp_path / "o"), "--parity", "off"]) == 0
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert all(r["parity"]["status"] == "not run: --parity off" and not r["parity"]["passed"] for r in m["components"].values())
+    full = json.loads((built / "manifest.json").read_text())
+    assert len(full["components"]["ppr"]["parity"]["shapes"]) == 3 and full["components"]["ppr"]["parity_mode"] == "full"
+    assert 0 < full["peak_rss_gib"] < 20 and all(r["peak_rss_gib"] > 0 for r in full["components"].values())
+
+
+def test_build_loads_one_component_at_a_time(tmp_path, built, monkeypatch):
+    """The memory-conscious build never loads the whole SDXL pipeline (a full-size fp32 UNet is 11.6 GB; the old
+    build held a fused and an unfused one): each component loads its own part, and the UNet is exported from the
+    same model whose unfused processors gave the reference outputs."""
+    import runtime.loaders as L
+
+    monkeypatch.setattr(L, "load_sdxl", lambda *a, **k: pytest.fail("whole SDXL pipeline loaded"))
+    monkeypatch.setattr(L, "load_storymaker", lambda *a, **k: pytest.fail("all models loaded at once"))
+    loaded = []
+    real = L.load_sdxl_part
+    monkeypatch.setattr(L, "load_sdxl_part", lambda path, part, *a: loaded.append(part) or real(path, part, *a))
+    assert main(["--weights", str(built / "demo_bundle"), "--out", str(tmp_path / "b"),
+                 "--components", "text_encoder,unet,vae_decoder"]) == 0
+    assert loaded == ["text_encoder", "unet", "vae"]
+    c = json.loads((tmp_path / "b" / "manifest.json").read_text())["components"]
+    assert c["unet"]["parity"]["passed"] and c["unet"]["parity"]["max_abs_err"] <= 1e-4   # fused export vs unfused ref
+
+
+def test_clip_graph_leaves_the_reference_encoder_whole(layout):
+    """ClipVisionGraph drops the last layer from its own copy only: the parity reference (hidden_states[-2] of
+    the whole encoder) must still see every layer."""
+    import torch
+
+    from export.components import ClipVisionGraph, ClipVisionReference
+    from runtime.loaders import load_image_encoder
+
+    enc = load_image_encoder(layout.image_encoder)
+    n = len(enc.vision_model.encoder.layers)
+    g = ClipVisionGraph(enc)
+    assert len(enc.vision_model.encoder.layers) == n and len(g.vm.encoder.layers) == n - 1
+    x = torch.randn(2, 3, 224, 224)
+    assert torch.equal(g(x), ClipVisionReference(enc)(x))

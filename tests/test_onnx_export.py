@@ -53,3 +53,25 @@ def test_fp16_variant_keeps_float32_io(tmp_path):
 def test_unsupported_opsets(opset):
     with pytest.raises(ValueError, match=f"opset {opset} is not supported"):
         check_opset(opset)
+
+
+def test_fp16_of_external_data_model_streams_the_same_weights(tmp_path):
+    """Graphs over 2 GB keep their weights in external data; to_fp16 converts the graph alone and streams the
+    weights tensor by tensor. The result equals the in-memory conversion of the same model, weight for weight."""
+    from onnx import numpy_helper
+
+    _tiny_onnx(tmp_path / "m.onnx")
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    onnx.save_model(onnx.load(str(tmp_path / "m.onnx")), str(ext / "m.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="m.onnx.data", size_threshold=0)
+    files = to_fp16(ext / "m.onnx", tmp_path / "streamed" / "h.onnx")
+    assert [f.name for f in files] == ["h.onnx", "h.onnx.data"]
+    to_fp16(tmp_path / "m.onnx", tmp_path / "h.onnx")                  # in-memory path
+    weights = lambda p: {t.name: numpy_helper.to_array(t, base_dir=str(p.parent)) for t in
+                         onnx.load(str(p), load_external_data=False).graph.initializer}
+    a, b = weights(tmp_path / "h.onnx"), weights(files[0])
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
+    assert any(v.dtype == np.float16 for v in b.values()) and any(v.dtype == np.float32 for v in b.values())
+    x = np.random.default_rng(2).standard_normal((3, 64)).astype(np.float32)
+    assert np.array_equal(_run(files[0], x), _run(tmp_path / "h.onnx", x))
