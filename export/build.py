@@ -252,6 +252,7 @@ class _Stage:
         if name == "unet":
             unet = attach_storymaker(part("unet").eval(), self.mask_bin()[1], lora_scale=self.a.lora_scale, fuse=False,
                                      source=str(self.layout.mask_bin))
+            self._mask = None        # 1.7 GB at full size, copied into the processors: not held through the export
             g = C.UNetGraph(unet).eval()
 
             def fuse():          # the release's processors -> LoRA folded into the same weights (no second UNet)

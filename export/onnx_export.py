@@ -97,12 +97,15 @@ def stable_weight_names(model: onnx.ModelProto) -> int:
     return len(renamed)
 
 
+TRACE_LATENT = 64     # latent side the image axes are traced at, at most (512 px with SDXL's VAE)
+
+
 def trace_assignment(spec: ComponentSpec) -> dict[str, int]:
-    """The shapes the exporter traces at: the profile's optimum, with the image axes (h, w) at their minimum. The
-    axes stay dynamic either way; the smaller trace bounds the full-size export's memory and time (a 1024 px UNet
-    trace holds 4096-token attention maps)."""
+    """The shapes the exporter traces at: the profile's optimum, with the image axes (h, w) at their minimum,
+    capped at TRACE_LATENT. The axes stay dynamic either way (parity checks the profile's shapes); the smaller
+    trace bounds the full-size export's memory and time (a 1024 px UNet trace holds 4096-token attention maps)."""
     values, low = spec.assignment("opt"), spec.assignment("min")
-    return {k: low[k] if k in ("h", "w") else v for k, v in values.items()}
+    return {k: min(low[k], TRACE_LATENT) if k in ("h", "w") else v for k, v in values.items()}
 
 
 def export_onnx(graph: torch.nn.Module, spec: ComponentSpec, path: Path, opset: int = 17) -> dict:

@@ -149,12 +149,75 @@ def test_request_budget_is_checked_before_anything_is_decoded(server):
     code, msg = _raw(server, "storymaker", {"PROMPT": _bytes(b"x"), "PHOTOS": _bytes(*[photo] * 8),
                                             "MASKS": _bytes(*[mask] * 8)})
     assert code == "INVALID_ARGUMENT" and "8 characters given" in msg
-    big = b"\xff\xd8\xff" + bytes(30 << 20)                           # 30 MB "JPEG": never decoded
+    big = b"\xff\xd8\xff" + bytes(22 << 20)       # 22 MB "JPEG", never decoded: 3 of them pass the gateway (72 MB)
     t = time.perf_counter()
     code, msg = _raw(server, "encode_characters", {"PHOTOS": _bytes(big, big, big), "MASKS": _bytes(mask, mask, mask)},
                      ("IMAGE_TOKENS",))
     assert code == "INVALID_ARGUMENT" and "max_request_bytes" in msg, msg
     assert time.perf_counter() - t < 10
+
+
+def _tree_rss_mb(pid: int) -> float:
+    """RSS of tritonserver and its Python-backend stubs (its children), in MB."""
+    total = 0
+    for status in [Path(f"/proc/{pid}/status")] + [p.parent / "status" for p in Path("/proc").glob("[0-9]*/stat")
+                                                    if p.read_text().rsplit(")", 1)[-1].split()[1] == str(pid)]:
+        try:
+            total += int(status.read_text().split("VmRSS:")[1].split()[0])
+        except (OSError, IndexError):
+            continue
+    return total / 1024
+
+
+def _shm_mb() -> float:
+    return sum(f.stat().st_size for f in os.scandir("/dev/shm") if f.is_file()) / 2**20
+
+
+def test_oversized_requests_never_reach_the_server_and_memory_stays(server, client):
+    """Ten 480 MB requests (8 photos + 8 masks of 30 MB) over gRPC and one over HTTP are refused by the gateway
+    from their size, before tritonserver reads them: its RSS (with the stubs) stays within 200 MB of the
+    baseline and /dev/shm within 100 MB, and a valid request is served afterwards."""
+    import urllib.error
+    import urllib.request
+
+    img, _ = client.generate("a man", characters=[{"photo": (DATA / "ldh.png").read_bytes(),
+                                                  "mask": (DATA / "ldh_mask.png").read_bytes()}], **SMALL)
+    rss0, shm0 = _tree_rss_mb(server.proc.pid), _shm_mb()
+    big = _bytes(*[b"\xff\xd8\xff" + bytes(30 << 20)] * 8)
+    for _ in range(10):
+        t = time.perf_counter()
+        code, msg = _raw(server, "storymaker", {"PROMPT": _bytes(b"x"), "PHOTOS": big, "MASKS": big})
+        assert code == "RESOURCE_EXHAUSTED" and f"vs. {server.max_message_bytes}" in msg, (code, msg)
+        assert time.perf_counter() - t < 20
+    body = b'{"inputs": []}' + b" " * (480 << 20)
+    req = urllib.request.Request(f"http://{server.address}:{server.http_port}/v2/models/storymaker/infer", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 413 and str(server.max_message_bytes) in e.value.read().decode()
+    del big, body
+    rss1, shm1 = _tree_rss_mb(server.proc.pid), _shm_mb()
+    assert rss1 - rss0 < 200 and shm1 - shm0 < 100, (rss0, rss1, shm0, shm1)
+    again, _ = client.generate("a man", characters=[{"photo": (DATA / "ldh.png").read_bytes(),
+                                                    "mask": (DATA / "ldh_mask.png").read_bytes()}], **SMALL)
+    assert np.array_equal(img, again)
+
+
+def test_gateway_limit_follows_the_repository_budgets(tmp_path, built):
+    """The gateway's limit is the models' max_request_bytes + both prompts + headroom, read from config.pbtxt."""
+    import shutil
+
+    from runtime.serving.contract import LIMITS
+    from runtime.serving.gateway import HEADROOM, repo_message_limit
+
+    assert repo_message_limit(built / "triton_repo") == LIMITS["max_request_bytes"] + 2 * LIMITS["max_prompt_bytes"] + HEADROOM
+    repo = tmp_path / "repo"
+    shutil.copytree(built / "triton_repo", repo, symlinks=True)
+    cfg = repo / "storymaker" / "config.pbtxt"
+    text = cfg.read_text()
+    assert f'string_value: "{LIMITS["max_request_bytes"]}"' in text
+    cfg.write_text(text.replace(f'string_value: "{LIMITS["max_request_bytes"]}"', 'string_value: "200000000"'))
+    assert repo_message_limit(repo) == 200000000 + 2 * LIMITS["max_prompt_bytes"] + HEADROOM
 
 
 @pytest.mark.parametrize("case,inputs,code,text", [

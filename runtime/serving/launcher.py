@@ -112,12 +112,12 @@ def _wheel_server(work: Path) -> tuple[list[str], dict]:
 
 
 def server_command(repo: Path, grpc_port: int, http_port: int, metrics_port: int, address: str, admin_key: str,
-                   work: Path) -> tuple[list[str], dict]:
+                   work: Path, metrics_address: str | None = None) -> tuple[list[str], dict]:
     system = shutil.which("tritonserver")
     cmd, env = ([system], {}) if system else _wheel_server(work)
     cmd += [f"--model-repository={repo}", "--model-control-mode=none", "--strict-readiness=true",
             f"--grpc-address={address}", f"--grpc-port={grpc_port}", f"--http-address={address}",
-            f"--http-port={http_port}", f"--metrics-address={address}", f"--metrics-port={metrics_port}",
+            f"--http-port={http_port}", f"--metrics-address={metrics_address or address}", f"--metrics-port={metrics_port}",
             f"--grpc-restricted-protocol={ADMIN_PROTOCOLS}:admin-key={admin_key}",
             f"--http-restricted-api={ADMIN_PROTOCOLS}:admin-key={admin_key}", "--exit-timeout-secs=10",
             "--log-verbose=0"]
@@ -125,9 +125,15 @@ def server_command(repo: Path, grpc_port: int, http_port: int, metrics_port: int
 
 
 class TritonServer:
+    """tritonserver for `repo`, behind the size-limiting gateway (runtime/serving/gateway.py) unless gateway=False:
+    clients use `url` / `http_port` (the gateway's ports on `address`); tritonserver itself listens on loopback
+    ports that only the gateway uses. The metrics port is the server's own."""
+
     def __init__(self, repo: Path | str, grpc_port: int | None = None, http_port: int | None = None,
                  metrics_port: int | None = None, address: str = "127.0.0.1", admin_key: str | None = None,
-                 log_file: Path | None = None):
+                 log_file: Path | None = None, gateway: bool = True, max_message_bytes: int | None = None):
+        from runtime.serving.gateway import Gateway, repo_message_limit
+
         self.repo = Path(repo).resolve()
         check_repo(self.repo, *server_backends())
         self.grpc_port, self.http_port = grpc_port or free_port(), http_port or free_port()
@@ -137,17 +143,28 @@ class TritonServer:
         self.work = Path(tempfile.mkdtemp(prefix="storymaker-triton-"))
         self.log_file = Path(log_file or self.work / "server.log")
         self.proc: subprocess.Popen | None = None
+        self.gateway = None
+        if gateway:
+            self.upstream_grpc_port, self.upstream_http_port = free_port(), free_port()
+            self.max_message_bytes = max_message_bytes or repo_message_limit(self.repo)
+            self.gateway = Gateway(address, self.grpc_port, self.http_port, self.upstream_grpc_port,
+                                   self.upstream_http_port, self.max_message_bytes)
+        else:
+            self.upstream_grpc_port, self.upstream_http_port, self.max_message_bytes = self.grpc_port, self.http_port, None
 
     @property
     def url(self) -> str:
         return f"{self.address}:{self.grpc_port}"
 
     def start(self, timeout: float = 300.0) -> "TritonServer":
-        cmd, env = server_command(self.repo, self.grpc_port, self.http_port, self.metrics_port, self.address,
-                                  self.admin_key, self.work)
+        internal = "127.0.0.1" if self.gateway else self.address
+        cmd, env = server_command(self.repo, self.upstream_grpc_port, self.upstream_http_port, self.metrics_port,
+                                  internal, self.admin_key, self.work, metrics_address=self.address)
         self._log = open(self.log_file, "w")
         self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True, preexec_fn=_die_with_parent)
+        if self.gateway:                             # after the fork (gRPC threads); readiness is polled through it
+            self.gateway.start()
         self.wait_ready(timeout)
         return self
 
@@ -155,6 +172,7 @@ class TritonServer:
         if wait_until_ready(self.url, timeout, self.proc):
             return
         if self.proc.poll() is not None:
+            self.stop()
             raise StoryMakerError(f"tritonserver exited with code {self.proc.returncode}; log: {self.log_file}\n"
                                   + self.log_tail())
         self.stop()
@@ -167,6 +185,8 @@ class TritonServer:
             return ""
 
     def stop(self) -> None:
+        if self.gateway:
+            self.gateway.stop()
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -276,6 +296,11 @@ def main(argv=None) -> int:
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--metrics-port", type=int, default=8002)
     ap.add_argument("--address", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 exposes it)")
+    ap.add_argument("--no-gateway", action="store_true",
+                    help="serve tritonserver's own ports directly, without the size-limiting gateway (then a huge "
+                         "request is copied into the server before it is refused; README)")
+    ap.add_argument("--max-message-bytes", type=int, help="gateway: largest request accepted (default: the models' "
+                                                          "max_request_bytes + 2 prompts + 8 MiB)")
     ap.add_argument("--admin-key", help="value of the admin-key header for admin protocols (default: "
                                         "$STORYMAKER_ADMIN_KEY or a random key printed at start)")
     a = ap.parse_args(argv)
@@ -295,8 +320,11 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)      # before starting: a stop while starting stops the server
     srv = None
     try:
-        srv = TritonServer(a.repo, a.grpc_port, a.http_port, a.metrics_port, a.address, a.admin_key)
-        print(f"starting tritonserver on {a.address} (gRPC {a.grpc_port}, HTTP {a.http_port}, metrics {a.metrics_port}); "
+        srv = TritonServer(a.repo, a.grpc_port, a.http_port, a.metrics_port, a.address, a.admin_key,
+                           gateway=not a.no_gateway, max_message_bytes=a.max_message_bytes)
+        front = (f"gateway (requests up to {srv.max_message_bytes} bytes) -> tritonserver on loopback"
+                 if srv.gateway else "tritonserver")
+        print(f"starting {front}: {a.address} gRPC {a.grpc_port}, HTTP {a.http_port}, metrics {a.metrics_port}; "
               f"log: {srv.log_file}", flush=True)
         srv.start()
         print(f"ready: gRPC {srv.url}; restricted APIs need header triton-grpc-protocol-admin-key (gRPC) or "
