@@ -65,14 +65,14 @@ def server_backends() -> tuple[set[str], str]:
     return ({p.name for p in where.iterdir() if p.is_dir()} if where.is_dir() else set()), str(where)
 
 
-def check_repo(repo: Path, available: set[str] | None = None, where: str = "") -> None:
+def check_repo(repo: Path, available: set[str] | None = None, where: str = "", required=None) -> None:
     """The repository is complete (every required model with its config and model file) and the server has every
     backend it names; otherwise a message that names what is missing and the fix."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as pb
 
     missing = []
-    for m in REQUIRED_MODELS:
+    for m in REQUIRED_MODELS if required is None else required:
         cfg_file = repo / m / "config.pbtxt"
         if not cfg_file.exists():
             missing.append(m)
@@ -131,11 +131,12 @@ class TritonServer:
 
     def __init__(self, repo: Path | str, grpc_port: int | None = None, http_port: int | None = None,
                  metrics_port: int | None = None, address: str = "127.0.0.1", admin_key: str | None = None,
-                 log_file: Path | None = None, gateway: bool = True, max_message_bytes: int | None = None):
+                 log_file: Path | None = None, gateway: bool = True, max_message_bytes: int | None = None,
+                 required_models: list[str] | None = None):
         from runtime.serving.gateway import Gateway, repo_message_limit
 
         self.repo = Path(repo).resolve()
-        check_repo(self.repo, *server_backends())
+        check_repo(self.repo, *server_backends(), required=required_models)   # a subset: benchmarks.full_size_serve
         self.grpc_port, self.http_port = grpc_port or free_port(), http_port or free_port()
         self.metrics_port = metrics_port or free_port()
         self.address = address
