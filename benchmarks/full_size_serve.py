@@ -5,12 +5,15 @@ the chosen models of `B/triton_repo` (links, the models read the build folder)
 in a repository of their own, starts the bundled tritonserver behind the
 gateway exactly as `runtime.serve` does, and records: cold start (process start
 to ready, which includes onnxruntime loading every session), the resident
-memory of the server tree (server + Python-backend stubs) once ready and after
-the requests, and for each model one request at its profile's minimum shapes
-over gRPC (wall time, output finite). Optional inputs (the UNet's ControlNet
-residuals) are left out, as the sampler sends them. One JSON object goes to
-stdout and to --out. Memory comes from /proc, time from perf_counter: measured
-here, on this CPU; no GPU figure.
+memory of the server tree and of each model's Python-backend stub once ready
+and after the requests, and one request per model over gRPC (wall time, output
+finite): `encode_characters` on a test photo and mask, `text_encoder` on a
+prompt, `sampler` (the served UniPC loop calling `unet` by BLS) on random
+embeddings at --size for --steps steps, then `vae_decoder` on its latents;
+any other engine model alone at its profile's minimum shapes (optional inputs,
+the UNet's ControlNet residuals, left out as the sampler sends them). One JSON
+object goes to stdout and to --out. Memory comes from /proc, time from
+perf_counter: measured here, on this CPU; no GPU figure.
 """
 from __future__ import annotations
 
@@ -35,6 +38,36 @@ def tree_rss_gib(pid: int) -> float:
     return round(total / 2**20, 2)
 
 
+def stub_rss_gib(pid: int) -> dict[str, float]:
+    """RSS of each Python-backend stub under tritonserver `pid`, by the model folder in its command line."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[1] != str(pid):
+                continue
+            cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            rss = int((stat.parent / "status").read_text().split("VmRSS:")[1].split()[0]) / 2**20
+        except (OSError, IndexError, ValueError):
+            continue
+        name = next((part.split("/")[-3] for part in cmd.split() if part.endswith("/1/model.py")), cmd[:40])
+        out[name] = round(out.get(name, 0.0) + rss, 2)
+    return out
+
+
+def _infer(c, model, feeds: dict, outputs: list[str]):
+    import tritonclient.grpc as grpcclient
+
+    ins = []
+    for k, v in feeds.items():
+        dt = {np.float32: "FP32", np.int64: "INT64", np.int32: "INT32", np.object_: "BYTES", np.bool_: "BOOL"}[v.dtype.type]
+        i = grpcclient.InferInput(k, list(v.shape), dt)
+        i.set_data_from_numpy(v)
+        ins.append(i)
+    t = time.perf_counter()
+    r = c.infer(model, ins, outputs=[grpcclient.InferRequestedOutput(o) for o in outputs], client_timeout=3600)
+    return {o: r.as_numpy(o) for o in outputs}, round(time.perf_counter() - t, 2)
+
+
 def main(argv=None) -> None:
     import tritonclient.grpc as grpcclient
 
@@ -45,6 +78,8 @@ def main(argv=None) -> None:
     ap = argument_parser("python -m benchmarks.full_size_serve", __doc__)
     ap.add_argument("--build", type=Path, required=True, help="a full-size build folder (manifest.json, triton_repo/)")
     ap.add_argument("--models", default="unet", help="comma-separated engine models to serve")
+    ap.add_argument("--size", type=int, default=768, help="sampler: image side in pixels (inside the build's profile)")
+    ap.add_argument("--steps", type=int, default=2, help="sampler: UniPC steps")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     a = ap.parse_args(argv)
     man = Manifest(a.build)
@@ -55,11 +90,48 @@ def main(argv=None) -> None:
         srv = TritonServer(tmp, required_models=names)
         t0 = time.perf_counter()
         srv.start(timeout=1800)
-        report = {"models": names, "cold_start_s": round(time.perf_counter() - t0, 1),
-                  "server_rss_ready_gib": tree_rss_gib(srv.proc.pid), "requests": {}}
+        report = {"build": str(a.build), "models": names, "cold_start_s": round(time.perf_counter() - t0, 1),
+                  "server_rss_ready_gib": tree_rss_gib(srv.proc.pid), "model_rss_ready_gib": stub_rss_gib(srv.proc.pid),
+                  "requests": {}}
         try:
             c = grpcclient.InferenceServerClient(srv.url, channel_args=[("grpc.max_receive_message_length", -1)])
+            rng = np.random.default_rng(0)
+            done = set()
+            if "encode_characters" in names:
+                data = Path(__file__).resolve().parents[1] / "tests" / "data"
+                enc = {"PHOTOS": np.array([(data / "ldh.png").read_bytes()], dtype=object),
+                       "MASKS": np.array([(data / "ldh_mask.png").read_bytes()], dtype=object)}
+                out, secs = _infer(c, "encode_characters", enc, ["IMAGE_TOKENS", "NEG_IMAGE_TOKENS"])
+                report["requests"]["encode_characters"] = {"seconds": secs, "tokens": list(out["IMAGE_TOKENS"].shape),
+                                                           "finite": bool(np.isfinite(out["IMAGE_TOKENS"]).all())}
+                done |= {"encode_characters", "clip_vision", "ppr"}
+            if "text_encoder" in names:
+                out, secs = _infer(c, "text_encoder", {"PROMPT": np.array([b"a man reading a book in a library"], dtype=object)},
+                                   ["PROMPT_EMBEDS", "POOLED"])
+                report["requests"]["text_encoder"] = {"seconds": secs, "embeds": list(out["PROMPT_EMBEDS"].shape),
+                                                      "finite": bool(np.isfinite(out["PROMPT_EMBEDS"]).all())}
+                done.add("text_encoder")
+            if "sampler" in names:
+                d, L, P = man.cross_attention_dim, man.text_len, man.pooled_dim
+                f32 = lambda *shape: (rng.standard_normal(shape) * 0.5).astype(np.float32)
+                feeds = {"PROMPT_EMBEDS": f32(2, L, d), "POOLED": f32(2, P), "IMAGE_TOKENS": f32(1, 40, d),
+                         "NEG_IMAGE_TOKENS": f32(1, 40, d), "WIDTH": np.array([a.size], np.int32),
+                         "HEIGHT": np.array([a.size], np.int32), "STEPS": np.array([a.steps], np.int32),
+                         "SEED": np.array([1], np.int64)}
+                out, secs = _infer(c, "sampler", feeds, ["LATENTS"])
+                lat = out["LATENTS"]
+                report["requests"]["sampler"] = {"size": a.size, "steps": a.steps, "seconds": secs,
+                                                 "seconds_per_step": round(secs / a.steps, 2), "latents": list(lat.shape),
+                                                 "finite": bool(np.isfinite(lat).all())}
+                done |= {"sampler", "unet"}
+                if "vae_decoder" in names:
+                    out, secs = _infer(c, "vae_decoder", {"latent": lat.astype(np.float32)}, ["image"])
+                    report["requests"]["vae_decoder"] = {"seconds": secs, "image": list(out["image"].shape),
+                                                         "finite": bool(np.isfinite(out["image"]).all())}
+                    done.add("vae_decoder")
             for n in names:
+                if n in done or not man.has(n):
+                    continue
                 spec = man.component(n).spec
                 values = spec.assignment("min")
                 feeds = {k: v for k, v in spec.sample_inputs(values, seed=0).items()
@@ -78,6 +150,7 @@ def main(argv=None) -> None:
                                          "outputs": {k: list(v.shape) for k, v in outs.items()},
                                          "finite": bool(all(np.isfinite(v).all() for v in outs.values()))}
             report["server_rss_after_gib"] = tree_rss_gib(srv.proc.pid)
+            report["model_rss_after_gib"] = stub_rss_gib(srv.proc.pid)
         finally:
             srv.stop()
     text = json.dumps(report, indent=2)

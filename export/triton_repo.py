@@ -38,6 +38,8 @@ def _io_config(model: BLSModel, sizes: dict[str, int]) -> pb.ModelConfig:
     for p in model.outputs:
         cfg.output.add(name=p.name, data_type=typ(p.dtype), dims=p.resolve(sizes))
     cfg.instance_group.add(count=model.instances, kind=pb.ModelInstanceGroup.KIND_CPU)
+    if model.decoupled:                       # any number of responses per request, over a gRPC stream
+        cfg.model_transaction_policy.decoupled = True
     for k, v in LIMITS.items():               # request budgets: edit them here, per model
         cfg.parameters[k].string_value = str(v)
     return cfg

@@ -179,11 +179,13 @@ class EngineDenoiser(Denoiser):
 
 @torch.no_grad()
 def denoise(denoiser: Denoiser, inputs: dict, opts, plan: UniPCPlan, vae_factor: int, in_channels: int = 4,
-            device: torch.device | str = "cpu", channels_last: bool = False, step_callback=None) -> torch.Tensor:
+            device: torch.device | str = "cpu", channels_last: bool = False, step_callback=None,
+            on_step=None) -> torch.Tensor:
     """The one loop: UniPC with CFG (batch of 2: negative, positive), latents float32 on `device`.
 
-    `step_callback(i, n)` runs before each step and may raise to stop (cancellation). No host read happens
-    inside the loop, so on a GPU it never synchronises (tests/test_fast.py probes it)."""
+    `step_callback(i, n)` runs before each step and may raise to stop (cancellation); `on_step(i, n, x0)` after
+    each step with the sampler's x0 prediction (previews; reading it on the host is the caller's choice). No host
+    read happens inside the loop otherwise, so on a GPU it never synchronises (tests/test_fast.py probes it)."""
     denoiser.prepare(inputs)
     sampler = UniPCSampler(plan)
     x = (initial_latents(opts.seed, opts.height, opts.width, in_channels, vae_factor) * plan.init_noise_sigma).to(device)
@@ -196,6 +198,8 @@ def denoise(denoiser: Denoiser, inputs: dict, opts, plan: UniPCPlan, vae_factor:
             step_callback(i, n)
         uncond, cond = denoiser(torch.cat([x, x]), ts[i]).float().chunk(2)
         x = sampler.step(uncond + opts.guidance * (cond - uncond), i, x)
+        if on_step is not None:
+            on_step(i, n, sampler.ms[-1])
     return x
 
 

@@ -167,6 +167,57 @@ def test_cancellation_stops_the_denoising_loop(server, client):
     assert img.shape == (64, 64, 3)
 
 
+def test_stream_sends_previews_then_the_same_frame(client):
+    """storymaker_stream over gRPC: a preview every 3 of 8 steps (at 3 and 6: one pixel per latent, in order),
+    then the frame, which equals what storymaker returns for the same request."""
+    events = list(client.generate_stream("a man", characters=[MAN], preview_every=3, **{**SMALL, "steps": 8}))
+    previews, final = events[:-1], events[-1]
+    assert [e["steps_done"] for e in previews] == [3, 6] and not any(e["final"] for e in previews)
+    assert all(e["image"].shape == (64 // 8, 64 // 8, 3) and e["image"].dtype == np.uint8 for e in previews)
+    assert not np.array_equal(previews[0]["image"], previews[1]["image"])        # the frame forms between previews
+    img, info = client.generate("a man", characters=[MAN], **{**SMALL, "steps": 8})
+    assert final["final"] and final["steps_done"] == 8 and np.array_equal(final["image"], img)
+    assert final["png"] == info["png"] and final["truncated"] == info["truncated"]
+    none = list(client.generate_stream("a man", characters=[MAN], preview_every=0, **{**SMALL, "steps": 8}))
+    assert len(none) == 1 and np.array_equal(none[0]["image"], img)
+    with pytest.raises(StoryMakerError, match="PREVIEW_EVERY=-1"):
+        list(client.generate_stream("a man", characters=[MAN], preview_every=-1, **SMALL))
+
+
+def test_cancelling_a_stream_stops_the_loop(server, client):
+    """Closing the stream after its first preview cancels the request: the UNet stops within a step or two."""
+    import tritonclient.grpc as grpcclient
+
+    admin = grpcclient.InferenceServerClient(server.url)
+    unet_count = lambda: int(admin.get_inference_statistics("unet", as_json=True)["model_stats"][0]["inference_count"])
+    t0 = unet_count()
+    stream = client.generate_stream("a man", characters=[MAN], preview_every=2, **{**SMALL, "steps": 200})
+    first = next(stream)
+    assert not first["final"] and first["steps_done"] == 2
+    stream.close()                                   # cancels the request
+    time.sleep(1.0)
+    after_cancel = unet_count()
+    time.sleep(2.0)
+    assert unet_count() - after_cancel <= 2 * 2 and unet_count() - t0 < 2 * 200 // 2
+    img, _ = client.generate("a man", characters=[MAN], **SMALL)   # the next request is served
+    assert img.shape == (64, 64, 3)
+
+
+def test_latent_preview_fit_recovers_a_linear_decoder():
+    """The preview map is a least-squares fit to the decoder: exact when the decoder is itself linear per pixel."""
+    import torch
+
+    from runtime.serving.frame import LatentPreview
+
+    w, b = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32) * 0.1, np.array([0.5, 0.4, 0.6], np.float32)
+    vae01 = lambda lat: np.repeat(np.repeat(np.einsum("nchw,cr->nrhw", lat, w) + b[None, :, None, None], 8, 2), 8, 3)
+    p = LatentPreview.fit(vae01, 4, (6, 5), 8)
+    assert np.allclose(p.weight, w, atol=1e-5) and np.allclose(p.bias, b, atol=1e-5)
+    x0 = torch.randn(1, 4, 6, 5)
+    want = np.clip(np.einsum("chw,cr->hwr", x0[0].numpy(), w) + b, 0, 1) * 255
+    assert np.abs(p(x0).astype(float) - want).max() <= 0.5 + 1e-3
+
+
 def test_bounded_load_none_lost(client, capsys):
     tokens = client.encode_characters([MAN])
     n_clients, per_client = 8, 3

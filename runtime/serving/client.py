@@ -108,28 +108,64 @@ class StoryMakerClient:
                          ["IMAGE_TOKENS", "NEG_IMAGE_TOKENS"])
         return out["IMAGE_TOKENS"], out["NEG_IMAGE_TOKENS"]
 
-    def _frame_inputs(self, prompt: str, tokens=None, characters=None, negative_prompt=None, pose=None, **opts) -> list:
-        ins = [self._input("PROMPT", [prompt.encode()])]
+    def _frame_inputs(self, prompt: str, tokens=None, characters=None, negative_prompt=None, pose=None,
+                      model: str = "storymaker", **opts) -> list:
+        ins = [self._input("PROMPT", [prompt.encode()], model)]
         if negative_prompt is not None:
-            ins.append(self._input("NEGATIVE_PROMPT", [negative_prompt.encode()]))
+            ins.append(self._input("NEGATIVE_PROMPT", [negative_prompt.encode()], model))
         if tokens is not None:
-            ins += [self._input("IMAGE_TOKENS", tokens[0]), self._input("NEG_IMAGE_TOKENS", tokens[1])]
+            ins += [self._input("IMAGE_TOKENS", tokens[0], model), self._input("NEG_IMAGE_TOKENS", tokens[1], model)]
         elif characters:
-            ins += self._character_inputs(characters, model="storymaker")
+            ins += self._character_inputs(characters, model=model)
         if pose is not None:
-            ins.append(self._input("POSE", [_bytes(pose)]))
+            ins.append(self._input("POSE", [_bytes(pose)], model))
         for k, v in opts.items():
             if v is None:
                 continue
             if k not in OPTIONS:
                 raise InputError(f"unknown option {k}; known: {sorted(OPTIONS)}")
-            ins.append(self._input(OPTIONS[k].name, [v]))
+            ins.append(self._input(OPTIONS[k].name, [v], model))
         return ins
 
     def generate(self, prompt: str, tokens=None, characters=None, **opts) -> tuple[np.ndarray, dict]:
         """One frame -> (uint8 image [H, W, 3], {"truncated": bool, "png": bytes})."""
         out = self._call("storymaker", self._frame_inputs(prompt, tokens, characters, **opts), ["IMAGE", "PNG", "TRUNCATED"])
         return out["IMAGE"], {"truncated": bool(out["TRUNCATED"][0]), "png": bytes(out["PNG"][0])}
+
+    def generate_stream(self, prompt: str, tokens=None, characters=None, preview_every: int | None = None, **opts):
+        """One frame over a gRPC stream (`storymaker_stream`): yields {"final": False, "steps_done": k, "image":
+        preview [h, w, 3]} every `preview_every` steps, then {"final": True, "steps_done": n, "image": frame,
+        "png": bytes, "truncated": bool}. Closing the generator early (break, .close()) cancels the request; the
+        server stops its loop before the next step."""
+        import queue
+
+        from tritonclient.utils import InferenceServerException
+
+        if self.protocol != "grpc":
+            raise InputError("generate_stream needs protocol='grpc' (Triton streams over gRPC only)")
+        model = "storymaker_stream"
+        ins = self._frame_inputs(prompt, tokens, characters, model=model, **opts)
+        if preview_every is not None:
+            ins.append(self._input("PREVIEW_EVERY", [preview_every], model))
+        events: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: events.put((result, error)),
+                                 stream_timeout=self.timeout_s)
+        done = False
+        try:
+            self.client.async_stream_infer(model, ins, outputs=[self.g.InferRequestedOutput(o) for o in
+                                                                ("IMAGE", "PNG", "TRUNCATED", "STEPS_DONE", "FINAL")])
+            while not done:
+                result, error = events.get(timeout=self.timeout_s)
+                if error is not None:
+                    msg = error.message() if isinstance(error, InferenceServerException) else str(error)
+                    raise StoryMakerError(f"{model}: {msg}")
+                done = bool(result.as_numpy("FINAL")[0])
+                ev = {"final": done, "steps_done": int(result.as_numpy("STEPS_DONE")[0]), "image": result.as_numpy("IMAGE")}
+                if done:
+                    ev.update(png=bytes(result.as_numpy("PNG")[0]), truncated=bool(result.as_numpy("TRUNCATED")[0]))
+                yield ev
+        finally:
+            self.client.stop_stream(cancel_requests=not done)
 
     def generate_async(self, prompt: str, callback, tokens=None, characters=None, **opts):
         """Start a frame; `callback(result, error)` runs when it ends. Returns a handle with `.cancel()` (gRPC)."""
@@ -140,12 +176,15 @@ class StoryMakerClient:
 
 
 def run_story_remote(client: StoryMakerClient, story, out: Path, overrides: dict, concurrency: int = 1,
-                     progress=print) -> list[Path]:
+                     progress=print, previews: Path | None = None, preview_every: int | None = None) -> list[Path]:
+    """Every frame of `story`; with `previews` a folder, frames stream over gRPC and their previews are saved there."""
     from runtime.characters import Character
     from runtime.preprocess import character_image
     from runtime.story import contact_sheet
 
     out.mkdir(parents=True, exist_ok=True)
+    if previews is not None:
+        previews.mkdir(parents=True, exist_ok=True)
     by_name = {c["name"]: c for c in story.characters}
     cache = {}
     jobs = []
@@ -161,7 +200,17 @@ def run_story_remote(client: StoryMakerClient, story, out: Path, overrides: dict
 
     def one(job):
         i, fr, names, tok, opts = job
-        img, info = client.generate(fr.prompt, tokens=tok, pose=fr.pose, **opts)
+        if previews is None:
+            img, info = client.generate(fr.prompt, tokens=tok, pose=fr.pose, **opts)
+        else:
+            from PIL import Image
+
+            for ev in client.generate_stream(fr.prompt, tokens=tok, pose=fr.pose, preview_every=preview_every, **opts):
+                if not ev["final"]:
+                    pv = previews / f"frame_{i + 1:02d}_step_{ev['steps_done']:03d}.png"
+                    Image.fromarray(ev["image"]).save(pv)
+                    progress(f"frame {i + 1}/{len(jobs)}: step {ev['steps_done']} preview {pv}")
+            img, info = ev["image"], ev
         p = out / f"frame_{i + 1:02d}.png"
         p.write_bytes(info["png"])
         progress(f"frame {i + 1}/{len(jobs)}: {p}  ({fr.prompt[:50]})" + ("  [prompt truncated to 77 tokens]" if info["truncated"] else ""))
@@ -196,6 +245,8 @@ def main(argv=None) -> int:
     ap.add_argument("--serve", type=Path, metavar="REPO", help="start a local tritonserver on REPO for this run")
     ap.add_argument("--out", type=Path, default=Path("out/story"), help="output folder")
     ap.add_argument("--concurrency", type=int, default=1, help="frames generated at once")
+    ap.add_argument("--previews", type=Path, metavar="DIR", help="stream each frame (gRPC) and save its previews here")
+    ap.add_argument("--preview-every", type=int, default=5, help="with --previews: a preview every k steps")
     add_sampling_args(ap)
     a = ap.parse_args(argv)
     configure_logging(a)
@@ -213,7 +264,10 @@ def main(argv=None) -> int:
         url = a.url or ("127.0.0.1:8001" if a.protocol == "grpc" else "127.0.0.1:8000")
         client = StoryMakerClient(url, protocol=a.protocol, ssl=a.ssl, root_certificates=a.root_certificates,
                                   private_key=a.private_key, certificate_chain=a.certificate_chain, insecure=a.insecure)
-        paths = run_story_remote(client, story, a.out, overrides, a.concurrency, progress=lambda s: print(s, flush=True))
+        if a.previews and a.protocol != "grpc":
+            raise InputError("--previews streams over gRPC; drop --protocol http")
+        paths = run_story_remote(client, story, a.out, overrides, a.concurrency, progress=lambda s: print(s, flush=True),
+                                 previews=a.previews, preview_every=a.preview_every)
     except StoryMakerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -43,6 +43,7 @@ class BLSModel:
     outputs: tuple[Port, ...]
     instances: int
     doc: str
+    decoupled: bool = False          # Triton decoupled mode: any number of responses per request (gRPC stream)
 
     def port(self, name: str) -> Port:
         for p in self.inputs + self.outputs:
@@ -92,16 +93,24 @@ PROMPTS = (Port("PROMPT", "BYTES", (1,), doc="UTF-8 prompt"),
            Port("NEGATIVE_PROMPT", "BYTES", (1,), True, doc="UTF-8 negative prompt (none: zero embeddings)"))
 TRUNCATED = Port("TRUNCATED", "BOOL", (1,), doc="the prompt exceeded L tokens and was cut, as SDXL does")
 
+FRAME = (Port("IMAGE", "UINT8", (-1, -1, 3), doc="the frame"), Port("PNG", "BYTES", (1,), doc="the frame as PNG"),
+         TRUNCATED)
+
 MODELS = {m.name: m for m in (
     BLSModel("text_encoder", PROMPTS, (*TEXT, TRUNCATED), 1, "both tokenizers + text encoder engines"),
     BLSModel("encode_characters", CHARACTERS, TOKENS, 1,
              "crop by mask, face detection/alignment (the build's buffalo_l files), CLIP, resampler"),
     BLSModel("sampler", (*TEXT, *TOKENS, *SAMPLING), (Port("LATENTS", "FP32", (1, "C", -1, -1), doc="denoised latents"),),
              2, "the UniPC + CFG loop, unet/controlnet each step"),
-    BLSModel("storymaker", (*PROMPTS, *_opt(TOKENS), *_opt(CHARACTERS), *SAMPLING),
-             (Port("IMAGE", "UINT8", (-1, -1, 3), doc="the frame"), Port("PNG", "BYTES", (1,), doc="the frame as PNG"),
-              TRUNCATED), 2,
+    BLSModel("storymaker", (*PROMPTS, *_opt(TOKENS), *_opt(CHARACTERS), *SAMPLING), FRAME, 2,
              "a frame: text, tokens (given, or computed from PHOTOS...), loop, VAE"),
+    BLSModel("storymaker_stream", (*PROMPTS, *_opt(TOKENS), *_opt(CHARACTERS), *SAMPLING,
+                                   Port("PREVIEW_EVERY", "INT32", (1,), True, "preview_every",
+                                        "a preview every k steps (0: none; default 5)")),
+             (*FRAME, Port("STEPS_DONE", "INT32", (1,), doc="steps run when this response was sent"),
+              Port("FINAL", "BOOL", (1,), doc="true on the frame, false on a preview")), 1,
+             "storymaker over a gRPC stream: low-resolution previews (IMAGE, one pixel per latent) every "
+             "PREVIEW_EVERY steps, then the frame (FINAL); cancelling the stream stops the loop", decoupled=True),
 )}
 
 

@@ -245,10 +245,10 @@ class Sampling:
                               lambda f: self.glue.engine("unet", f, ["noise_pred"], batched=True), self.controlnet,
                               self.build.text_len, self.send_zero_residuals)
 
-    def latents(self, opts, text, tokens, is_cancelled):
+    def latents(self, opts, text, tokens, is_cancelled, on_step=None):
         from runtime.serving.logic import generate_latents
 
-        return generate_latents(opts, text, tokens, self.denoiser(), self.build, self.plans, is_cancelled)
+        return generate_latents(opts, text, tokens, self.denoiser(), self.build, self.plans, is_cancelled, on_step)
 
 
 class StageMetrics:

@@ -175,9 +175,10 @@ class Cancelled(Exception):
 
 
 def generate_latents(opts: GenerateOptions, text: TextEmbeds, tokens, denoiser, build, plans: dict | None = None,
-                     is_cancelled=None) -> torch.Tensor:
-    """runtime.denoise.denoise on the build's engines; `is_cancelled()` is checked before every step. `plans`
-    caches the UniPC plan per step count (host arithmetic, once)."""
+                     is_cancelled=None, on_step=None) -> torch.Tensor:
+    """runtime.denoise.denoise on the build's engines; `is_cancelled()` is checked before every step, `on_step(i, n,
+    x0)` sees the x0 prediction after each (previews). `plans` caches the UniPC plan per step count (host
+    arithmetic, once)."""
     def check(i, n):
         if is_cancelled is not None and is_cancelled():
             raise Cancelled(f"request cancelled before step {i + 1}/{n}")
@@ -185,4 +186,4 @@ def generate_latents(opts: GenerateOptions, text: TextEmbeds, tokens, denoiser, 
     if opts.steps not in plans:
         plans[opts.steps] = UniPCPlan(build.scheduler_config, opts.steps)
     return denoise(denoiser, step_inputs(text, tokens, opts), opts, plans[opts.steps], build.vae_factor,
-                   build.latent_channels, step_callback=check)
+                   build.latent_channels, step_callback=check, on_step=on_step)
