@@ -21,7 +21,8 @@ def main(argv=None) -> None:
     from runtime.cli import argument_parser
 
     argument_parser("python -m benchmarks.exporters", __doc__).parse_args(argv)   # --help, -v; starts nothing
-    from export.build import _Stage, parse_args, _profile
+    from export.build import parse_args, _profile
+    from export.stage import Stage
     from export.demo_bundle import write_demo_bundle
     from export.onnx_export import torch_inputs
     from export.parity import check
@@ -30,7 +31,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         weights = write_demo_bundle(Path(tmp) / "bundle")
         a = parse_args(["--weights", str(weights), "--out", tmp])
-        stage = _Stage(WeightsLayout.from_dir(weights), a, _profile(a, weights))
+        stage = Stage(WeightsLayout.from_dir(weights), a, _profile(a, weights))
         for name in stage.specs():
             c = stage.component(name)
             for dynamo in (False, True):

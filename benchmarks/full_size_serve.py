@@ -8,7 +8,8 @@ to ready, which includes onnxruntime loading every session), the resident
 memory of the server tree and of each model's Python-backend stub once ready
 and after the requests, and one request per model over gRPC (wall time, output
 finite): `encode_characters` on a test photo and mask, `text_encoder` on a
-prompt, `sampler` (the served UniPC loop calling `unet` by BLS) on random
+prompt, `storymaker` (a whole frame: characters, text, loop, VAE) on the
+same photo at --size for --steps steps, `sampler` (the served UniPC loop calling `unet` by BLS) on random
 embeddings at --size for --steps steps, then `vae_decoder` on its latents;
 any other engine model alone at its profile's minimum shapes (optional inputs,
 the UNet's ControlNet residuals, left out as the sampler sends them). One JSON
@@ -81,6 +82,7 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=768, help="sampler: image side in pixels (inside the build's profile)")
     ap.add_argument("--steps", type=int, default=2, help="sampler: UniPC steps")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
+    ap.add_argument("--save", type=Path, help="with storymaker: write the frame's PNG here")
     a = ap.parse_args(argv)
     man = Manifest(a.build)
     names = a.models.split(",")
@@ -97,15 +99,27 @@ def main(argv=None) -> None:
             c = grpcclient.InferenceServerClient(srv.url, channel_args=[("grpc.max_receive_message_length", -1)])
             rng = np.random.default_rng(0)
             done = set()
-            if "encode_characters" in names:
-                data = Path(__file__).resolve().parents[1] / "tests" / "data"
+            data = Path(__file__).resolve().parents[1] / "tests" / "data"
+            if "storymaker" in names:              # one whole frame: characters, text, loop, VAE, PNG
+                frame = {"PROMPT": np.array([b"a man reading a book in a library"], dtype=object),
+                         "PHOTOS": np.array([(data / "ldh.png").read_bytes()], dtype=object),
+                         "MASKS": np.array([(data / "ldh_mask.png").read_bytes()], dtype=object),
+                         "WIDTH": np.array([a.size], np.int32), "HEIGHT": np.array([a.size], np.int32),
+                         "STEPS": np.array([a.steps], np.int32), "SEED": np.array([1], np.int64)}
+                out, secs = _infer(c, "storymaker", frame, ["IMAGE", "PNG"])
+                report["requests"]["storymaker"] = {"size": a.size, "steps": a.steps, "seconds": secs,
+                                                    "image": list(out["IMAGE"].shape), "png_bytes": len(out["PNG"][0])}
+                if a.save:
+                    a.save.write_bytes(out["PNG"][0])
+                done |= {"storymaker", "encode_characters", "text_encoder", "clip_vision", "ppr", "unet", "vae_decoder"}
+            if "encode_characters" in names and "encode_characters" not in done:
                 enc = {"PHOTOS": np.array([(data / "ldh.png").read_bytes()], dtype=object),
                        "MASKS": np.array([(data / "ldh_mask.png").read_bytes()], dtype=object)}
                 out, secs = _infer(c, "encode_characters", enc, ["IMAGE_TOKENS", "NEG_IMAGE_TOKENS"])
                 report["requests"]["encode_characters"] = {"seconds": secs, "tokens": list(out["IMAGE_TOKENS"].shape),
                                                            "finite": bool(np.isfinite(out["IMAGE_TOKENS"]).all())}
                 done |= {"encode_characters", "clip_vision", "ppr"}
-            if "text_encoder" in names:
+            if "text_encoder" in names and "text_encoder" not in done:
                 out, secs = _infer(c, "text_encoder", {"PROMPT": np.array([b"a man reading a book in a library"], dtype=object)},
                                    ["PROMPT_EMBEDS", "POOLED"])
                 report["requests"]["text_encoder"] = {"seconds": secs, "embeds": list(out["PROMPT_EMBEDS"].shape),

@@ -166,16 +166,10 @@ def _save_variant(model, folder: Path, fp32: bool) -> None:
     model.half().save_pretrained(str(folder), safe_serialization=True, variant="fp16")
 
 
-def _free(*models) -> None:
-    import gc
-
-    del models
-    gc.collect()
-
-
 def write_full_bundle(out: Path | str, seed: int = 0, fp32: bool = False, controlnet: bool = False) -> Path:
     """Released-size random bundle (see the module doc); idempotent per (seed, fp32, controlnet) and per part:
     an interrupted run keeps the parts it finished."""
+    import gc
     import time
 
     import diffusers
@@ -226,7 +220,8 @@ def write_full_bundle(out: Path | str, seed: int = 0, fp32: bool = False, contro
             te = cls(CLIPTextConfig(**cfg, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                                     eos_token_id=tok.eos_token_id)).eval()
             _save_variant(te, sd / f"text_encoder{sub}", fp32)
-            _free(te)
+            del te
+            gc.collect()
 
     def vae():
         _save_variant(AutoencoderKL(**SDXL_VAE).eval(), sd / "vae", fp32)
@@ -241,12 +236,14 @@ def write_full_bundle(out: Path | str, seed: int = 0, fp32: bool = False, contro
         _perturb_(ppr, ("pos_embed", "bg_embed"), 0.5)
         torch.save({"image_proj_model": {k: v.half() for k, v in ppr.state_dict().items()},
                     "ip_adapter": {k: v.half() for k, v in procs.state_dict().items()}}, out / "mask.bin")
-        _free(procs, ppr)
+        del procs, ppr
+        gc.collect()
         if controlnet:
             cn = ControlNetModel.from_unet(unet)
             _perturb_(cn, ("controlnet_down_blocks", "controlnet_mid_block"), 0.02)
             _save_variant(cn.eval(), out / "controlnet", fp32)
-            _free(cn)
+            del cn
+            gc.collect()
         _save_variant(unet, sd / "unet", fp32)
 
     def image_encoder():

@@ -102,7 +102,7 @@ def stage_key(spec_json: dict, sources: dict[str, str], **settings) -> str:
 def cached(record: dict | None, key: str, out: Path, hasher: Hasher) -> bool:
     if not record or record.get("key") != key:
         return False
-    for f in record.get("files", []):
+    for f in record.get("files", []) + record.get("fp32_files", []):
         p = out / f["path"]
         if not p.exists() or hasher.file_sha(p) != f["sha256"]:
             return False

@@ -78,3 +78,15 @@ def test_gpu_suite_plumbing_on_the_demo_bundle(tmp_path, built, monkeypatch):
     assert [l["fused_qkv"] for l in lines[2:2 + len(gpu_suite.LADDER)]] == [False, True, True, True]
     assert {(l["size"], l["characters"]) for l in lines[-4:]} == {(64, 1), (96, 1), (64, 2), (96, 2)}
     assert len((tmp_path / "suite.jsonl").read_text().splitlines()) == 3
+
+
+def test_full_size_serve_script_runs_on_the_demo_build(tmp_path, built, capsys):
+    """benchmarks.full_size_serve (the full-size serving measurement, README) on the demo build: one storymaker
+    frame, per-model stub memory, cold start. Only that it runs and reports; no figure asserted."""
+    from benchmarks.full_size_serve import main
+
+    main(["--build", str(built), "--models", "text_encoder,clip_vision,ppr,encode_characters,unet,vae_decoder,storymaker",
+          "--size", "64", "--steps", "2", "--out", str(tmp_path / "r.json"), "--save", str(tmp_path / "f.png")])
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["requests"]["storymaker"]["image"] == [64, 64, 3] and (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    assert {"unet", "storymaker", "encode_characters"} <= set(r["model_rss_ready_gib"]) and r["cold_start_s"] > 0

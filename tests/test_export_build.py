@@ -90,6 +90,17 @@ def test_fp16_build_subset(tmp_path, bundle):
     assert c["unet"]["precision"] == "fp16" and c["unet"]["parity"]["cos_sim"] >= 0.999
     assert c["unet"]["files"][0]["path"].endswith("model.fp16.onnx") and c["unet"]["parity_fp32_export"]["passed"]
     assert c["vae_decoder"]["precision"] == "fp32"   # SDXL's VAE stays fp32 unless --fp16-vae
+    # CPU-only sessions serve the fp32 export (recorded and hashed beside the fp16 files), GPU ones the fp16 files
+    from runtime.manifest import Manifest
+    from runtime.serving.engines import Build
+
+    unet = Manifest(out).component("unet")
+    assert [f.path for f in unet.files_for(["cpu"])] == [f["path"] for f in c["unet"]["fp32_files"]]
+    assert unet.files_for(["cpu"])[0].path.endswith("unet/model.onnx")
+    assert unet.files_for(["cuda", "cpu"])[0].path.endswith("model.fp16.onnx")
+    assert Manifest(out).component("vae_decoder").files_for(["cpu"]) == Manifest(out).component("vae_decoder").files
+    sess = Build(out).engine("unet").sess
+    assert sess._model_path.endswith("unet/model.onnx") if hasattr(sess, "_model_path") else True
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -105,8 +105,8 @@ MODELS = {m.name: m for m in (
     BLSModel("storymaker", (*PROMPTS, *_opt(TOKENS), *_opt(CHARACTERS), *SAMPLING), FRAME, 2,
              "a frame: text, tokens (given, or computed from PHOTOS...), loop, VAE"),
     BLSModel("storymaker_stream", (*PROMPTS, *_opt(TOKENS), *_opt(CHARACTERS), *SAMPLING,
-                                   Port("PREVIEW_EVERY", "INT32", (1,), True, "preview_every",
-                                        "a preview every k steps (0: none; default 5)")),
+                                   Port("PREVIEW_EVERY", "INT32", (1,), True, doc="a preview every k steps (0: none; "
+                                                                                 "default 5)")),
              (*FRAME, Port("STEPS_DONE", "INT32", (1,), doc="steps run when this response was sent"),
               Port("FINAL", "BOOL", (1,), doc="true on the frame, false on a preview")), 1,
              "storymaker over a gRPC stream: low-resolution previews (IMAGE, one pixel per latent) every "
