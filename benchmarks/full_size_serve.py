@@ -39,15 +39,17 @@ def tree_rss_gib(pid: int) -> float:
     return round(total / 2**20, 2)
 
 
-def stub_rss_gib(pid: int) -> dict[str, float]:
-    """RSS of each Python-backend stub under tritonserver `pid`, by the model folder in its command line."""
+def stub_rss_gib(pid: int, field: str = "VmRSS") -> dict[str, float]:
+    """RSS of each Python-backend stub under tritonserver `pid`, by the model folder in its command line; `field`
+    RssAnon for the anonymous part only (RssFile: weights mapped from the build's files, pages the kernel can drop
+    and re-read)."""
     out = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             if stat.read_text().rsplit(")", 1)[1].split()[1] != str(pid):
                 continue
             cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            rss = int((stat.parent / "status").read_text().split("VmRSS:")[1].split()[0]) / 2**20
+            rss = int((stat.parent / "status").read_text().split(f"{field}:")[1].split()[0]) / 2**20
         except (OSError, IndexError, ValueError):
             continue
         name = next((part.split("/")[-3] for part in cmd.split() if part.endswith("/1/model.py")), cmd[:40])
@@ -94,6 +96,7 @@ def main(argv=None) -> None:
         srv.start(timeout=1800)
         report = {"build": str(a.build), "models": names, "cold_start_s": round(time.perf_counter() - t0, 1),
                   "server_rss_ready_gib": tree_rss_gib(srv.proc.pid), "model_rss_ready_gib": stub_rss_gib(srv.proc.pid),
+                  "model_anon_ready_gib": stub_rss_gib(srv.proc.pid, "RssAnon"),
                   "requests": {}}
         try:
             c = grpcclient.InferenceServerClient(srv.url, channel_args=[("grpc.max_receive_message_length", -1)])
@@ -165,6 +168,9 @@ def main(argv=None) -> None:
                                          "finite": bool(all(np.isfinite(v).all() for v in outs.values()))}
             report["server_rss_after_gib"] = tree_rss_gib(srv.proc.pid)
             report["model_rss_after_gib"] = stub_rss_gib(srv.proc.pid)
+            report["model_anon_after_gib"] = stub_rss_gib(srv.proc.pid, "RssAnon")
+            report["host_available_gib_after"] = round(int(Path("/proc/meminfo").read_text().split("MemAvailable:")[1]
+                                                           .split()[0]) / 2**20, 2)
         finally:
             srv.stop()
     text = json.dumps(report, indent=2)
