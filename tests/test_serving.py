@@ -184,6 +184,13 @@ def test_stream_sends_previews_then_the_same_frame(client):
         list(client.generate_stream("a man", characters=[MAN], preview_every=-1, **SMALL))
 
 
+def test_png_encode_is_optional(client):
+    """png=False (ENCODE_PNG false) returns the same raw frame and an empty PNG: no encode on the request's path."""
+    img, info = client.generate("a man", characters=[MAN], **SMALL)
+    raw, none = client.generate("a man", characters=[MAN], png=False, **SMALL)
+    assert np.array_equal(img, raw) and none["png"] == b"" and info["png"][:4] == b"\x89PNG"
+
+
 def test_cancelling_a_stream_stops_the_loop(server, client):
     """Closing the stream after its first preview cancels the request: the UNet stops within a step or two."""
     import tritonclient.grpc as grpcclient

@@ -109,8 +109,10 @@ class StoryMakerClient:
         return out["IMAGE_TOKENS"], out["NEG_IMAGE_TOKENS"]
 
     def _frame_inputs(self, prompt: str, tokens=None, characters=None, negative_prompt=None, pose=None,
-                      model: str = "storymaker", **opts) -> list:
+                      model: str = "storymaker", png: bool = True, **opts) -> list:
         ins = [self._input("PROMPT", [prompt.encode()], model)]
+        if not png:                                          # raw IMAGE only: no PNG encode on the server
+            ins.append(self._input("ENCODE_PNG", [False], model))
         if negative_prompt is not None:
             ins.append(self._input("NEGATIVE_PROMPT", [negative_prompt.encode()], model))
         if tokens is not None:
@@ -128,7 +130,8 @@ class StoryMakerClient:
         return ins
 
     def generate(self, prompt: str, tokens=None, characters=None, **opts) -> tuple[np.ndarray, dict]:
-        """One frame -> (uint8 image [H, W, 3], {"truncated": bool, "png": bytes})."""
+        """One frame -> (uint8 image [H, W, 3], {"truncated": bool, "png": bytes}); `png=False` skips the server's
+        PNG encode ("png" is then b"")."""
         out = self._call("storymaker", self._frame_inputs(prompt, tokens, characters, **opts), ["IMAGE", "PNG", "TRUNCATED"])
         return out["IMAGE"], {"truncated": bool(out["TRUNCATED"][0]), "png": bytes(out["PNG"][0])}
 

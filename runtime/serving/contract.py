@@ -93,6 +93,8 @@ PROMPTS = (Port("PROMPT", "BYTES", (1,), doc="UTF-8 prompt"),
            Port("NEGATIVE_PROMPT", "BYTES", (1,), True, doc="UTF-8 negative prompt (none: zero embeddings)"))
 TRUNCATED = Port("TRUNCATED", "BOOL", (1,), doc="the prompt exceeded L tokens and was cut, as SDXL does")
 
+ENCODE_PNG = Port("ENCODE_PNG", "BOOL", (1,), True, doc="false: leave PNG empty and return the raw IMAGE only "
+                                                        "(saves the encode on the request's path; default true)")
 FRAME = (Port("IMAGE", "UINT8", (-1, -1, 3), doc="the frame"), Port("PNG", "BYTES", (1,), doc="the frame as PNG"),
          TRUNCATED)
 
@@ -102,9 +104,9 @@ MODELS = {m.name: m for m in (
              "crop by mask, face detection/alignment (the build's buffalo_l files), CLIP, resampler"),
     BLSModel("sampler", (*TEXT, *TOKENS, *SAMPLING), (Port("LATENTS", "FP32", (1, "C", -1, -1), doc="denoised latents"),),
              2, "the UniPC + CFG loop, unet/controlnet each step"),
-    BLSModel("storymaker", (*PROMPTS, *_opt(TOKENS), *_opt(CHARACTERS), *SAMPLING), FRAME, 2,
+    BLSModel("storymaker", (*PROMPTS, *_opt(TOKENS), *_opt(CHARACTERS), *SAMPLING, ENCODE_PNG), FRAME, 2,
              "a frame: text, tokens (given, or computed from PHOTOS...), loop, VAE"),
-    BLSModel("storymaker_stream", (*PROMPTS, *_opt(TOKENS), *_opt(CHARACTERS), *SAMPLING,
+    BLSModel("storymaker_stream", (*PROMPTS, *_opt(TOKENS), *_opt(CHARACTERS), *SAMPLING, ENCODE_PNG,
                                    Port("PREVIEW_EVERY", "INT32", (1,), True, doc="a preview every k steps (0: none; "
                                                                                  "default 5)")),
              (*FRAME, Port("STEPS_DONE", "INT32", (1,), doc="steps run when this response was sent"),

@@ -104,10 +104,13 @@ class FrameModel(SamplingModel):
             lat = self.s.latents(opts, text, tokens, r.is_cancelled, on_step=on_step)
         with stage("vae"):
             img = decode(engine_vae01(lambda f: g.engine("vae_decoder", f, ["image"])), lat)
-        with stage("png"):
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format="PNG")
-        return {"IMAGE": img, "PNG": np.array([buf.getvalue()], dtype=object), "TRUNCATED": te["TRUNCATED"]}
+        png = b""
+        if g.scalar(r, "ENCODE_PNG", True, bool):
+            with stage("png"):
+                buf = io.BytesIO()
+                Image.fromarray(img).save(buf, format="PNG")
+                png = buf.getvalue()
+        return {"IMAGE": img, "PNG": np.array([png], dtype=object), "TRUNCATED": te["TRUNCATED"]}
 
 
 class StreamModel(FrameModel):
