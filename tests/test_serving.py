@@ -1,6 +1,7 @@
 """A real tritonserver on loopback serving the demo build: parity with the in-process pipeline, bad requests,
 cancellation, a bounded load test and the security defaults."""
 import io
+from pathlib import Path
 import threading
 import time
 
@@ -208,6 +209,19 @@ def test_cancelling_a_stream_stops_the_loop(server, client):
     assert unet_count() - after_cancel <= 2 * 2 and unet_count() - t0 < 2 * 200 // 2
     img, _ = client.generate("a man", characters=[MAN], **SMALL)   # the next request is served
     assert img.shape == (64, 64, 3)
+
+
+def test_client_cli_streams_and_saves_previews(server, tmp_path, capsys):
+    """runtime.client --previews DIR: each frame streams, its previews are saved and printed, the frames are written."""
+    from runtime.serving.client import main
+
+    root = Path(__file__).resolve().parents[1]
+    assert main([str(root / "examples" / "demo_story.yaml"), "--url", server.url, "--previews", str(tmp_path / "pv"),
+                 "--preview-every", "2", "--steps", "5", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "frame 1/3: step 2 preview" in out and "step 4 preview" in out
+    assert sorted(p.name for p in (tmp_path / "pv").iterdir())[:2] == ["frame_01_step_002.png", "frame_01_step_004.png"]
+    assert len(list((tmp_path / "pv").iterdir())) == 6 and (tmp_path / "out" / "frame_03.png").exists()
 
 
 def test_latent_preview_fit_recovers_a_linear_decoder():
