@@ -134,23 +134,33 @@ def export_onnx(graph: torch.nn.Module, spec: ComponentSpec, path: Path, opset: 
 
 def consolidate_external_data(raw: Path, path: Path) -> list[Path]:
     """Rewrite a model whose tensors live in many external files to `path` + one `path.data`, tensor by tensor."""
-    from onnx.external_data_helper import ExternalDataInfo
-
     model = onnx.load(str(raw), load_external_data=False)
     stable_weight_names(model)                          # metadata only: the external data stays where it is
-    data_name = path.name + ".data"
-    for old in path.parent.glob(path.name + "*"):
+    return _rewrite_external_data(model, raw.parent, path)
+
+
+def _rewrite_external_data(model: onnx.ModelProto, src_dir: Path, dst: Path, convert=None) -> list[Path]:
+    """Save `model` (loaded without its external data) as `dst` + one `dst.data`: each external tensor is read from
+    its source file under `src_dir`, passed through `convert(tensor, blob) -> blob` if given, and written
+    page-aligned (mmap-friendly). Host memory holds one tensor at a time."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for old in dst.parent.glob(dst.name + "*"):
         old.unlink()
+    data_name = dst.name + ".data"
     offset = 0
-    with open(path.parent / data_name, "wb") as out:
+    with open(dst.parent / data_name, "wb") as out:
         for t in model.graph.initializer:
             if t.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             info = ExternalDataInfo(t)
-            with open(raw.parent / info.location, "rb") as f:
+            with open(src_dir / info.location, "rb") as f:
                 f.seek(info.offset or 0)
                 blob = f.read(info.length) if info.length else f.read()
-            pad = (-offset) % 4096                       # page-aligned tensors (mmap-friendly)
+            if convert is not None:
+                blob = convert(t, blob)
+            pad = (-offset) % 4096
             out.write(b"\0" * pad)
             offset += pad
             out.write(blob)
@@ -159,8 +169,8 @@ def consolidate_external_data(raw: Path, path: Path) -> list[Path]:
                 entry = t.external_data.add()
                 entry.key, entry.value = key, value
             offset += len(blob)
-    onnx.save_model(model, str(path))
-    return [path, path.parent / data_name]
+    onnx.save_model(model, str(dst))
+    return [dst, dst.parent / data_name]
 
 
 def to_fp16(src: Path, dst: Path) -> list[Path]:
@@ -173,52 +183,21 @@ def to_fp16(src: Path, dst: Path) -> list[Path]:
     external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     if not external:
         return _save(convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS), dst)
-    import onnxruntime.transformers.float16 as f16
     from unittest import mock
 
-    types = {t.name: t.data_type for t in external}
+    import numpy as np
+    import onnxruntime.transformers.float16 as f16
+
+    was_float = {t.name for t in external if t.data_type == onnx.TensorProto.FLOAT}
     # The converter reads an initializer's data only for its shape (value info); the shape is in its dims.
     shape_from_dims = lambda t: onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
     with mock.patch.object(f16, "make_value_info_from_tensor", shape_from_dims):
         half = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS)
-    return _stream_weights(half, types, src.parent, dst)
 
+    def round_converted(t, blob: bytes) -> bytes:
+        """Tensors the converter turned to FLOAT16 are rounded here, with its own clamping; others stay as they are."""
+        if t.data_type == onnx.TensorProto.FLOAT16 and t.name in was_float:
+            return f16.convert_np_to_float16(np.frombuffer(blob, dtype=np.float32)).astype(np.float16).tobytes()
+        return blob
 
-def _stream_weights(model: onnx.ModelProto, src_types: dict[str, int], src_dir: Path, dst: Path) -> list[Path]:
-    """Write `model`'s external tensors to `dst`.data, reading each from its fp32 source file; tensors the converter
-    turned to FLOAT16 are rounded here (with its clamping), the others are copied byte for byte."""
-    import numpy as np
-    from onnx.external_data_helper import ExternalDataInfo
-    from onnxruntime.transformers.float16 import convert_np_to_float16
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    for old in dst.parent.glob(dst.name + "*"):
-        old.unlink()
-    data_name = dst.name + ".data"
-    offset, handles = 0, {}
-    try:
-        with open(dst.parent / data_name, "wb") as out:
-            for t in model.graph.initializer:
-                if t.name not in src_types:
-                    continue
-                info = ExternalDataInfo(t)
-                f = handles.get(info.location) or handles.setdefault(info.location, open(src_dir / info.location, "rb"))
-                f.seek(info.offset or 0)
-                blob = f.read(info.length) if info.length else f.read()
-                if t.data_type == onnx.TensorProto.FLOAT16 and src_types[t.name] == onnx.TensorProto.FLOAT:
-                    blob = convert_np_to_float16(np.frombuffer(blob, dtype=np.float32)).astype(np.float16).tobytes()
-                pad = (-offset) % 4096                   # page-aligned tensors (mmap-friendly)
-                out.write(b"\0" * pad)
-                offset += pad
-                out.write(blob)
-                del t.external_data[:]
-                for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(blob)))):
-                    entry = t.external_data.add()
-                    entry.key, entry.value = key, value
-                offset += len(blob)
-    finally:
-        for f in handles.values():
-            f.close()
-    onnx.save_model(model, str(dst))
-    return [dst, dst.parent / data_name]
-
+    return _rewrite_external_data(half, src.parent, dst, round_converted)
