@@ -11,6 +11,7 @@ bundle first (CPU, no downloads).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -152,6 +153,13 @@ def _build_one(name, stage, a, out, hasher) -> dict:
     t0 = time.perf_counter()
     mf.reset_peak_rss()
     timings = {}
+
+    @contextlib.contextmanager
+    def timed(key):
+        t = time.perf_counter()
+        yield
+        timings[key] = round(time.perf_counter() - t, 1)
+
     if name in FACE_FILES:
         spec, files, src = build_face_model(name, stage.layout.buffalo_l, out / "onnx" / name, prec)
         info = {"exporter": "copied from buffalo_l", "opset": None, "slimmed": False}
@@ -160,29 +168,26 @@ def _build_one(name, stage, a, out, hasher) -> dict:
     else:
         comp = stage.component(name)
         spec = comp.spec
-        t = time.perf_counter()
-        cases = P.reference_cases(spec, comp.reference, P.assignments(spec, a.parity_mode))
-        timings["reference_seconds"] = round(time.perf_counter() - t, 1)
+        with timed("reference_seconds"):
+            cases = P.reference_cases(spec, comp.reference, P.assignments(spec, a.parity_mode))
         if comp.prepare_export:
             comp.prepare_export()
-        t = time.perf_counter()
-        info = export_onnx(comp.graph, spec, out / "onnx" / name / "model.onnx", a.opset)
-        timings["onnx_export_seconds"] = round(time.perf_counter() - t, 1)
+        with timed("onnx_export_seconds"):
+            info = export_onnx(comp.graph, spec, out / "onnx" / name / "model.onnx", a.opset)
         del comp
         stage.release()
         files = info.pop("files")
-        t = time.perf_counter()
-        fp32_parity = P.check(spec, files[0], cases, "fp32")
-        timings["parity_fp32_seconds"] = round(time.perf_counter() - t, 1)
+        with timed("parity_fp32_seconds"):
+            fp32_parity = P.check(spec, files[0], cases, "fp32")
         if prec == "fp16":
-            t = time.perf_counter()
             fp32_files = files
-            files = to_fp16(files[0], out / "onnx" / name / "model.fp16.onnx")
-            timings["fp16_seconds"] = round(time.perf_counter() - t, 1)
-    t = time.perf_counter()
-    parity = P.check(spec, files[0], cases, prec) if (prec == "fp16" or fp32_parity is None) else fp32_parity
+            with timed("fp16_seconds"):
+                files = to_fp16(files[0], out / "onnx" / name / "model.fp16.onnx")
     if prec == "fp16" or fp32_parity is None:
-        timings[f"parity_{prec}_seconds"] = round(time.perf_counter() - t, 1)
+        with timed(f"parity_{prec}_seconds"):
+            parity = P.check(spec, files[0], cases, prec)
+    else:
+        parity = fp32_parity
     rec = {"files": mf.file_records(files, out, hasher), "precision": prec, "opset": info.pop("opset") or None,
            "spec": spec.to_json(), "inputs": [asdict(t) for t in spec.inputs], "outputs": [asdict(t) for t in spec.outputs],
            "profile": spec.profile(), "parity": parity.to_json(), "export_seconds": round(time.perf_counter() - t0, 2),

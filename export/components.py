@@ -205,19 +205,3 @@ def models_view(unet, text_widths: tuple[int, int], cross_attention_dim: int, vo
               vae=NS(config=NS(block_out_channels=(128,) * vae_blocks)))
     ppr = NS(cfg=NS(max_characters=3, cross_attention_dim=cross_attention_dim, clip_dim=clip_dim, tokens_per_character=20))
     return NS(sdxl=sdxl, ppr=ppr, controlnet=None)
-
-
-def build_components(m, ref_unet, prof: ExportProfile) -> dict[str, Component]:
-    """Specs + graphs. `ref_unet`: the same UNet with unfused LoRA processors (the release's)."""
-    specs = build_specs(m, prof)
-    graphs = {
-        "clip_vision": (ClipVisionGraph(m.image_encoder), ClipVisionReference(m.image_encoder)),
-        "ppr": (PPRGraph(m.ppr), None),
-        "text_encoder": (TextEncoderGraph(m.sdxl.text_encoder, False), None),
-        "text_encoder_2": (TextEncoderGraph(m.sdxl.text_encoder_2, True), None),
-        "unet": (UNetGraph(m.sdxl.unet), UNetGraph(ref_unet)),
-        "vae_decoder": (VAEDecode(m.sdxl.vae), None),
-    }
-    if m.controlnet is not None:
-        graphs["controlnet"] = (ControlNetGraph(m.controlnet), None)
-    return {k: Component(specs[k], g.eval(), (r or g).eval()) for k, (g, r) in graphs.items()}
