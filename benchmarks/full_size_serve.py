@@ -28,32 +28,25 @@ import numpy as np
 
 def tree_rss_gib(pid: int) -> float:
     """RSS of process `pid` and its children (tritonserver and its stubs), GiB."""
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if stat.parent.name == str(pid) or fields[1] == str(pid):
-                total += int((stat.parent / "status").read_text().split("VmRSS:")[1].split()[0])
-        except (OSError, IndexError, ValueError):
-            continue
-    return round(total / 2**20, 2)
+    from runtime.serving.launcher import child_pids, rss_kib
+
+    return round(sum(rss_kib(p) for p in [pid, *child_pids(pid)]) / 2**20, 2)
 
 
 def stub_rss_gib(pid: int, field: str = "VmRSS") -> dict[str, float]:
     """RSS of each Python-backend stub under tritonserver `pid`, by the model folder in its command line; `field`
     RssAnon for the anonymous part only (RssFile: weights mapped from the build's files, pages the kernel can drop
     and re-read)."""
+    from runtime.serving.launcher import child_pids, rss_kib
+
     out = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for child in child_pids(pid):
         try:
-            if stat.read_text().rsplit(")", 1)[1].split()[1] != str(pid):
-                continue
-            cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            rss = int((stat.parent / "status").read_text().split(f"{field}:")[1].split()[0]) / 2**20
-        except (OSError, IndexError, ValueError):
+            cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
             continue
         name = next((part.split("/")[-3] for part in cmd.split() if part.endswith("/1/model.py")), cmd[:40])
-        out[name] = round(out.get(name, 0.0) + rss, 2)
+        out[name] = round(out.get(name, 0.0) + rss_kib(child, field) / 2**20, 2)
     return out
 
 

@@ -14,17 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _server_pids(parent: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)
-            name = fields[0].split("(", 1)[1]
-            ppid = int(fields[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if name == "tritonserver" and ppid == parent:
-            pids.append(int(stat.parent.name))
-    return pids
+    from runtime.serving.launcher import child_pids
+
+    return child_pids(parent, "tritonserver")
 
 
 def _alive(pid: int) -> bool:
@@ -159,14 +151,9 @@ def test_request_budget_is_checked_before_anything_is_decoded(server):
 
 def _tree_rss_mb(pid: int) -> float:
     """RSS of tritonserver and its Python-backend stubs (its children), in MB."""
-    total = 0
-    for status in [Path(f"/proc/{pid}/status")] + [p.parent / "status" for p in Path("/proc").glob("[0-9]*/stat")
-                                                    if p.read_text().rsplit(")", 1)[-1].split()[1] == str(pid)]:
-        try:
-            total += int(status.read_text().split("VmRSS:")[1].split()[0])
-        except (OSError, IndexError):
-            continue
-    return total / 1024
+    from runtime.serving.launcher import child_pids, rss_kib
+
+    return sum(rss_kib(p) for p in [pid, *child_pids(pid)]) / 1024
 
 
 def _shm_mb() -> float:

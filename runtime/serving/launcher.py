@@ -40,6 +40,28 @@ def free_port() -> int:
 PLATFORMS = {"tensorrt_plan": "tensorrt", "onnxruntime_onnx": "onnxruntime"}
 
 
+def child_pids(parent: int, name: str | None = None) -> list[int]:
+    """Processes whose parent is `parent` (tritonserver's Python-backend stubs, a launcher's server), optionally
+    only those with this command name; read from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            head, tail = stat.read_text().rsplit(")", 1)
+            if int(tail.split()[1]) == parent and name in (None, head.split("(", 1)[1]):
+                pids.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return pids
+
+
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """A process's resident memory in KiB from /proc/PID/status (`field`: VmRSS, RssAnon, RssFile); 0 once gone."""
+    try:
+        return int(Path(f"/proc/{pid}/status").read_text().split(f"{field}:")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def repo_backends(repo: Path) -> dict[str, list[str]]:
     """backend -> models that need it, from the repository's config.pbtxt files (backend or platform)."""
     from google.protobuf import text_format
