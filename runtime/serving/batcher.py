@@ -1,0 +1,139 @@
+"""In-flight batching of denoising steps: the UNet (and ControlNet) calls of every loop in flight, one call per step.
+
+A served frame model runs each request's loop (runtime/denoise.py's `denoise`, unchanged) on its own thread of one
+model instance. Their engine calls go through one `StepBatcher`: a loop that reaches its UNet call waits until every
+loop in flight has reached a call too (or `max_wait_s` passed), then one of the waiting threads runs them all as one
+call per function and input shape (concatenated along the batch axis, at most `max_rows` rows per call), and each
+loop gets its own rows back. So N concurrent requests put N steps into one UNet execution, up to the engine
+profile's batch limit, with no model instance pinned per request, and the round trip to the UNet model is paid once
+per step for all of them rather than once per request and step. Loops may be at different steps: the timestep is a
+per-row input. Requests whose inputs cannot be stacked (other sizes, character counts, a pose map or not) are run
+as separate calls in the same round.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class _Call:
+    fn: str
+    feeds: dict
+    rows: int
+    result: dict | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+@dataclass
+class BatchStats:
+    """Executions and rows per function since start (rows / executions = the mean batch)."""
+    executions: dict = field(default_factory=dict)
+    rows: dict = field(default_factory=dict)
+
+    def add(self, fn: str, rows: int) -> None:
+        self.executions[fn] = self.executions.get(fn, 0) + 1
+        self.rows[fn] = self.rows.get(fn, 0) + rows
+
+
+class StepBatcher:
+    """`fns`: name -> function over batched numpy feeds (the `unet`/`controlnet` BLS calls or engines).
+    `max_rows`: name -> the engine profile's batch limit. Every loop calls through `call(name, feeds)` inside
+    `with batcher.loop():`."""
+
+    def __init__(self, fns: dict, max_rows: dict, max_wait_s: float = 0.010):
+        self.fns, self.max_rows, self.max_wait_s = fns, max_rows, max_wait_s
+        self.cv = threading.Condition()
+        self.active, self.pending, self.running = 0, [], False
+        self.first_pending = 0.0
+        self.stats = BatchStats()
+
+    @contextlib.contextmanager
+    def loop(self):
+        """A denoising loop takes part in the rounds while inside (the rounds wait for it)."""
+        with self.cv:
+            self.active += 1
+        try:
+            yield self
+        finally:
+            with self.cv:
+                self.active -= 1
+                self.cv.notify_all()
+
+    def fn(self, name: str):
+        """`name`'s function as a loop calls it: feeds -> outputs, batched with the other loops' calls."""
+        return lambda feeds: self.call(name, feeds)
+
+    def call(self, name: str, feeds: dict) -> dict:
+        c = _Call(name, feeds, int(next(iter(feeds.values())).shape[0]))
+        with self.cv:
+            if not self.pending:
+                self.first_pending = time.perf_counter()
+            self.pending.append(c)
+            self.cv.notify_all()
+            while not c.done:
+                if not self.running and self.pending and self._ready():
+                    batch, self.pending, self.running = self.pending, [], True
+                    self.cv.release()
+                    try:
+                        self._run(batch)
+                    except BaseException as e:  # noqa: BLE001 - a fault outside the calls: every caller sees it
+                        for b in batch:
+                            if not b.done:
+                                b.error, b.done = e, True
+                    finally:
+                        self.cv.acquire()
+                        self.running = False
+                        if self.pending:                    # calls that arrived during the round start the next
+                            self.first_pending = time.perf_counter()
+                        self.cv.notify_all()
+                else:
+                    self.cv.wait(timeout=self.max_wait_s / 4 or None)
+        if c.error is not None:
+            raise c.error
+        return c.result
+
+    def _ready(self) -> bool:
+        """Every loop in flight is waiting on a call, or the oldest call has waited max_wait_s."""
+        return len(self.pending) >= self.active or time.perf_counter() - self.first_pending >= self.max_wait_s
+
+    def _run(self, batch: list[_Call]) -> None:
+        groups: dict[tuple, list[_Call]] = {}
+        for c in batch:
+            key = (c.fn, tuple(sorted((k, v.shape[1:], v.dtype.str) for k, v in c.feeds.items())))
+            groups.setdefault(key, []).append(c)
+        for (name, _), calls in groups.items():
+            limit = self.max_rows.get(name, 1 << 30)
+            chunk: list[_Call] = []
+            for c in calls:                                  # in arrival order, at most `limit` rows per call
+                if chunk and sum(x.rows for x in chunk) + c.rows > limit:
+                    self._run_one(name, chunk)
+                    chunk = []
+                chunk.append(c)
+            self._run_one(name, chunk)
+
+    def _run_one(self, name: str, calls: list[_Call]) -> None:
+        try:
+            if len(calls) == 1:
+                outs = [self.fns[name](calls[0].feeds)]
+            else:
+                feeds = {k: np.concatenate([c.feeds[k] for c in calls]) for k in calls[0].feeds}
+                out = self.fns[name](feeds)
+                ends = np.cumsum([c.rows for c in calls])
+                outs = [{k: v[e - c.rows:e] for k, v in out.items()} for c, e in zip(calls, ends)]
+            self.stats.add(name, sum(c.rows for c in calls))
+            for c, o in zip(calls, outs):
+                c.result = o
+        except BaseException as e:  # noqa: BLE001 - every caller of this execution gets its error
+            for c in calls:
+                c.error = e
+        finally:
+            with self.cv:
+                for c in calls:
+                    c.done = True
+                self.cv.notify_all()

@@ -1,0 +1,124 @@
+"""runtime.serving.batcher.StepBatcher: concurrent loops' engine calls become one call per round (no server)."""
+import threading
+
+import numpy as np
+import pytest
+
+from runtime.serving.batcher import StepBatcher
+
+
+def _engine(log):
+    def fn(feeds):
+        log.append(feeds["sample"].shape[0])
+        return {"noise_pred": feeds["sample"] * 2 + feeds["timestep"][:, None]}
+    return fn
+
+
+def _loops(batcher, n_loops, steps, rows=2, shape=(3,), fn="unet", barrier=True):
+    """n_loops threads, each calling `steps` times with its own values; returns each loop's outputs."""
+    results = [[] for _ in range(n_loops)]
+    start = threading.Barrier(n_loops)
+
+    def loop(k):
+        with batcher.loop():
+            if barrier:
+                start.wait()
+            for i in range(steps):
+                x = np.full((rows, *shape), k * 100 + i, np.float32)
+                out = batcher.call(fn, {"sample": x, "timestep": np.full((rows,), float(i), np.float32)})
+                results[k].append(out["noise_pred"])
+    ts = [threading.Thread(target=loop, args=(k,)) for k in range(n_loops)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    return results
+
+
+def test_concurrent_loops_share_each_execution_and_get_their_own_rows():
+    log = []
+    b = StepBatcher({"unet": _engine(log)}, {"unet": 8}, max_wait_s=5.0)   # rounds wait for every loop
+    res = _loops(b, 4, 5)
+    assert log == [8] * 5                                   # 4 loops x 2 rows in one call per step
+    for k in range(4):
+        for i, out in enumerate(res[k]):
+            np.testing.assert_array_equal(out, np.full((2, 3), (k * 100 + i) * 2 + i, np.float32))
+    assert b.stats.executions["unet"] == 5 and b.stats.rows["unet"] == 40
+
+
+def test_rows_per_call_never_exceed_the_profile_limit():
+    log = []
+    b = StepBatcher({"unet": _engine(log)}, {"unet": 4}, max_wait_s=5.0)
+    _loops(b, 3, 2)
+    assert max(log) <= 4 and sum(log) == 3 * 2 * 2
+
+
+def test_unstackable_calls_run_separately_in_the_same_round():
+    log = []
+    b = StepBatcher({"unet": _engine(log)}, {"unet": 8}, max_wait_s=5.0)
+    out = {}
+
+    def loop(k, shape):
+        with b.loop():
+            out[k] = b.call("unet", {"sample": np.ones((2, *shape), np.float32), "timestep": np.zeros(2, np.float32)})
+    ts = [threading.Thread(target=loop, args=(0, (3,))), threading.Thread(target=loop, args=(1, (5,)))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    assert sorted(log) == [2, 2] and out[0]["noise_pred"].shape == (2, 3) and out[1]["noise_pred"].shape == (2, 5)
+
+
+def test_an_error_reaches_every_caller_of_that_execution_and_the_next_round_runs():
+    calls = []
+
+    def fn(feeds):
+        calls.append(feeds["sample"].shape[0])
+        if len(calls) == 1:
+            raise RuntimeError("engine failed")
+        return {"noise_pred": feeds["sample"]}
+    b = StepBatcher({"unet": fn}, {"unet": 8}, max_wait_s=5.0)
+    errors, start = [], threading.Barrier(2)
+
+    def loop():
+        with b.loop():
+            start.wait()
+            try:
+                b.call("unet", {"sample": np.ones((2, 1), np.float32)})
+            except RuntimeError as e:
+                errors.append(str(e))
+    ts = [threading.Thread(target=loop) for _ in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    assert errors == ["engine failed"] * 2
+    assert b.call("unet", {"sample": np.ones((2, 1), np.float32)})["noise_pred"].shape == (2, 1)
+
+
+def test_a_loop_that_stops_calling_does_not_stall_the_others():
+    """A loop that leaves (cancelled, finished) lowers the count the rounds wait for; one that stays inside without
+    calling only delays them by max_wait_s."""
+    log = []
+    b = StepBatcher({"unet": _engine(log)}, {"unet": 8}, max_wait_s=0.05)
+    idle = threading.Event()
+
+    def stalled():
+        with b.loop():
+            idle.wait(10)
+    t = threading.Thread(target=stalled)
+    t.start()
+    res = _loops(b, 2, 3, barrier=False)
+    idle.set()
+    t.join()
+    assert all(len(r) == 3 for r in res) and sum(log) == 2 * 3 * 2
+
+
+@pytest.mark.parametrize("n", [1, 8])
+def test_single_and_many_loops_get_identical_numbers(n):
+    b = StepBatcher({"unet": _engine([])}, {"unet": 16}, max_wait_s=5.0)
+    res = _loops(b, n, 3)
+    ref = [[np.full((2, 3), (k * 100 + i) * 2 + i, np.float32) for i in range(3)] for k in range(n)]
+    for r, e in zip(res, ref):
+        for a, x in zip(r, e):
+            np.testing.assert_array_equal(a, x)
