@@ -21,7 +21,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from export.triton_config import DTYPES, model_config, to_pbtxt
 from runtime.manifest import Component, Manifest
-from runtime.serving.contract import LIMITS, MODELS, BLSModel
+from runtime.serving.contract import INFLIGHT, LIMITS, MODELS, BLSModel
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_MODELS = ("clip_vision", "ppr", "unet", "controlnet", "vae_decoder")
@@ -41,6 +41,8 @@ def _io_config(model: BLSModel, sizes: dict[str, int]) -> pb.ModelConfig:
     if model.decoupled:                       # any number of responses per request, over a gRPC stream
         cfg.model_transaction_policy.decoupled = True
     for k, v in LIMITS.items():               # request budgets: edit them here, per model
+        cfg.parameters[k].string_value = str(v)
+    for k, v in (INFLIGHT.items() if model.inflight else ()):
         cfg.parameters[k].string_value = str(v)
     return cfg
 

@@ -44,6 +44,7 @@ class BLSModel:
     instances: int
     doc: str
     decoupled: bool = False          # Triton decoupled mode: any number of responses per request (gRPC stream)
+    inflight: bool = False           # runs denoising loops: many requests per instance, steps batched (batcher.py)
 
     def port(self, name: str) -> Port:
         for p in self.inputs + self.outputs:
@@ -59,6 +60,9 @@ LIMITS = {
     "max_element_bytes": 32 << 20,       # one encoded image (PHOTOS, MASKS, CLOTHS, POSE elements)
     "max_request_bytes": 64 << 20,       # all images of one request together
 }
+# Models that run denoising loops (BLSModel.inflight): requests in flight per instance (each on its own thread, their
+# steps batched into shared UNet executions) and how long a round waits for a loop that is not yet at its call.
+INFLIGHT = {"max_inflight": 16, "step_batch_wait_ms": 10}
 IMAGE_INPUTS = ("PHOTOS", "MASKS", "CLOTHS", "FACE_INFO", "POSE")
 
 
@@ -103,16 +107,17 @@ MODELS = {m.name: m for m in (
     BLSModel("encode_characters", CHARACTERS, TOKENS, 1,
              "crop by mask, face detection/alignment (the build's buffalo_l files), CLIP, resampler"),
     BLSModel("sampler", (*TEXT, *TOKENS, *SAMPLING), (Port("LATENTS", "FP32", (1, "C", -1, -1), doc="denoised latents"),),
-             2, "the UniPC + CFG loop, unet/controlnet each step"),
-    BLSModel("storymaker", (*PROMPTS, *_opt(TOKENS), *_opt(CHARACTERS), *SAMPLING, ENCODE_PNG), FRAME, 2,
-             "a frame: text, tokens (given, or computed from PHOTOS...), loop, VAE"),
+             1, "the UniPC + CFG loop, unet/controlnet each step", inflight=True),
+    BLSModel("storymaker", (*PROMPTS, *_opt(TOKENS), *_opt(CHARACTERS), *SAMPLING, ENCODE_PNG), FRAME, 1,
+             "a frame: text, tokens (given, or computed from PHOTOS...), loop, VAE", inflight=True),
     BLSModel("storymaker_stream", (*PROMPTS, *_opt(TOKENS), *_opt(CHARACTERS), *SAMPLING, ENCODE_PNG,
                                    Port("PREVIEW_EVERY", "INT32", (1,), True, doc="a preview every k steps (0: none; "
                                                                                  "default 5)")),
              (*FRAME, Port("STEPS_DONE", "INT32", (1,), doc="steps run when this response was sent"),
               Port("FINAL", "BOOL", (1,), doc="true on the frame, false on a preview")), 1,
              "storymaker over a gRPC stream: low-resolution previews (IMAGE, one pixel per latent) every "
-             "PREVIEW_EVERY steps, then the frame (FINAL); cancelling the stream stops the loop", decoupled=True),
+             "PREVIEW_EVERY steps, then the frame (FINAL); cancelling the stream stops the loop", decoupled=True,
+             inflight=True),
 )}
 
 

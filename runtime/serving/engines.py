@@ -107,12 +107,35 @@ class OrtEngine:
         return results
 
 
+class StandInEngine:
+    """An engine that answers at once with correctly shaped zero outputs (shapes bound from the inputs by the spec).
+    Only for `benchmarks.serving_overhead`, which measures what our serving code adds around the engines; it says
+    nothing about an engine's speed or correctness. Used where a manifest's deployment says `stand_in`."""
+
+    def __init__(self, record: Component):
+        self.record, self.inputs, self.outputs = record, record.input_names, record.output_names
+        self.profile = record.profile
+        self.check_profile = OrtEngine.check_profile.__get__(self)
+
+    def complete(self, feeds):
+        return feeds
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        spec = self.record.spec
+        values = spec.bind({k: v.shape for k, v in feeds.items() if k in self.inputs})
+        return {t.name: np.zeros(t.shape(values), np.dtype(t.dtype)) for t in spec.outputs}
+
+    run_batched = OrtEngine.run_batched
+
+
 class Build(Manifest):
     """A build folder: its typed manifest (runtime/manifest.py) plus onnxruntime sessions of its components."""
 
     def engine(self, name: str, threads: int | None = None, device_id: int = 0) -> OrtEngine:
         """A session with the build's deployment providers (`export.build --device/--providers`; CPU when none)."""
         rec = self.component(name)
+        if (self.data.get("deployment") or {}).get("stand_in"):
+            return StandInEngine(rec)
         threads = threads or int(os.environ.get("STORYMAKER_ORT_THREADS", "0")) or None
         providers = self.deployment["providers"]
         return OrtEngine(self.file(rec.files_for(providers)[0].path), rec, threads, providers, device_id,

@@ -17,6 +17,7 @@ cancels the stream stops the loop before its next step.
 from __future__ import annotations
 
 import io
+import threading
 
 import numpy as np
 import torch
@@ -116,37 +117,40 @@ class FrameModel(SamplingModel):
 class StreamModel(FrameModel):
     """Decoupled: previews every PREVIEW_EVERY steps, then the frame (FINAL true); errors end the stream."""
 
+    _preview_lock = threading.Lock()
+
     _preview: LatentPreview | None = None
 
     def preview(self) -> LatentPreview:
+        with self._preview_lock:
+            return self._fitted_preview()
+
+    def _fitted_preview(self) -> LatentPreview:
         if self._preview is None:
             b = self.s.build
             lo = b.component("vae_decoder").profile["latent"]["min"]            # the smallest decode the engine takes
             self._preview = LatentPreview.fit(self.vae01, b.latent_channels, (lo[2], lo[3]), b.vae_factor)
         return self._preview
 
-    def execute(self, requests):
+    def _answer(self, r, sender):
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        for r in requests:
-            sender = r.get_response_sender()
+        try:
+            every = self.glue.scalar(r, "PREVIEW_EVERY", DEFAULT_PREVIEW_EVERY, int)
+            if every < 0:
+                raise InputError(f"PREVIEW_EVERY={every}: give 0 (no previews) or a step interval >= 1")
+            preview, done = (self.preview() if every else None), [0]
+
+            def on_step(i, n, x0):
+                done[0] = i + 1
+                if every and (i + 1) % every == 0 and i + 1 < n:
+                    sender.send(self.glue.respond({"IMAGE": preview(x0), "STEPS_DONE": np.array([i + 1], np.int32),
+                                                   "FINAL": np.array([False])}))
+
+            out = self._frame(r, on_step)
+            sender.send(self.glue.respond({**out, "STEPS_DONE": np.array([done[0]], np.int32),
+                                           "FINAL": np.array([True])}), flags=final)
+        except Exception as e:  # noqa: BLE001 - this request's stream ends with its error
             try:
-                every = self.glue.scalar(r, "PREVIEW_EVERY", DEFAULT_PREVIEW_EVERY, int)
-                if every < 0:
-                    raise InputError(f"PREVIEW_EVERY={every}: give 0 (no previews) or a step interval >= 1")
-                preview, done = (self.preview() if every else None), [0]
-
-                def on_step(i, n, x0):
-                    done[0] = i + 1
-                    if every and (i + 1) % every == 0 and i + 1 < n:
-                        sender.send(self.glue.respond({"IMAGE": preview(x0), "STEPS_DONE": np.array([i + 1], np.int32),
-                                                       "FINAL": np.array([False])}))
-
-                out = self._frame(r, on_step)
-                sender.send(self.glue.respond({**out, "STEPS_DONE": np.array([done[0]], np.int32),
-                                               "FINAL": np.array([True])}), flags=final)
-            except Exception as e:  # noqa: BLE001 - this request's stream ends with its error
-                try:
-                    sender.send(self.glue.error(e, r), flags=final)
-                except Exception:  # noqa: BLE001 - the client is gone (cancelled stream): nothing to tell
-                    pass
-        return None
+                sender.send(self.glue.error(e, r), flags=final)
+            except Exception:  # noqa: BLE001 - the client is gone (cancelled stream): nothing to tell
+                pass

@@ -227,28 +227,38 @@ def generate_options(glue: Glue, r, prompt: str = "(embeddings given)", build=No
 
 class Sampling:
     """What a BLS model running the denoising loop needs from a build: the typed manifest, the UniPC plans
-    per step count, and a factory of EngineDenoisers that call `unet` (and `controlnet`) via BLS."""
+    per step count, and EngineDenoisers whose `unet` (and `controlnet`) calls go through one StepBatcher
+    (runtime/serving/batcher.py): the loops of all requests in flight share each UNet execution, one BLS call per
+    step for all of them, up to the engine profile's batch limit."""
 
-    def __init__(self, glue: Glue, build_dir: str, send_zero_residuals: str | bool = False):
+    def __init__(self, glue: Glue, build_dir: str, send_zero_residuals: str | bool = False, max_wait_ms: float = 10.0):
         from runtime.manifest import Manifest
+        from runtime.serving.batcher import StepBatcher
 
         self.glue, self.build = glue, Manifest(build_dir)
         self.send_zero_residuals = str(send_zero_residuals).lower() == "true"
         self.dim, self.plans = self.build.cross_attention_dim, {}
-        outs = self.build.component("controlnet").output_names if self.build.has("controlnet") else None
-        self.controlnet = (lambda f: glue.engine("controlnet", f, outs, batched=True)) if outs else None
+        fns, rows = {"unet": lambda f: glue.engine("unet", f, ["noise_pred"], batched=True)}, {}
+        if self.build.has("controlnet"):
+            outs = self.build.component("controlnet").output_names
+            fns["controlnet"] = lambda f: glue.engine("controlnet", f, outs, batched=True)
+        for name in fns:
+            rows[name] = self.build.component(name).spec.max_batch()
+        self.batcher = StepBatcher(fns, rows, max_wait_ms / 1000.0)
 
     def denoiser(self):
         from runtime.denoise import EngineDenoiser
 
-        return EngineDenoiser(self.build.component("unet"),
-                              lambda f: self.glue.engine("unet", f, ["noise_pred"], batched=True), self.controlnet,
+        b = self.batcher
+        return EngineDenoiser(self.build.component("unet"), b.fn("unet"),
+                              b.fn("controlnet") if "controlnet" in b.fns else None,
                               self.build.text_len, self.send_zero_residuals)
 
     def latents(self, opts, text, tokens, is_cancelled, on_step=None):
         from runtime.serving.logic import generate_latents
 
-        return generate_latents(opts, text, tokens, self.denoiser(), self.build, self.plans, is_cancelled, on_step)
+        with self.batcher.loop():
+            return generate_latents(opts, text, tokens, self.denoiser(), self.build, self.plans, is_cancelled, on_step)
 
 
 class StageMetrics:
@@ -258,7 +268,12 @@ class StageMetrics:
     mean per stage). A no-op where the stub has no metrics API."""
 
     def __init__(self, pb, model: str):
+        import threading
+
         self.model, self.seconds, self.count, self.series = model, None, None, {}
+        # one metrics call at a time: tritonserver 2.51's Python backend crashes (SIGSEGV, measured) when request
+        # threads create or increment metrics concurrently
+        self.lock = threading.Lock()
         fam = getattr(pb, "MetricFamily", None)
         if fam is not None:
             self.seconds = fam(name="storymaker_stage_seconds_total", description="seconds spent per request stage",
@@ -275,27 +290,69 @@ class StageMetrics:
             yield
             if self.seconds is None:
                 return
-            if name not in self.series:
-                labels = {"model": self.model, "stage": name}
-                self.series[name] = (self.seconds.Metric(labels=labels), self.count.Metric(labels=labels))
-            secs, count = self.series[name]
-            secs.increment(time.perf_counter() - t0)
-            count.increment(1)
+            with self.lock:
+                if name not in self.series:
+                    labels = {"model": self.model, "stage": name}
+                    self.series[name] = (self.seconds.Metric(labels=labels), self.count.Metric(labels=labels))
+                secs, count = self.series[name]
+                secs.increment(time.perf_counter() - t0)
+                count.increment(1)
 
         return timed()
 
 
+def _import_before_threads() -> None:
+    """Modules the request threads import lazily, imported once here: diffusers' lazy module loader is not safe when
+    several threads trigger the same first import (measured: ImportError of UniPCMultistepScheduler under 8
+    concurrent first requests)."""
+    import PIL.Image  # noqa: F401
+    import PIL.PngImagePlugin  # noqa: F401
+    from diffusers import UniPCMultistepScheduler  # noqa: F401
+    from diffusers.utils.torch_utils import randn_tensor  # noqa: F401
+
+    import runtime.denoise  # noqa: F401
+    import runtime.pipeline  # noqa: F401
+    import runtime.preprocess  # noqa: F401
+    import runtime.serving.logic  # noqa: F401
+
+
 class SamplingModel:
-    """Base of the Triton BLS models that run the denoising loop (`sampler`, `storymaker`): their model.py sets
-    `pb` (triton_python_backend_utils, importable only inside the stub) and defines `_one(request) -> outputs`."""
+    """Base of the Triton BLS models that run the denoising loop (`sampler`, `storymaker`, `storymaker_stream`):
+    their model.py sets `pb` (triton_python_backend_utils, importable only inside the stub) and defines
+    `_one(request) -> outputs` (or overrides `_answer`).
+
+    One instance serves many requests at once: `execute` hands each request to a thread of a pool of
+    `max_inflight` (config parameter) and returns; the thread answers through the request's response sender
+    (Triton's default mode allows that; decoupled models send several responses). The loops of those threads
+    share the UNet's executions through `Sampling.batcher`. Requests beyond `max_inflight` wait for a thread."""
 
     pb = None
 
     def initialize(self, args):
+        from concurrent.futures import ThreadPoolExecutor
+
         _, params = setup(args)
         self.glue = Glue(self.pb, params)
-        self.s = Sampling(self.glue, params["build_dir"], params.get("send_zero_residuals", "false"))
+        self.s = Sampling(self.glue, params["build_dir"], params.get("send_zero_residuals", "false"),
+                          float(params.get("step_batch_wait_ms", 10.0)))
         self.metrics = StageMetrics(self.pb, params.get("component", "storymaker"))
+        self.pool = ThreadPoolExecutor(int(params.get("max_inflight", 16)), thread_name_prefix="request")
+        _import_before_threads()
 
     def execute(self, requests):
-        return self.glue.run_each(requests, self._one)
+        for r in requests:
+            self.pool.submit(self._answer, r, r.get_response_sender())
+        return None
+
+    def _answer(self, r, sender):
+        try:
+            response = self.glue.respond(self._one(r))
+        except Exception as e:  # noqa: BLE001 - this request's error response
+            response = self.glue.error(e, r)
+        try:
+            sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception:  # noqa: BLE001 - the client is gone: nothing to tell
+            log.warning("could not send the response of request %s", _request_id(r))
+
+    def finalize(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
