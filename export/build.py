@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--min-size", type=int, help="smallest image side in pixels (default 768; demo 64)")
     ap.add_argument("--opt-size", type=int, help="TensorRT optimisation size (default 1024; demo 128)")
     ap.add_argument("--max-size", type=int, help="largest image side (default 1536; demo 256)")
-    ap.add_argument("--max-batch", type=int, help="images per UNet call (CFG doubles it; default 2)")
+    ap.add_argument("--max-batch", type=int, help="images per UNet call (CFG doubles it; default 4: the steps of 4 requests in flight share one execution)")
     ap.add_argument("--components", help="comma-separated subset to build (default: all available)")
     ap.add_argument("--parity", choices=("auto", "full", "quick", "off"), default="auto",
                     help="parity vs PyTorch: full = min/opt/max shapes, quick = the minimum shapes only, off = none "

@@ -32,12 +32,12 @@ class ExportProfile:
     min_size: int = 768
     opt_size: int = 1024
     max_size: int = 1536
-    max_batch: int = 2            # images per UNet call (the CFG batch is twice this)
+    max_batch: int = 4            # images per UNet call (the CFG batch is twice this): in-flight batching fills it
     max_characters: int = 3
 
     @classmethod
     def demo(cls) -> "ExportProfile":
-        return cls(min_size=64, opt_size=128, max_size=256, max_batch=2, max_characters=3)
+        return cls(min_size=64, opt_size=128, max_size=256, max_batch=4, max_characters=3)
 
 
 @dataclass

@@ -35,7 +35,7 @@ def test_batched_configs_promise_no_more_rows_than_the_profile(built):
         for name in ("unet", "controlnet"):
             cfg = parse_pbtxt((built / repo / name / "config.pbtxt").read_text())
             prof = m["components"][name]["profile"]
-            assert cfg.max_batch_size == min(p["max"][0] for p in prof.values()) == 4, (repo, name)
+            assert cfg.max_batch_size == min(p["max"][0] for p in prof.values()) == 8, (repo, name)
             assert all(p["max"][0] >= cfg.max_batch_size for p in prof.values())
 
 
@@ -108,7 +108,7 @@ def test_engine_failures_are_recorded_and_survive_a_partial_rebuild(built, tmp_p
     ngc = b / "triton_repo_ngc"
     unet = parse_pbtxt((ngc / "unet" / "config.pbtxt").read_text())
     assert unet.platform == "tensorrt_plan" and (ngc / "unet" / "1" / "model.plan").read_bytes() == b"unet"
-    assert unet.max_batch_size == 4
+    assert unet.max_batch_size == 8
     vae = parse_pbtxt((ngc / "vae_decoder" / "config.pbtxt").read_text())
     assert vae.backend == "onnxruntime" and (ngc / "vae_decoder" / "1" / "model.onnx").is_file()
     assert m["ngc_repository"]["vae_decoder"]["backend"] == "onnxruntime"
