@@ -67,6 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     dep.add_argument("--providers", help="onnxruntime execution providers in priority order, from tensorrt, cuda, cpu "
                                          "(default: cpu; with --device cuda: cuda,cpu)")
     dep.add_argument("--gpu-instances", type=int, default=1, help="instances of each engine model per GPU")
+    dep.add_argument("--denoise-engines", choices=("bls", "inprocess"), default="bls",
+                     help="bls: the frame models call the unet/controlnet/vae_decoder models (one UNet execution per "
+                          "step for all requests in flight); inprocess: storymaker and storymaker_stream run those "
+                          "sessions themselves (no BLS per step: the lowest serving overhead, one more copy of the "
+                          "engines per model)")
     ap.add_argument("--ngc-python-env", type=Path, metavar="TAR_GZ",
                     help="a conda-pack'ed Python environment with this project installed, copied into the NGC "
                          "repository for its Python-backend models (EXECUTION_ENV_PATH); default: the container's Python")
@@ -86,7 +91,8 @@ def deployment(a) -> dict:
         raise StoryMakerError(f"--providers {a.providers} needs --device cuda")
     if a.gpu_instances < 1:
         raise StoryMakerError("--gpu-instances must be >= 1")
-    return {"device": a.device, "providers": providers, "gpu_instances": a.gpu_instances}
+    return {"device": a.device, "providers": providers, "gpu_instances": a.gpu_instances,
+            "denoise_engines": a.denoise_engines}
 
 
 def _is_demo_bundle(weights: Path) -> bool:

@@ -29,7 +29,7 @@ BATCHED = ("unet", "controlnet")     # dynamically batched; max_batch_size = the
 QUEUE = dict(max_queue_size=64, default_timeout_microseconds=120_000_000)
 
 
-def _io_config(model: BLSModel, sizes: dict[str, int]) -> pb.ModelConfig:
+def _io_config(model: BLSModel, sizes: dict[str, int], deploy: dict | None = None) -> pb.ModelConfig:
     """A BLS model's config from its declaration (runtime/serving/contract.py) and the build's sizes."""
     cfg = pb.ModelConfig(name=model.name, backend="python", max_batch_size=0)
     typ = lambda t: getattr(pb, f"TYPE_{'STRING' if t == 'BYTES' else t}")
@@ -44,6 +44,8 @@ def _io_config(model: BLSModel, sizes: dict[str, int]) -> pb.ModelConfig:
         cfg.parameters[k].string_value = str(v)
     for k, v in (INFLIGHT.items() if model.inflight else ()):
         cfg.parameters[k].string_value = str(v)
+    if model.name in ("storymaker", "storymaker_stream"):       # the frame models: where their engines run
+        cfg.parameters["denoise_engines"].string_value = (deploy or {}).get("denoise_engines", "bls")
     return cfg
 
 
@@ -135,7 +137,7 @@ def _python_configs(m: Manifest) -> dict[str, tuple[pb.ModelConfig, str]]:
     """Every model of the repository as a Python-backend config: (config, glue folder in triton_repo/)."""
     configs = {n: (_engine_config(n, m.component(n), m.deployment), "engine") for n in ENGINE_MODELS if m.has(n)}
     sizes = {"D": m.cross_attention_dim, "P": m.pooled_dim, "L": m.text_len, "C": m.latent_channels}
-    configs.update({n: (_io_config(model, sizes), n) for n, model in MODELS.items()})
+    configs.update({n: (_io_config(model, sizes, m.deployment), n) for n, model in MODELS.items()})
     return configs
 
 

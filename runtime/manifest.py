@@ -97,7 +97,7 @@ class Manifest:
         """Where the engines run (`export.build --device/--providers/--gpu-instances`); CPU by default."""
         d = self.data.get("deployment") or {}
         return {"device": d.get("device", "cpu"), "providers": list(d.get("providers", ["cpu"])),
-                "gpu_instances": int(d.get("gpu_instances", 1))}
+                "gpu_instances": int(d.get("gpu_instances", 1)), "denoise_engines": d.get("denoise_engines", "bls")}
 
     @property
     def scheduler_config(self) -> dict:

@@ -52,6 +52,7 @@ class StepBatcher:
         self.active, self.pending, self.running = 0, [], False
         self.first_pending = 0.0
         self.stats = BatchStats()
+        self.on_execution = None            # (name, rows) after each execution: the served models' metrics
 
     @contextlib.contextmanager
     def loop(self):
@@ -127,6 +128,8 @@ class StepBatcher:
                 ends = np.cumsum([c.rows for c in calls])
                 outs = [{k: v[e - c.rows:e] for k, v in out.items()} for c, e in zip(calls, ends)]
             self.stats.add(name, sum(c.rows for c in calls))
+            if self.on_execution is not None:
+                self.on_execution(name, sum(c.rows for c in calls))
             for c, o in zip(calls, outs):
                 c.result = o
         except BaseException as e:  # noqa: BLE001 - every caller of this execution gets its error

@@ -78,6 +78,8 @@ class FrameModel(SamplingModel):
         return pos, neg
 
     def vae01(self, latents: np.ndarray) -> np.ndarray:
+        if self.s.vae is not None:
+            return self.s.vae({"latent": np.ascontiguousarray(latents, np.float32)})["image"]
         return self.glue.engine("vae_decoder", {"latent": np.ascontiguousarray(latents, np.float32)}, ["image"])["image"]
 
     def _frame(self, r, on_step=None) -> dict:
@@ -104,7 +106,7 @@ class FrameModel(SamplingModel):
         with stage("denoise"):
             lat = self.s.latents(opts, text, tokens, r.is_cancelled, on_step=on_step)
         with stage("vae"):
-            img = decode(engine_vae01(lambda f: g.engine("vae_decoder", f, ["image"])), lat)
+            img = decode(engine_vae01(self.s.vae or (lambda f: g.engine("vae_decoder", f, ["image"]))), lat)
         png = b""
         if g.scalar(r, "ENCODE_PNG", True, bool):
             with stage("png"):

@@ -231,20 +231,29 @@ class Sampling:
     (runtime/serving/batcher.py): the loops of all requests in flight share each UNet execution, one BLS call per
     step for all of them, up to the engine profile's batch limit."""
 
-    def __init__(self, glue: Glue, build_dir: str, send_zero_residuals: str | bool = False, max_wait_ms: float = 10.0):
+    def __init__(self, glue: Glue, build_dir: str, send_zero_residuals: str | bool = False, max_wait_ms: float = 10.0,
+                 engines: str = "bls"):
         from runtime.manifest import Manifest
         from runtime.serving.batcher import StepBatcher
 
+        if engines not in ("bls", "inprocess"):
+            raise ValueError(f"config parameter denoise_engines={engines!r}: use bls or inprocess")
         self.glue, self.build = glue, Manifest(build_dir)
         self.send_zero_residuals = str(send_zero_residuals).lower() == "true"
         self.dim, self.plans = self.build.cross_attention_dim, {}
-        fns, rows = {"unet": lambda f: glue.engine("unet", f, ["noise_pred"], batched=True)}, {}
-        if self.build.has("controlnet"):
-            outs = self.build.component("controlnet").output_names
-            fns["controlnet"] = lambda f: glue.engine("controlnet", f, outs, batched=True)
-        for name in fns:
-            rows[name] = self.build.component(name).spec.max_batch()
-        self.batcher = StepBatcher(fns, rows, max_wait_ms / 1000.0)
+        names = ["unet"] + (["controlnet"] if self.build.has("controlnet") else [])
+        self.vae = None                      # None: the vae_decoder model via BLS
+        if engines == "inprocess":           # this process runs the sessions: nothing per step leaves it
+            from runtime.serving.engines import Build
+
+            b = Build(build_dir)
+            fns = {n: b.engine(n).run for n in names}
+            self.vae = b.engine("vae_decoder").run
+            self.send_zero_residuals = False
+        else:
+            outs = {n: self.build.component(n).output_names for n in names}
+            fns = {n: (lambda f, n=n: glue.engine(n, f, outs[n], batched=True)) for n in names}
+        self.batcher = StepBatcher(fns, {n: self.build.component(n).spec.max_batch() for n in names}, max_wait_ms / 1000.0)
 
     def denoiser(self):
         from runtime.denoise import EngineDenoiser
@@ -279,6 +288,25 @@ class StageMetrics:
             self.seconds = fam(name="storymaker_stage_seconds_total", description="seconds spent per request stage",
                                kind=fam.COUNTER)
             self.count = fam(name="storymaker_stage_count_total", description="request stages run", kind=fam.COUNTER)
+            self.rows = fam(name="storymaker_engine_rows_total", description="rows run by the step batcher",
+                            kind=fam.COUNTER)
+            self.execs = fam(name="storymaker_engine_executions_total", description="step batcher executions",
+                             kind=fam.COUNTER)
+
+    def execution(self, engine: str, rows: int) -> None:
+        """One engine execution of the step batcher: `storymaker_engine_rows_total{model, engine}` and
+        `storymaker_engine_executions_total{model, engine}` (rows / executions = the mean batch, in either
+        denoise_engines mode)."""
+        if self.seconds is None:
+            return
+        with self.lock:
+            key = ("engine", engine)
+            if key not in self.series:
+                labels = {"model": self.model, "engine": engine}
+                self.series[key] = (self.rows.Metric(labels=labels), self.execs.Metric(labels=labels))
+            r, e = self.series[key]
+            r.increment(rows)
+            e.increment(1)
 
     def stage(self, name: str):
         import contextlib
@@ -334,8 +362,9 @@ class SamplingModel:
         _, params = setup(args)
         self.glue = Glue(self.pb, params)
         self.s = Sampling(self.glue, params["build_dir"], params.get("send_zero_residuals", "false"),
-                          float(params.get("step_batch_wait_ms", 10.0)))
+                          float(params.get("step_batch_wait_ms", 10.0)), params.get("denoise_engines", "bls"))
         self.metrics = StageMetrics(self.pb, params.get("component", "storymaker"))
+        self.s.batcher.on_execution = self.metrics.execution
         self.pool = ThreadPoolExecutor(int(params.get("max_inflight", 16)), thread_name_prefix="request")
         _import_before_threads()
 
