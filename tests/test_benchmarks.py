@@ -90,3 +90,28 @@ def test_full_size_serve_script_runs_on_the_demo_build(tmp_path, built, capsys):
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["requests"]["storymaker"]["image"] == [64, 64, 3] and (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
     assert {"unet", "storymaker", "encode_characters"} <= set(r["model_rss_ready_gib"]) and r["cold_start_s"] > 0
+
+
+def test_serving_overhead_standin_build_has_the_released_shapes(tmp_path):
+    """benchmarks.serving_overhead's stand-in build: the released specs (no weights), stand-in engines that answer
+    with correctly shaped zeros, and the bytes a step moves through BLS counted from those shapes."""
+    import numpy as np
+
+    from benchmarks.serving_overhead import step_bytes, write_standin_build
+    from runtime.serving.engines import Build, StandInEngine
+
+    b = Build(write_standin_build(tmp_path / "b", "inprocess"))
+    assert (b.cross_attention_dim, b.pooled_dim, b.text_len, b.latent_channels, b.vae_factor) == (2048, 1280, 77, 4, 8)
+    assert b.deployment["denoise_engines"] == "inprocess"
+    assert 'string_value: "inprocess"' in (b.path / "triton_repo" / "storymaker" / "config.pbtxt").read_text()
+    unet = b.engine("unet")
+    assert isinstance(unet, StandInEngine)
+    feeds = {"sample": np.zeros((2, 4, 160, 120), np.float32), "timestep": np.zeros(2, np.float32),
+             "encoder_hidden_states": np.zeros((2, 117, 2048), np.float32), "text_embeds": np.zeros((2, 1280), np.float32),
+             "time_ids": np.zeros((2, 6), np.float32), "ip_scale": np.zeros(2, np.float32)}
+    assert unet.run(feeds)["noise_pred"].shape == (2, 4, 160, 120)
+    assert b.engine("vae_decoder").run({"latent": np.zeros((1, 4, 160, 120), np.float32)})["image"].shape == (1, 3, 1280, 960)
+    plain, pose = step_bytes(b, 1, False, 960, 1280), step_bytes(b, 1, True, 960, 1280)
+    # sample + noise_pred 2x614400, encoder_hidden_states 2x117x2048x4, small vectors
+    assert plain == {"unet": 2 * 614400 + 2 * 117 * 2048 * 4 + 4 * (2 + 2 * 1280 + 12 + 2)}
+    assert pose["unet"] - plain["unet"] > 250e6 and "controlnet" in pose     # the residuals, when sent by BLS

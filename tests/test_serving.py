@@ -306,6 +306,34 @@ def test_concurrent_requests_share_unet_executions(server, client):
     assert len({frames[k].tobytes() for k in range(8)}) == 8        # each request kept its own rows
 
 
+def test_inprocess_engines_give_the_same_frames(built, client, tmp_path):
+    """denoise_engines=inprocess (export.build --denoise-engines): storymaker runs the UNet/ControlNet/VAE sessions
+    itself; its frames equal the BLS layout's (within 1 uint8 level) for 2 characters with a pose map, also when
+    two requests share the step batcher."""
+    import shutil
+
+    repo = shutil.copytree(built / "triton_repo", tmp_path / "triton_repo", symlinks=True)
+    cfg = repo / "storymaker" / "config.pbtxt"
+    text = cfg.read_text()
+    assert 'key: "denoise_engines"\n  value {\n    string_value: "bls"' in text
+    cfg.write_text(text.replace('string_value: "bls"', 'string_value: "inprocess"'))
+    tokens = client.encode_characters([MAN, WOMAN])
+    kw = dict(tokens=tokens, width=64, height=64, steps=4, png=False)
+    want = [client.generate("two people", seed=s, pose=POSE.read_bytes(), **kw)[0] for s in (1, 2)]
+    with TritonServer(repo) as srv:
+        c2 = StoryMakerClient(srv.url)
+        got = {}
+        ts = [threading.Thread(target=lambda s=s: got.__setitem__(s, c2.generate("two people", seed=s,
+                                                                                    pose=POSE.read_bytes(), **kw)[0]))
+              for s in (1, 2)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(120)
+    for s, w in zip((1, 2), want):
+        assert np.abs(got[s].astype(int) - w.astype(int)).max() <= 1
+
+
 def test_security_defaults(server, built):
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
