@@ -256,7 +256,7 @@ def test_deployment_sets_providers_instances_and_batch(built, tmp_path, device, 
     assert build_main(argv + (["--providers", providers] if providers else [])) == 0
     m = Manifest(b)
     want = (providers or ("cuda,cpu" if device == "cuda" else "cpu")).split(",")
-    assert m.deployment == {"device": device, "providers": want, "gpu_instances": gpus}
+    assert m.deployment == {"device": device, "providers": want, "gpu_instances": gpus, "denoise_engines": "bls"}
     for repo in ("triton_repo", "triton_repo_ngc"):
         for name in ("unet", "vae_decoder", "clip_vision"):
             cfg = parse_pbtxt((b / repo / name / "config.pbtxt").read_text())
