@@ -69,12 +69,10 @@ def write_standin_build(out: Path, engines: str = "bls", with_controlnet: bool =
     return out
 
 
-def step_bytes(build, characters: int, pose: bool, width: int, height: int) -> dict[str, int]:
-    """Bytes one denoising step of one request moves through BLS (inputs + outputs, fp32), counted from the specs:
-    the UNet call, and with a pose map the ControlNet call and its residuals sent on to the UNet."""
-    from runtime.manifest import Manifest
-
-    m = Manifest(build) if not hasattr(build, "component") else build
+def step_bytes(m, characters: int, pose: bool, width: int, height: int) -> dict[str, int]:
+    """Bytes one denoising step of one request moves through BLS (inputs + outputs, fp32), counted from the specs of
+    the build's manifest `m`: the UNet call, and with a pose map the ControlNet call and its residuals sent on to the
+    UNet."""
     f, L = m.vae_factor, m.text_len
     values = {"N": 2, "h": height // f, "w": width // f, "S": L + 20 * (characters + 1)}
     size = lambda t: int(np.prod(t.shape(values))) * np.dtype(t.dtype).itemsize
@@ -109,6 +107,8 @@ def _model_stats(admin, model: str) -> dict[str, int]:
 
 def run_case(server, client, admin, characters: int, pose: bool, concurrency: int, per_client: int, steps: int,
              width: int, height: int, png: bool, pose_png: bytes) -> dict:
+    from runtime.manifest import Manifest
+
     d = 2048
     tok = np.zeros((1, 20 * (characters + 1), d), np.float32), np.zeros((1, 20 * (characters + 1), d), np.float32)
     opts = dict(width=width, height=height, steps=steps, png=png, **({"pose": pose_png} if pose else {}))
@@ -141,7 +141,7 @@ def run_case(server, client, admin, characters: int, pose: bool, concurrency: in
     rows, execs = u1["rows"] - u0["rows"], max(1, u1["executions"] - u0["executions"])
     b_rows = m1.get("unet.rows", 0) - m0.get("unet.rows", 0)           # the frame model's step batcher
     b_execs = max(1, m1.get("unet.executions", 0) - m0.get("unet.executions", 0))
-    bytes_step = step_bytes(server.repo.parent, characters, pose, width, height)
+    bytes_step = step_bytes(Manifest(server.repo.parent), characters, pose, width, height)
     rec = {"bench": "serving_overhead", "engines": "stand-in", "width": width, "height": height, "steps": steps,
            "characters": characters, "pose": pose, "png": png, "concurrency": concurrency, "images": n,
            "errors": len(errors), "ms_per_image": round(1000 * wall / n, 1),

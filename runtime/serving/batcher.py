@@ -127,9 +127,10 @@ class StepBatcher:
                 out = self.fns[name](feeds)
                 ends = np.cumsum([c.rows for c in calls])
                 outs = [{k: v[e - c.rows:e] for k, v in out.items()} for c, e in zip(calls, ends)]
-            self.stats.add(name, sum(c.rows for c in calls))
+            rows = sum(c.rows for c in calls)
+            self.stats.add(name, rows)
             if self.on_execution is not None:
-                self.on_execution(name, sum(c.rows for c in calls))
+                self.on_execution(name, rows)
             for c, o in zip(calls, outs):
                 c.result = o
         except BaseException as e:  # noqa: BLE001 - every caller of this execution gets its error

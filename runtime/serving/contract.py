@@ -62,11 +62,11 @@ LIMITS = {
 }
 # Models that run denoising loops (BLSModel.inflight): requests in flight per instance (each on its own thread, their
 # steps batched into shared UNet executions) and how long a round waits for a loop that is not yet at its call.
-# denoise_engines: "bls" calls the unet/controlnet/vae_decoder models (one UNet execution per step for all loops in
-# flight; the engines stay their own models, native TensorRT in the NGC repository) or "inprocess": this model runs
-# their sessions itself, so embeddings, latents and residuals never leave its process (no BLS per step; each model
-# set to it holds its own copy of those engines).
-INFLIGHT = {"max_inflight": 16, "step_batch_wait_ms": 10, "denoise_engines": "bls"}
+# The frame models also get `denoise_engines` from the build's deployment (export/triton_repo.py): "bls" calls the
+# unet/controlnet/vae_decoder models (one UNet execution per step for all loops in flight; the engines stay their own
+# models, native TensorRT in the NGC repository) or "inprocess": the model runs their sessions itself, so
+# embeddings, latents and residuals never leave its process (no BLS per step; each such model holds its own copy).
+INFLIGHT = {"max_inflight": 16, "step_batch_wait_ms": 10}
 IMAGE_INPUTS = ("PHOTOS", "MASKS", "CLOTHS", "FACE_INFO", "POSE")
 
 

@@ -107,15 +107,15 @@ class OrtEngine:
         return results
 
 
-class StandInEngine:
-    """An engine that answers at once with correctly shaped zero outputs (shapes bound from the inputs by the spec).
-    Only for `benchmarks.serving_overhead`, which measures what our serving code adds around the engines; it says
-    nothing about an engine's speed or correctness. Used where a manifest's deployment says `stand_in`."""
+class StandInEngine(OrtEngine):
+    """An OrtEngine without a session that answers at once with correctly shaped zero outputs (shapes bound from the
+    inputs by the spec; absent optional inputs are not filled). Only for `benchmarks.serving_overhead`, which
+    measures what our serving code adds around the engines; it says nothing about an engine's speed or correctness.
+    Used where a manifest's deployment says `stand_in`."""
 
     def __init__(self, record: Component):
         self.record, self.inputs, self.outputs = record, record.input_names, record.output_names
         self.profile = record.profile
-        self.check_profile = OrtEngine.check_profile.__get__(self)
 
     def complete(self, feeds):
         return feeds
@@ -124,8 +124,6 @@ class StandInEngine:
         spec = self.record.spec
         values = spec.bind({k: v.shape for k, v in feeds.items() if k in self.inputs})
         return {t.name: np.zeros(t.shape(values), np.dtype(t.dtype)) for t in spec.outputs}
-
-    run_batched = OrtEngine.run_batched
 
 
 class Build(Manifest):

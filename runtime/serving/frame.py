@@ -77,15 +77,14 @@ class FrameModel(SamplingModel):
         check_tokens(pos, neg, self.s.dim)
         return pos, neg
 
-    def vae01(self, latents: np.ndarray) -> np.ndarray:
-        if self.s.vae is not None:
-            return self.s.vae({"latent": np.ascontiguousarray(latents, np.float32)})["image"]
-        return self.glue.engine("vae_decoder", {"latent": np.ascontiguousarray(latents, np.float32)}, ["image"])["image"]
+    def vae01(self, latents) -> np.ndarray:
+        """latents (numpy or torch) -> image in [0, 1] through the build's vae_decoder (in process or via BLS)."""
+        return self.s.vae({"latent": np.ascontiguousarray(latents, np.float32)})["image"]
 
     def _frame(self, r, on_step=None) -> dict:
         from PIL import Image
 
-        from runtime.denoise import decode, engine_vae01
+        from runtime.denoise import decode
         from runtime.pipeline import TextEmbeds
         from runtime.serving.logic import validate_options
 
@@ -106,7 +105,7 @@ class FrameModel(SamplingModel):
         with stage("denoise"):
             lat = self.s.latents(opts, text, tokens, r.is_cancelled, on_step=on_step)
         with stage("vae"):
-            img = decode(engine_vae01(self.s.vae or (lambda f: g.engine("vae_decoder", f, ["image"]))), lat)
+            img = decode(self.vae01, lat)
         png = b""
         if g.scalar(r, "ENCODE_PNG", True, bool):
             with stage("png"):
@@ -119,20 +118,16 @@ class FrameModel(SamplingModel):
 class StreamModel(FrameModel):
     """Decoupled: previews every PREVIEW_EVERY steps, then the frame (FINAL true); errors end the stream."""
 
-    _preview_lock = threading.Lock()
-
+    _preview_lock = threading.Lock()                  # the first streams of an instance fit it once
     _preview: LatentPreview | None = None
 
     def preview(self) -> LatentPreview:
         with self._preview_lock:
-            return self._fitted_preview()
-
-    def _fitted_preview(self) -> LatentPreview:
-        if self._preview is None:
-            b = self.s.build
-            lo = b.component("vae_decoder").profile["latent"]["min"]            # the smallest decode the engine takes
-            self._preview = LatentPreview.fit(self.vae01, b.latent_channels, (lo[2], lo[3]), b.vae_factor)
-        return self._preview
+            if self._preview is None:
+                b = self.s.build
+                lo = b.component("vae_decoder").profile["latent"]["min"]        # the smallest decode the engine takes
+                self._preview = LatentPreview.fit(self.vae01, b.latent_channels, (lo[2], lo[3]), b.vae_factor)
+            return self._preview
 
     def _answer(self, r, sender):
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL

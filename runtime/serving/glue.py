@@ -233,26 +233,23 @@ class Sampling:
 
     def __init__(self, glue: Glue, build_dir: str, send_zero_residuals: str | bool = False, max_wait_ms: float = 10.0,
                  engines: str = "bls"):
-        from runtime.manifest import Manifest
         from runtime.serving.batcher import StepBatcher
+        from runtime.serving.engines import Build
 
         if engines not in ("bls", "inprocess"):
             raise ValueError(f"config parameter denoise_engines={engines!r}: use bls or inprocess")
-        self.glue, self.build = glue, Manifest(build_dir)
+        self.glue, self.build = glue, Build(build_dir)
         self.send_zero_residuals = str(send_zero_residuals).lower() == "true"
         self.dim, self.plans = self.build.cross_attention_dim, {}
         names = ["unet"] + (["controlnet"] if self.build.has("controlnet") else [])
-        self.vae = None                      # None: the vae_decoder model via BLS
         if engines == "inprocess":           # this process runs the sessions: nothing per step leaves it
-            from runtime.serving.engines import Build
-
-            b = Build(build_dir)
-            fns = {n: b.engine(n).run for n in names}
-            self.vae = b.engine("vae_decoder").run
+            fns = {n: self.build.engine(n).run for n in names}
+            self.vae = self.build.engine("vae_decoder").run
             self.send_zero_residuals = False
         else:
             outs = {n: self.build.component(n).output_names for n in names}
             fns = {n: (lambda f, n=n: glue.engine(n, f, outs[n], batched=True)) for n in names}
+            self.vae = lambda f: glue.engine("vae_decoder", f, ["image"])
         self.batcher = StepBatcher(fns, {n: self.build.component(n).spec.max_batch() for n in names}, max_wait_ms / 1000.0)
 
     def denoiser(self):
@@ -297,16 +294,18 @@ class StageMetrics:
         """One engine execution of the step batcher: `storymaker_engine_rows_total{model, engine}` and
         `storymaker_engine_executions_total{model, engine}` (rows / executions = the mean batch, in either
         denoise_engines mode)."""
-        if self.seconds is None:
-            return
+        if self.seconds is not None:
+            self._add({"engine": engine}, (self.rows, self.execs), (rows, 1))
+
+    def _add(self, label: dict, families: tuple, amounts: tuple) -> None:
+        """Increment one series of each family (created on first use), one metrics call at a time."""
+        key = tuple(label.items())
         with self.lock:
-            key = ("engine", engine)
             if key not in self.series:
-                labels = {"model": self.model, "engine": engine}
-                self.series[key] = (self.rows.Metric(labels=labels), self.execs.Metric(labels=labels))
-            r, e = self.series[key]
-            r.increment(rows)
-            e.increment(1)
+                labels = {"model": self.model, **label}
+                self.series[key] = tuple(f.Metric(labels=labels) for f in families)
+            for metric, amount in zip(self.series[key], amounts):
+                metric.increment(amount)
 
     def stage(self, name: str):
         import contextlib
@@ -316,15 +315,8 @@ class StageMetrics:
         def timed():
             t0 = time.perf_counter()
             yield
-            if self.seconds is None:
-                return
-            with self.lock:
-                if name not in self.series:
-                    labels = {"model": self.model, "stage": name}
-                    self.series[name] = (self.seconds.Metric(labels=labels), self.count.Metric(labels=labels))
-                secs, count = self.series[name]
-                secs.increment(time.perf_counter() - t0)
-                count.increment(1)
+            if self.seconds is not None:
+                self._add({"stage": name}, (self.seconds, self.count), (time.perf_counter() - t0, 1))
 
         return timed()
 
