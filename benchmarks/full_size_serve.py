@@ -81,6 +81,8 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     man = Manifest(a.build)
     names = a.models.split(",")
+    if "text_encoder" in names:         # the BLS model calls its two engine models
+        names += [n for n in ("text_encoder_1", "text_encoder_2") if n not in names]
     with tempfile.TemporaryDirectory() as tmp:
         for n in names:
             (Path(tmp) / n).symlink_to((a.build / "triton_repo" / n).resolve())
@@ -107,7 +109,7 @@ def main(argv=None) -> None:
                                                     "image": list(out["IMAGE"].shape), "png_bytes": len(out["PNG"][0])}
                 if a.save:
                     a.save.write_bytes(out["PNG"][0])
-                done |= {"storymaker", "encode_characters", "text_encoder", "clip_vision", "ppr", "unet", "vae_decoder"}
+                done |= {"storymaker", "encode_characters", "text_encoder", "text_encoder_1", "text_encoder_2", "clip_vision", "ppr", "unet", "vae_decoder"}
             if "encode_characters" in names and "encode_characters" not in done:
                 enc = {"PHOTOS": np.array([(data / "ldh.png").read_bytes()], dtype=object),
                        "MASKS": np.array([(data / "ldh_mask.png").read_bytes()], dtype=object)}

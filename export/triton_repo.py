@@ -1,6 +1,6 @@
 """Write the deployable Triton model repository `OUT/triton_repo/` for a build.
 
-Engine models (clip_vision, ppr, unet, controlnet, vae_decoder) get configs
+Engine models (clip_vision, ppr, text_encoder_1, text_encoder_2, unet, controlnet, vae_decoder) get configs
 derived from their manifest spec (export/triton_config.py: Triton's own
 protobuf, so unknown fields fail here) and the generic `triton_repo/engine`
 glue; text_encoder, encode_characters, sampler and storymaker get their I/O
@@ -24,7 +24,11 @@ from runtime.manifest import Component, Manifest
 from runtime.serving.contract import INFLIGHT, LIMITS, MODELS, BLSModel
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINE_MODELS = ("clip_vision", "ppr", "unet", "controlnet", "vae_decoder")
+# engine model -> the build component it serves. The text encoders are engine models like the others (native
+# onnxruntime/TensorRT in the NGC repository); the BLS model `text_encoder` tokenises and calls both.
+ENGINE_MODELS = {"clip_vision": "clip_vision", "ppr": "ppr", "text_encoder_1": "text_encoder",
+                 "text_encoder_2": "text_encoder_2", "unet": "unet", "controlnet": "controlnet",
+                 "vae_decoder": "vae_decoder"}
 BATCHED = ("unet", "controlnet")     # dynamically batched; max_batch_size = the engine profile's batch max
 QUEUE = dict(max_queue_size=64, default_timeout_microseconds=120_000_000)
 
@@ -56,6 +60,7 @@ def _engine_config(name: str, comp: Component, deploy: dict | None = None) -> pb
                        zero_default_optional=True,   # the engine glue feeds zeros for absent ControlNet residuals
                        instances=(deploy or {}).get("gpu_instances", 1) if gpu else 1,
                        kind="KIND_GPU" if gpu else "KIND_CPU")
+    cfg.name = name                     # the model's name: text_encoder_1 serves the component text_encoder
     if name in BATCHED:
         db = cfg.dynamic_batching
         db.max_queue_delay_microseconds = 2000
@@ -100,13 +105,14 @@ def write_ngc_repo(build_dir: Path, python_env: Path | None = None) -> tuple[Pat
     for name, (cfg, src) in _python_configs(m).items():
         native = name in ENGINE_MODELS
         if native:
-            rec = m.component(name)
+            rec = m.component(ENGINE_MODELS[name])
             eng = rec.engine
             plan = eng.get("path") if eng.get("status") == "built" else None
             spec = rec.spec
             batch = spec.max_batch() if name in BATCHED else 0
             cfg = model_config(spec, backend="tensorrt" if plan else "onnxruntime", max_batch_size=batch, kind="KIND_GPU",
                                instances=m.deployment["gpu_instances"])
+            cfg.name = name
             if plan:
                 cfg.platform, cfg.backend = "tensorrt_plan", ""
             if name in BATCHED:
@@ -116,7 +122,7 @@ def write_ngc_repo(build_dir: Path, python_env: Path | None = None) -> tuple[Pat
             backends[name] = {"backend": "tensorrt_plan" if plan else "onnxruntime", "why": why}
         else:
             cfg.parameters["build_dir"].string_value = "../.."
-            cfg.parameters["component"].string_value = name
+            cfg.parameters["component"].string_value = ENGINE_MODELS.get(name, name)
             cfg.parameters["send_zero_residuals"].string_value = "true"   # native engines need every input
             if env_param:
                 cfg.parameters["EXECUTION_ENV_PATH"].string_value = env_param
@@ -135,7 +141,8 @@ def write_ngc_repo(build_dir: Path, python_env: Path | None = None) -> tuple[Pat
 
 def _python_configs(m: Manifest) -> dict[str, tuple[pb.ModelConfig, str]]:
     """Every model of the repository as a Python-backend config: (config, glue folder in triton_repo/)."""
-    configs = {n: (_engine_config(n, m.component(n), m.deployment), "engine") for n in ENGINE_MODELS if m.has(n)}
+    configs = {n: (_engine_config(n, m.component(c), m.deployment), "engine") for n, c in ENGINE_MODELS.items()
+               if m.has(c)}
     sizes = {"D": m.cross_attention_dim, "P": m.pooled_dim, "L": m.text_len, "C": m.latent_channels}
     configs.update({n: (_io_config(model, sizes, m.deployment), n) for n, model in MODELS.items()})
     return configs
@@ -149,7 +156,7 @@ def write_repo(build_dir: Path, venv: Path | None = None) -> Path:
     venv = Path(venv or Path(sys.prefix)).resolve()
     for name, (cfg, src) in _python_configs(m).items():
         for k, v in (("EXECUTION_ENV_PATH", str(venv)), ("build_dir", str(build_dir.resolve())),
-                     ("component", name), ("project_root", str(ROOT))):
+                     ("component", ENGINE_MODELS.get(name, name)), ("project_root", str(ROOT))):
             cfg.parameters[k].string_value = v
         (out / name / "1").mkdir(parents=True)
         (out / name / "config.pbtxt").write_text(to_pbtxt(cfg))

@@ -13,9 +13,11 @@ A `Denoiser` computes eps for the CFG batch. Its `forward` holds the one Control
 request has a pose map, none otherwise); the implementations only say how to run a UNet and a ControlNet:
 - `TorchDenoiser`: PyTorch modules. The reference passes the release's unfused LoRA processors, eager;
   torch-opt passes the fused/compiled UNet and a `GraphedStep` (CUDA graph) as its step.
-- `EngineDenoiser`: functions over numpy feeds: onnxruntime sessions in process, or BLS calls to the
-  `unet`/`controlnet` models when served. Without a pose map it sends no residuals: the engine runner feeds
-  zeros (exact), allocated once per shape; only a native engine (NGC repository) gets them sent.
+- `EngineDenoiser`: functions over numpy feeds (BLS calls to the `unet`/`controlnet` models when served, or
+  onnxruntime sessions in process), or over torch tensors on the engines' device (`device`: sessions with I/O
+  binding, `OrtEngine.run_bound`; the request's inputs are moved there once and latents and residuals stay there).
+  Without a pose map it sends no residuals: the engine runner feeds zeros (exact), allocated once per shape; only
+  a native engine (NGC repository) gets them sent.
 """
 from __future__ import annotations
 
@@ -75,6 +77,7 @@ class Denoiser:
     """eps(x, t) for the CFG batch. Subclasses say how to run the UNet and the ControlNet; the branch is here."""
 
     has_controlnet = False
+    device = None                   # where the loop should keep its latents (None: the host)
 
     def prepare(self, inputs: dict) -> None:
         if "pose" in inputs and not self.has_controlnet:
@@ -137,10 +140,13 @@ class TorchDenoiser(Denoiser):
 
 
 class EngineDenoiser(Denoiser):
-    """UNet (+ ControlNet) as functions over numpy feeds named as in the build's specs: onnxruntime sessions in
-    process, or BLS calls when served. `unet` is the manifest's unet record (runtime.manifest.Component)."""
+    """UNet (+ ControlNet) as functions over feeds named as in the build's specs: numpy arrays (onnxruntime sessions
+    in process, or BLS calls when served), or with `device` torch tensors on that device (sessions with I/O binding).
+    `unet` is the manifest's unet record (runtime.manifest.Component)."""
 
-    def __init__(self, unet, unet_fn, controlnet_fn=None, text_len: int = TEXT_TOKENS, send_zero_residuals: bool = False):
+    def __init__(self, unet, unet_fn, controlnet_fn=None, text_len: int = TEXT_TOKENS, send_zero_residuals: bool = False,
+                 device: str | None = None):
+        self.device = device
         self.rec, self.unet_fn, self.controlnet_fn = unet, unet_fn, controlnet_fn
         self.has_controlnet = controlnet_fn is not None
         self.res = [t for t in unet.spec.inputs if t.name.startswith(("down_res", "mid_res"))]
@@ -151,15 +157,19 @@ class EngineDenoiser(Denoiser):
 
     def convert(self, inputs):
         self._zeros: dict = {}          # zero ControlNet residuals per latent shape, allocated once per request
+        if self.device is not None:     # moved to the engines' device once per request
+            return {k: v.to(self.device, torch.float32).contiguous() for k, v in inputs.items()}
         return {k: v.numpy().astype(np.float32) for k, v in inputs.items()}
 
     def __call__(self, x, t):
+        if self.device is not None:
+            return self.forward(x.to(self.device, torch.float32).contiguous(), t.to(self.device, torch.float32), self.inp)
         return torch.from_numpy(self.forward(x.numpy().astype(np.float32), t.numpy(), self.inp))
 
     def _feeds(self, x, t, inp):
         n = x.shape[0]
-        return {"sample": x, "timestep": np.broadcast_to(t.astype(np.float32), (n,)).copy(),
-                "text_embeds": inp["text_embeds"], "time_ids": inp["time_ids"]}
+        ts = t.reshape(1).expand(n).contiguous() if torch.is_tensor(t) else np.broadcast_to(t.astype(np.float32), (n,)).copy()
+        return {"sample": x, "timestep": ts, "text_embeds": inp["text_embeds"], "time_ids": inp["time_ids"]}
 
     def controlnet(self, x, t, inp):
         feeds = {**self._feeds(x, t, inp), "encoder_hidden_states": inp["encoder_hidden_states"][:, :self.text_len],
@@ -171,7 +181,9 @@ class EngineDenoiser(Denoiser):
             residuals = {}              # no pose map: the runner feeds zeros (exact: the UNet adds them)
         elif residuals is None:         # a native engine: zero residuals made here, once per latent shape
             spec = self.rec.spec
-            residuals = spec.zeros(self.res, spec.bind({"sample": x.shape}), self._zeros)
+            residuals = spec.zeros(self.res, spec.bind({"sample": tuple(x.shape)}), self._zeros)
+            if self.device is not None:
+                residuals = {k: torch.as_tensor(v, device=self.device) for k, v in residuals.items()}
         feeds = {**self._feeds(x, t, inp), "encoder_hidden_states": inp["encoder_hidden_states"],
                  "ip_scale": inp["ip_scale"], **residuals}
         return self.unet_fn(feeds)["noise_pred"]
@@ -225,9 +237,16 @@ def to_uint8(chw01: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def decode(vae01, latents: torch.Tensor) -> np.ndarray:
     """The one decode: `vae01(latents)` -> (1, 3, H, W) in [0, 1] (torch VAEDecode, or the vae_decoder engine) ->
-    uint8 (H, W, 3). Non-finite pixels are refused (e.g. from hostile embeddings given to a server)."""
+    uint8 (H, W, 3). Non-finite pixels are refused (e.g. from hostile embeddings given to a server). A torch image
+    is checked, scaled and rounded where it lies (on a GPU only the uint8 frame, a quarter of the bytes, comes to the
+    host), with the same arithmetic as `to_uint8`."""
     img = vae01(latents)
-    img = img.detach().float().cpu().numpy() if torch.is_tensor(img) else np.asarray(img, np.float32)
+    if torch.is_tensor(img):
+        img = img.detach()[0].float()
+        if not bool(torch.isfinite(img.sum())):
+            raise InputError("the VAE produced non-finite pixels (check the embeddings given)")
+        return (img * 255).round_().to(torch.uint8).permute(1, 2, 0).contiguous().cpu().numpy()
+    img = np.asarray(img, np.float32)
     if not math.isfinite(float(img.sum())):
         raise InputError("the VAE produced non-finite pixels (check the embeddings given)")
     return to_uint8(img[0])

@@ -148,7 +148,7 @@ def test_triton_repositories_are_complete_and_parse(built):
             cfg = parse_pbtxt(cfg_file.read_text())
             assert cfg.name == cfg_file.parent.name
     ngc = built / "triton_repo_ngc"
-    for name in ("clip_vision", "ppr", "unet", "controlnet", "vae_decoder"):
+    for name in ("clip_vision", "ppr", "text_encoder_1", "text_encoder_2", "unet", "controlnet", "vae_decoder"):
         cfg = parse_pbtxt((ngc / name / "config.pbtxt").read_text())
         assert cfg.backend == "onnxruntime" and (ngc / name / "1" / "model.onnx").resolve().exists()
     unet = parse_pbtxt((ngc / "unet" / "config.pbtxt").read_text())

@@ -17,7 +17,7 @@ from export.build import main as build_main
 from export.triton_config import parse_pbtxt
 from runtime.errors import StoryMakerError
 
-ENGINE_MODELS = ("clip_vision", "ppr", "unet", "controlnet", "vae_decoder")
+ENGINE_MODELS = ("clip_vision", "ppr", "text_encoder_1", "text_encoder_2", "unet", "controlnet", "vae_decoder")
 
 
 def _copy_build(built, tmp_path):
@@ -248,6 +248,7 @@ def test_deployment_sets_providers_instances_and_batch(built, tmp_path, device, 
     configs get KIND_GPU instances per GPU (KIND_CPU on the CPU) with max_batch_size inside the engine profile, and
     their onnxruntime sessions the providers in order with their options (the GPU ones written, not run here)."""
     from export.triton_config import parse_pbtxt
+    from export.triton_repo import ENGINE_MODELS as COMPONENT_OF
     from runtime.manifest import Manifest
     from runtime.serving.engines import session_providers
 
@@ -258,12 +259,12 @@ def test_deployment_sets_providers_instances_and_batch(built, tmp_path, device, 
     want = (providers or ("cuda,cpu" if device == "cuda" else "cpu")).split(",")
     assert m.deployment == {"device": device, "providers": want, "gpu_instances": gpus, "denoise_engines": "bls"}
     for repo in ("triton_repo", "triton_repo_ngc"):
-        for name in ("unet", "vae_decoder", "clip_vision"):
+        for name in ENGINE_MODELS:                       # the text encoders are engine models like the others
             cfg = parse_pbtxt((b / repo / name / "config.pbtxt").read_text())
             kind = "KIND_GPU" if device == "cuda" or repo == "triton_repo_ngc" else "KIND_CPU"
             assert cfg.instance_group[0].kind == getattr(type(cfg.instance_group[0]), kind), (repo, name)
             assert cfg.instance_group[0].count == (gpus if kind == "KIND_GPU" else 1)
-            prof = m.component(name).profile
+            prof = m.component(COMPONENT_OF[name]).profile
             assert cfg.max_batch_size <= min(p["max"][0] for p in prof.values())
         sampler = parse_pbtxt((b / repo / "sampler" / "config.pbtxt").read_text())
         assert sampler.instance_group[0].kind == type(sampler.instance_group[0]).KIND_CPU   # BLS logic on the host

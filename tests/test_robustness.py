@@ -315,10 +315,11 @@ def test_launcher_refuses_a_repository_whose_backends_the_server_lacks(built):
     check_repo(ngc)                                              # complete: configs and model files
     check_repo(built / "triton_repo", available, where)          # served here
     needs = repo_backends(ngc)
-    assert set(needs["onnxruntime"]) == {"clip_vision", "ppr", "unet", "controlnet", "vae_decoder"}
+    assert set(needs["onnxruntime"]) == {"clip_vision", "ppr", "text_encoder_1", "text_encoder_2", "unet", "controlnet",
+                                         "vae_decoder"}
     assert set(needs["python"]) >= set(REQUIRED_MODELS) - set(needs["onnxruntime"])
     if "onnxruntime" in available:
         pytest.skip("this tritonserver has the onnxruntime backend")
-    with pytest.raises(StoryMakerError, match=r"has no backend 'onnxruntime' \(for clip_vision, controlnet, ppr, unet, "
-                                              r"vae_decoder\).*NGC tritonserver container"):
+    with pytest.raises(StoryMakerError, match=r"has no backend 'onnxruntime' \(for clip_vision, controlnet, ppr, "
+                                              r"text_encoder_1, text_encoder_2, unet, vae_decoder\).*NGC tritonserver container"):
         TritonServer(ngc)

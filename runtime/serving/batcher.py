@@ -41,8 +41,18 @@ class BatchStats:
         self.rows[fn] = self.rows.get(fn, 0) + rows
 
 
+def _concat(arrays: list):
+    """Rows of several calls as one batch: numpy arrays on the host, or torch tensors where they lie (I/O binding)."""
+    if isinstance(arrays[0], np.ndarray):
+        return np.concatenate(arrays)
+    import torch
+
+    return torch.cat(arrays)
+
+
 class StepBatcher:
-    """`fns`: name -> function over batched numpy feeds (the `unet`/`controlnet` BLS calls or engines).
+    """`fns`: name -> function over batched feeds (the `unet`/`controlnet` BLS calls over numpy arrays, or the
+    engines' sessions over torch tensors on their device).
     `max_rows`: name -> the engine profile's batch limit. Every loop calls through `call(name, feeds)` inside
     `with batcher.loop():`."""
 
@@ -106,7 +116,7 @@ class StepBatcher:
     def _run(self, batch: list[_Call]) -> None:
         groups: dict[tuple, list[_Call]] = {}
         for c in batch:
-            key = (c.fn, tuple(sorted((k, v.shape[1:], v.dtype.str) for k, v in c.feeds.items())))
+            key = (c.fn, tuple(sorted((k, tuple(v.shape[1:]), str(v.dtype)) for k, v in c.feeds.items())))
             groups.setdefault(key, []).append(c)
         for (name, _), calls in groups.items():
             limit = self.max_rows.get(name, 1 << 30)
@@ -123,7 +133,7 @@ class StepBatcher:
             if len(calls) == 1:
                 outs = [self.fns[name](calls[0].feeds)]
             else:
-                feeds = {k: np.concatenate([c.feeds[k] for c in calls]) for k in calls[0].feeds}
+                feeds = {k: _concat([c.feeds[k] for c in calls]) for k in calls[0].feeds}
                 out = self.fns[name](feeds)
                 ends = np.cumsum([c.rows for c in calls])
                 outs = [{k: v[e - c.rows:e] for k, v in out.items()} for c, e in zip(calls, ends)]

@@ -6,8 +6,12 @@ dtypes and profile from the manifest's spec, so served models never restate a
 tensor list. `OrtEngine.run_batched` concatenates several requests' inputs
 along axis 0 when their other dims agree (Triton's dynamic batcher hands the
 Python backend a list of requests, not one tensor), runs once and splits the
-outputs back. TensorRT engines plug in here once built (written for the GPU
-path, see export/tensorrt.py).
+outputs back. `OrtEngine.run_bound` is the same call over torch tensors with
+onnxruntime's I/O binding: inputs are read where they lie and outputs written
+into tensors allocated on the engine's device, so a loop that keeps its
+latents, embeddings and ControlNet residuals there moves nothing to the host
+per step (the `inprocess` frame models). TensorRT engines plug in here once
+built (written for the GPU path, see export/tensorrt.py).
 """
 from __future__ import annotations
 
@@ -59,6 +63,8 @@ class OrtEngine:
         self.inputs, self.outputs = record.input_names, record.output_names
         self.profile = record.profile
         self._zeros: dict = {}
+        # where run_bound's tensors live: the GPU of a CUDA/TensorRT session (written, not run here), else the host
+        self.device = f"cuda:{device_id}" if set(providers) & {"cuda", "tensorrt"} else "cpu"
 
     def check_profile(self, feeds: dict[str, np.ndarray], skip_batch: bool = False) -> None:
         """Reject shapes outside the engine's min/max profile with a message naming the input.
@@ -90,6 +96,44 @@ class OrtEngine:
         feeds = self.complete(feeds)
         return dict(zip(self.outputs, self.sess.run(self.outputs, {k: feeds[k] for k in self.inputs})))
 
+    def run_bound(self, feeds: dict) -> dict:
+        """`run` over torch tensors with I/O binding: each input is bound where it lies (a tensor on this engine's
+        device, by pointer: no copy; others are moved there first) and each output is a tensor allocated on the
+        device at the shape the spec derives from the inputs, written by the engine in place. Absent zero-default
+        inputs (ControlNet residuals) are zeros on the device, allocated once per shape. On a GPU the torch stream is
+        synchronised before the run (the engine reads what torch wrote; onnxruntime synchronises its own stream
+        before returning), so the outputs are ready for the next torch op."""
+        import torch
+
+        spec, (kind, _, index) = self.record.spec, self.device.partition(":")
+        dev = torch.device(self.device)
+        feeds = {k: v.to(dev, getattr(torch, spec.input(k).dtype)).contiguous()
+                 for k, v in feeds.items() if k in self.inputs}
+        missing = [t for t in spec.inputs if t.name not in feeds]
+        if missing:
+            if not all(t.zero_default for t in missing):
+                raise InputError(f"{self.record.name}: missing required input "
+                                 f"{next(t.name for t in missing if not t.zero_default)}")
+            values = spec.bind({k: tuple(v.shape) for k, v in feeds.items()})
+            for t in missing:
+                key = ("bound", t.name, t.shape(values))
+                if key not in self._zeros:
+                    self._zeros[key] = torch.zeros(key[2], dtype=getattr(torch, t.dtype), device=dev)
+                feeds[t.name] = self._zeros[key]
+        values = spec.bind({k: tuple(v.shape) for k, v in feeds.items()})
+        io, dev_id = self.sess.io_binding(), int(index or 0)
+        for t in spec.inputs:
+            v = feeds[t.name]
+            io.bind_input(t.name, kind, dev_id, np.dtype(t.dtype), tuple(v.shape), v.data_ptr())
+        outs = {}
+        for t in spec.outputs:
+            o = outs[t.name] = torch.empty(t.shape(values), dtype=getattr(torch, t.dtype), device=dev)
+            io.bind_output(t.name, kind, dev_id, np.dtype(t.dtype), tuple(o.shape), o.data_ptr())
+        if kind == "cuda":
+            torch.cuda.current_stream(dev).synchronize()
+        self.sess.run_with_iobinding(io)
+        return outs
+
     def run_batched(self, many: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         """Run compatible feeds as one batch (grouped by non-batch shapes); results in input order."""
         groups: dict[tuple, list[int]] = {}
@@ -115,7 +159,7 @@ class StandInEngine(OrtEngine):
 
     def __init__(self, record: Component):
         self.record, self.inputs, self.outputs = record, record.input_names, record.output_names
-        self.profile = record.profile
+        self.profile, self.device = record.profile, "cpu"
 
     def complete(self, feeds):
         return feeds
@@ -124,6 +168,13 @@ class StandInEngine(OrtEngine):
         spec = self.record.spec
         values = spec.bind({k: v.shape for k, v in feeds.items() if k in self.inputs})
         return {t.name: np.zeros(t.shape(values), np.dtype(t.dtype)) for t in spec.outputs}
+
+    def run_bound(self, feeds: dict) -> dict:
+        """`run` with torch tensors in and out (on the host: a stand-in has no device)."""
+        import torch
+
+        # np.zeros, as `run`: lazily zeroed pages, so both paths pay the same for a stand-in's outputs
+        return {k: torch.from_numpy(v) for k, v in self.run(feeds).items()}
 
 
 class Build(Manifest):

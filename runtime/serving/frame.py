@@ -2,9 +2,9 @@
 the frame), sharing one frame computation.
 
 `FrameModel._frame(request, on_step)` is the whole frame: prompt budget, options, character tokens (given, or
-computed through `encode_characters` after the request budget), `text_encoder`, the UniPC loop on the build's
-engines (cancellation checked before every step) and `vae_decoder`. `on_step(i, n, x0)` sees the loop's x0
-prediction after each step.
+computed through `encode_characters` after the request budget), the text encoders (tokenisers here, the engines
+via BLS or in process), the UniPC loop on the build's engines (cancellation checked before every step) and
+`vae_decoder`. `on_step(i, n, x0)` sees the loop's x0 prediction after each step.
 
 Previews (`storymaker_stream`, Triton's decoupled mode over gRPC streaming): every `PREVIEW_EVERY` steps the
 model sends the current x0 prediction as a low-resolution RGB image (one pixel per latent, a linear map from
@@ -43,7 +43,8 @@ class LatentPreview:
         xs, ys = [], []
         for _ in range(draws):
             lat = rng.standard_normal((1, channels, *size)).astype(np.float32)
-            img = np.asarray(vae01(lat), dtype=np.float64)[0]                     # (3, fh, fw)
+            img = vae01(lat)
+            img = np.asarray(img.cpu() if torch.is_tensor(img) else img, dtype=np.float64)[0]     # (3, fh, fw)
             h, w = size
             pooled = img.reshape(3, h, factor, w, factor).mean(axis=(2, 4))      # one RGB value per latent pixel
             xs.append(lat[0].reshape(channels, -1).T)
@@ -77,15 +78,28 @@ class FrameModel(SamplingModel):
         check_tokens(pos, neg, self.s.dim)
         return pos, neg
 
-    def vae01(self, latents) -> np.ndarray:
-        """latents (numpy or torch) -> image in [0, 1] through the build's vae_decoder (in process or via BLS)."""
-        return self.s.vae({"latent": np.ascontiguousarray(latents, np.float32)})["image"]
+    _text_lock = threading.Lock()
+    _text = None
+
+    def text_encoding(self):
+        """Tokenisers here, the text encoders as the engine models via BLS (`denoise_engines=bls`) or as sessions in
+        this process (`inprocess`): one hop less than calling the `text_encoder` model. Made on first use."""
+        from runtime.serving.logic import TextEncoding
+
+        with self._text_lock:
+            if self._text is None:
+                self._text = TextEncoding(self.s.build, self.s.text_fns)
+            return self._text
+
+    def vae01(self, latents):
+        """latents (numpy or torch) -> image in [0, 1] through the build's vae_decoder (in process: a torch tensor on
+        the engine's device; via BLS: numpy)."""
+        return self.s.vae01(latents)
 
     def _frame(self, r, on_step=None) -> dict:
         from PIL import Image
 
         from runtime.denoise import decode
-        from runtime.pipeline import TextEmbeds
         from runtime.serving.logic import validate_options
 
         g = self.glue
@@ -96,12 +110,8 @@ class FrameModel(SamplingModel):
         stage = self.metrics.stage                                    # per-stage time, on the metrics port
         with stage("characters"):
             tokens = self._tokens(r)
-        te_in = {"PROMPT": np.array([prompt.encode()], dtype=object)}
-        if neg is not None:
-            te_in["NEGATIVE_PROMPT"] = np.array([neg.encode()], dtype=object)
         with stage("text"):
-            te = g.bls("text_encoder", te_in, ["PROMPT_EMBEDS", "POOLED", "TRUNCATED"])
-        text = TextEmbeds(torch.from_numpy(te["PROMPT_EMBEDS"]), torch.from_numpy(te["POOLED"]))
+            text, truncated = self.text_encoding()(prompt, neg)
         with stage("denoise"):
             lat = self.s.latents(opts, text, tokens, r.is_cancelled, on_step=on_step)
         with stage("vae"):
@@ -112,7 +122,7 @@ class FrameModel(SamplingModel):
                 buf = io.BytesIO()
                 Image.fromarray(img).save(buf, format="PNG")
                 png = buf.getvalue()
-        return {"IMAGE": img, "PNG": np.array([png], dtype=object), "TRUNCATED": te["TRUNCATED"]}
+        return {"IMAGE": img, "PNG": np.array([png], dtype=object), "TRUNCATED": np.array([truncated])}
 
 
 class StreamModel(FrameModel):

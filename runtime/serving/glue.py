@@ -233,6 +233,8 @@ class Sampling:
 
     def __init__(self, glue: Glue, build_dir: str, send_zero_residuals: str | bool = False, max_wait_ms: float = 10.0,
                  engines: str = "bls"):
+        import torch
+
         from runtime.serving.batcher import StepBatcher
         from runtime.serving.engines import Build
 
@@ -242,14 +244,19 @@ class Sampling:
         self.send_zero_residuals = str(send_zero_residuals).lower() == "true"
         self.dim, self.plans = self.build.cross_attention_dim, {}
         names = ["unet"] + (["controlnet"] if self.build.has("controlnet") else [])
-        if engines == "inprocess":           # this process runs the sessions: nothing per step leaves it
-            fns = {n: self.build.engine(n).run for n in names}
-            self.vae = self.build.engine("vae_decoder").run
-            self.send_zero_residuals = False
+        self.device = None
+        if engines == "inprocess":           # this process runs the sessions with I/O binding: nothing per step leaves it
+            sessions = {n: self.build.engine(n) for n in names + ["vae_decoder"]}
+            fns = {n: sessions[n].run_bound for n in names}
+            vae = sessions["vae_decoder"].run_bound
+            self.device, self.send_zero_residuals = sessions["unet"].device, False
+            self.vae01 = lambda lat: vae({"latent": torch.as_tensor(lat)})["image"]
+            self.text_fns = None             # TextEncoding's default: the text encoders' sessions, in process too
         else:
             outs = {n: self.build.component(n).output_names for n in names}
             fns = {n: (lambda f, n=n: glue.engine(n, f, outs[n], batched=True)) for n in names}
-            self.vae = lambda f: glue.engine("vae_decoder", f, ["image"])
+            self.vae01 = lambda lat: glue.engine("vae_decoder", {"latent": _host(lat)}, ["image"])["image"]
+            self.text_fns = text_engine_fns(glue, self.build)
         self.batcher = StepBatcher(fns, {n: self.build.component(n).spec.max_batch() for n in names}, max_wait_ms / 1000.0)
 
     def denoiser(self):
@@ -258,13 +265,28 @@ class Sampling:
         b = self.batcher
         return EngineDenoiser(self.build.component("unet"), b.fn("unet"),
                               b.fn("controlnet") if "controlnet" in b.fns else None,
-                              self.build.text_len, self.send_zero_residuals)
+                              self.build.text_len, self.send_zero_residuals, self.device)
 
     def latents(self, opts, text, tokens, is_cancelled, on_step=None):
         from runtime.serving.logic import generate_latents
 
         with self.batcher.loop():
             return generate_latents(opts, text, tokens, self.denoiser(), self.build, self.plans, is_cancelled, on_step)
+
+
+def text_engine_fns(glue: Glue, build) -> dict:
+    """runtime.serving.logic.TextEncoding's encoders as BLS calls to the engine models `text_encoder_1` (the
+    component text_encoder) and `text_encoder_2`."""
+    outs = {n: build.component(n).output_names for n in ("text_encoder", "text_encoder_2")}
+    return {"text_encoder": lambda f: glue.engine("text_encoder_1", f, outs["text_encoder"]),
+            "text_encoder_2": lambda f: glue.engine("text_encoder_2", f, outs["text_encoder_2"])}
+
+
+def _host(x) -> np.ndarray:
+    """float32 contiguous numpy on the host, from numpy or a torch tensor on any device."""
+    import torch
+
+    return np.ascontiguousarray(x.detach().cpu().numpy() if torch.is_tensor(x) else x, np.float32)
 
 
 class StageMetrics:

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from runtime.errors import StoryMakerError
 
-REQUIRED_MODELS = ("text_encoder", "clip_vision", "ppr", "encode_characters", "unet", "vae_decoder", "sampler", "storymaker")
+REQUIRED_MODELS = ("text_encoder", "text_encoder_1", "text_encoder_2", "clip_vision", "ppr", "encode_characters", "unet",
+                   "vae_decoder", "sampler", "storymaker")
 ADMIN_PROTOCOLS = "model-repository,shared-memory,trace,logging"
 
 

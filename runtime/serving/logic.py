@@ -25,30 +25,37 @@ MAX_STEPS = 200
 
 
 class TextEncoding:
-    """Both SDXL text encoders on ONNX engines: (prompt, negative) -> TextEmbeds, truncated flag."""
+    """Both SDXL text encoders on ONNX engines: (prompt, negative) -> TextEmbeds, truncated flag.
 
-    def __init__(self, build):
+    Tokenisation runs here; each encoder runs once per request with the prompt and the negative prompt as one
+    batch of 2 (its engine profile's batch). `fns` {component: feeds -> outputs} replaces the in-process sessions:
+    the served `text_encoder` model passes BLS calls to the engine models `text_encoder_1` / `text_encoder_2`."""
+
+    def __init__(self, build, fns: dict | None = None):
         from transformers import CLIPTokenizer
 
         self.tok = [CLIPTokenizer.from_pretrained(str(build.file(build.assets[k]))) for k in ("tokenizer", "tokenizer_2")]
-        self.te = [build.engine("text_encoder"), build.engine("text_encoder_2")]
+        self.te = [(fns or {}).get(n) or build.engine(n).run for n in ("text_encoder", "text_encoder_2")]
 
-    def _encode(self, prompt: str) -> tuple[np.ndarray, np.ndarray, bool]:
-        ids1, t1 = tokenize(self.tok[0], prompt)
-        ids2, t2 = tokenize(self.tok[1], prompt)
-        h1 = self.te[0].run({"input_ids": ids1})["hidden_states"]
-        out2 = self.te[1].run({"input_ids": ids2})
-        return np.concatenate([h1, out2["hidden_states"]], -1), out2["text_embeds"], t1 or t2
+    def _encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+        """[len(prompts), L, D] hidden states of both encoders side by side, [len(prompts), P] pooled, truncated."""
+        ids, cut = [], []
+        for tok in self.tok:
+            pairs = [tokenize(tok, p) for p in prompts]
+            ids.append(np.concatenate([i for i, _ in pairs]))
+            cut.append([t for _, t in pairs])
+        h1 = self.te[0]({"input_ids": ids[0]})["hidden_states"]
+        out2 = self.te[1]({"input_ids": ids[1]})
+        return np.concatenate([h1, out2["hidden_states"]], -1), out2["text_embeds"], [a or b for a, b in zip(*cut)]
 
     def __call__(self, prompt: str, negative: str | None) -> tuple[TextEmbeds, bool]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("prompt is missing or empty")
-        pos, pooled, truncated = self._encode(prompt)
-        if negative is None:
-            neg, npooled = np.zeros_like(pos), np.zeros_like(pooled)
-        else:
-            neg, npooled, _ = self._encode(negative)
-        return TextEmbeds(torch.from_numpy(np.concatenate([neg, pos])), torch.from_numpy(np.concatenate([npooled, pooled]))), truncated
+        hidden, pooled, truncated = self._encode([prompt] if negative is None else [negative, prompt])
+        if negative is None:           # SDXL: no negative prompt means zero embeddings
+            hidden, pooled = np.concatenate([np.zeros_like(hidden), hidden]), np.concatenate([np.zeros_like(pooled), pooled])
+        return TextEmbeds(torch.from_numpy(np.ascontiguousarray(hidden)), torch.from_numpy(np.ascontiguousarray(pooled))), \
+            truncated[-1]
 
 
 @dataclass
@@ -186,4 +193,4 @@ def generate_latents(opts: GenerateOptions, text: TextEmbeds, tokens, denoiser, 
     if opts.steps not in plans:
         plans[opts.steps] = UniPCPlan(build.scheduler_config, opts.steps)
     return denoise(denoiser, step_inputs(text, tokens, opts), opts, plans[opts.steps], build.vae_factor,
-                   build.latent_channels, step_callback=check, on_step=on_step)
+                   build.latent_channels, device=denoiser.device or "cpu", step_callback=check, on_step=on_step)

@@ -1,4 +1,5 @@
-"""Triton model: both SDXL text encoders with their tokenizers (runtime.serving.logic.TextEncoding).
+"""Triton BLS model: both SDXL tokenizers, then the engine models `text_encoder_1` and `text_encoder_2` (one call
+each, the prompt and the negative prompt as one batch; runtime.serving.logic.TextEncoding).
 
 PROMPT (and optional NEGATIVE_PROMPT; absent = zero embeddings, as SDXL) ->
 PROMPT_EMBEDS [2, 77, D] (negative, positive), POOLED [2, P], TRUNCATED
@@ -10,14 +11,15 @@ import triton_python_backend_utils as pb_utils
 
 from runtime.serving.engines import Build
 from runtime.serving.logic import TextEncoding
-from runtime.serving.glue import Glue, setup
+from runtime.serving.glue import Glue, setup, text_engine_fns
 
 
 class TritonPythonModel:
     def initialize(self, args):
         _, params = setup(args)
         self.glue = Glue(pb_utils, params)
-        self.te = TextEncoding(Build(params["build_dir"]))
+        build = Build(params["build_dir"])
+        self.te = TextEncoding(build, text_engine_fns(self.glue, build))
 
     def _one(self, r):
         prompt = self.glue.prompt(r)                                   # byte budget before tokenising
