@@ -29,7 +29,7 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_MS = 30.0
-STAGES = ("characters", "text", "denoise", "vae", "png")
+STAGES = ("characters", "text", "denoise", "vae", "png", "respond")
 
 
 def write_standin_build(out: Path, engines: str = "bls", with_controlnet: bool = True) -> Path:
@@ -162,6 +162,21 @@ def run_case(server, client, admin, characters: int, pose: bool, concurrency: in
     return rec
 
 
+def markdown(records: list[dict]) -> str:
+    """The README's table of a run's records."""
+    rows = ["| engines | chars | pose | PNG | concurrency | ms/image | ms/step | p50 latency ms | server stages ms/image "
+            f"({', '.join(STAGES)}) | UNet rows/exec | BLS MB/image (counted) |", "| ---" * 11 + " |"]
+    yn = lambda b: "yes" if b else "no"
+    for r in records:
+        st = r["server_stage_ms_per_image"]
+        stages = ", ".join(f"{st[s]:.1f}" if s in st else "-" for s in STAGES)
+        mb = 0 if r.get("denoise_engines") == "inprocess" else r["bls_mb_per_image"]
+        rows.append(f"| {r.get('denoise_engines', 'bls')} | {r['characters']} | {yn(r['pose'])} | {yn(r['png'])} | "
+                    f"{r['concurrency']} | {r['ms_per_image']:.0f} | {r['ms_per_step']:.2f} | {r['p50_latency_ms']:.0f} | "
+                    f"{stages} | {r['unet_rows_per_execution']} | {mb} |")
+    return "\n".join(rows)
+
+
 def plot(records: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -216,10 +231,8 @@ def main(argv=None) -> list[dict]:
                               (1, False, True, 1)],
                 "bls": [(1, False, False, 1), (1, False, False, 8)]}
     else:
-        # with a pose map every step also concatenates ten residual tensors per request (252 MB per CFG step at
-        # 960x1280): measured 3.6 s per image at concurrency 4, so pose runs at concurrency 1 here
         plan = {"inprocess": [(ch, False, False, c) for ch in (1, 2) for c in (1, 4, 8)]
-                + [(1, True, False, 1), (2, True, False, 1), (1, False, True, 1), (1, False, True, 8)],
+                + [(1, True, False, 1), (2, True, False, 1), (1, True, False, 4), (1, False, True, 1), (1, False, True, 8)],
                 "bls": [(1, False, False, c) for c in (1, 4, 8)] + [(2, False, False, 1), (1, True, False, 1)]}
     buf = io.BytesIO()
     Image.fromarray(np.zeros((a.height, a.width, 3), np.uint8)).save(buf, format="PNG")
@@ -245,6 +258,7 @@ def main(argv=None) -> list[dict]:
             f.write(json.dumps(r) + "\n")
     if not a.quick:
         plot(records, a.results / "serving_overhead.png")
+    print(markdown(records))
     return records
 
 

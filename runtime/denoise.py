@@ -245,7 +245,9 @@ def decode(vae01, latents: torch.Tensor) -> np.ndarray:
         img = img.detach()[0].float()
         if not bool(torch.isfinite(img.sum())):
             raise InputError("the VAE produced non-finite pixels (check the embeddings given)")
-        return (img * 255).round_().to(torch.uint8).permute(1, 2, 0).contiguous().cpu().numpy()
+        hwc = torch.empty((img.shape[1], img.shape[2], img.shape[0]), device=img.device)
+        torch.mul(img.permute(1, 2, 0), 255, out=hwc)           # transposed while scaled: one pass, HWC contiguous
+        return hwc.round_().to(torch.uint8).cpu().numpy()
     img = np.asarray(img, np.float32)
     if not math.isfinite(float(img.sum())):
         raise InputError("the VAE produced non-finite pixels (check the embeddings given)")

@@ -122,3 +122,25 @@ def test_single_and_many_loops_get_identical_numbers(n):
     for r, e in zip(res, ref):
         for a, x in zip(r, e):
             np.testing.assert_array_equal(a, x)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_rows_split_from_one_output_are_rebatched_without_a_copy(lib):
+    """A round's ControlNet output, split per loop, goes to the UNet round of the same loops as one view of that
+    output (no copy of the residuals); rows in another order, with a gap or from other buffers are concatenated.
+    The result equals concatenation in every case."""
+    import torch
+
+    from runtime.serving.batcher import _concat
+
+    base = np.arange(48, dtype=np.float32).reshape(8, 3, 2)
+    if lib == "torch":
+        base = torch.from_numpy(base)
+    cat = (lambda xs: np.concatenate(xs)) if lib == "numpy" else (lambda xs: torch.cat(xs))
+    ptr = (lambda a: a.__array_interface__["data"][0]) if lib == "numpy" else (lambda a: a.data_ptr())
+    cases = {"adjacent": ([base[0:2], base[2:4], base[4:8]], True), "reordered": ([base[2:4], base[0:2]], False),
+             "gap": ([base[0:2], base[4:6]], False), "other buffer": ([base[0:2], base[2:4] * 1], False)}
+    for name, (parts, view) in cases.items():
+        got = _concat(parts)
+        assert np.array_equal(np.asarray(got), np.asarray(cat(parts))), name
+        assert (ptr(got) == ptr(base)) == view, name

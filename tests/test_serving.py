@@ -358,6 +358,6 @@ def test_stage_timings_are_exposed_as_metrics(server, client):
     for line in text.splitlines():
         if line.startswith("storymaker_stage_seconds_total{") and 'model="storymaker"' in line:
             stages[line.split('stage="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
-    assert set(stages) >= {"characters", "text", "denoise", "vae", "png"}, text[-2000:]
+    assert set(stages) >= {"characters", "text", "denoise", "vae", "png", "respond"}, text[-2000:]
     assert stages["denoise"] > 0 and all(v >= 0 for v in stages.values())
     assert any(l.startswith("storymaker_stage_count_total{") for l in text.splitlines())

@@ -154,8 +154,9 @@ class StreamModel(FrameModel):
                                                    "FINAL": np.array([False])}))
 
             out = self._frame(r, on_step)
-            sender.send(self.glue.respond({**out, "STEPS_DONE": np.array([done[0]], np.int32),
-                                           "FINAL": np.array([True])}), flags=final)
+            with self.metrics.stage("respond"):
+                sender.send(self.glue.respond({**out, "STEPS_DONE": np.array([done[0]], np.int32),
+                                               "FINAL": np.array([True])}), flags=final)
         except Exception as e:  # noqa: BLE001 - this request's stream ends with its error
             try:
                 sender.send(self.glue.error(e, r), flags=final)

@@ -389,7 +389,10 @@ class SamplingModel:
 
     def _answer(self, r, sender):
         try:
-            response = self.glue.respond(self._one(r))
+            out = self._one(r)
+            with self.metrics.stage("respond"):           # output tensors into the server's memory, then sent
+                sender.send(self.glue.respond(out), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
         except Exception as e:  # noqa: BLE001 - this request's error response
             response = self.glue.error(e, r)
         try:
