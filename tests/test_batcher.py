@@ -144,3 +144,39 @@ def test_rows_split_from_one_output_are_rebatched_without_a_copy(lib):
         got = _concat(parts)
         assert np.array_equal(np.asarray(got), np.asarray(cat(parts))), name
         assert (ptr(got) == ptr(base)) == view, name
+
+
+def test_controlnet_residuals_reach_the_unet_round_as_a_view():
+    """Three loops, each a ControlNet call then a UNet call with its residuals per step: the batcher runs every round
+    in one loop order (not arrival order), so each UNet round gets the residuals as a view of the ControlNet round's
+    output (no copy), and every loop still gets its own rows back."""
+    outputs, shared = [], []
+
+    def controlnet(feeds):
+        outputs.append(feeds["sample"] * 10)
+        return {"res": outputs[-1]}
+
+    def unet(feeds):
+        shared.append(any(np.shares_memory(feeds["res"], o) for o in outputs[-1:]) and feeds["res"].shape[0] == 6)
+        return {"noise_pred": feeds["res"] + 1}
+
+    b = StepBatcher({"controlnet": controlnet, "unet": unet}, {"controlnet": 8, "unet": 8}, max_wait_s=5.0)
+    results = [[] for _ in range(3)]
+    start = threading.Barrier(3)
+
+    def loop(k):
+        with b.loop():
+            start.wait()
+            for i in range(4):
+                x = np.full((2, 3), k * 100 + i, np.float32)
+                res = b.call("controlnet", {"sample": x})["res"]
+                results[k].append(b.call("unet", {"sample": x, "res": res})["noise_pred"])
+    ts = [threading.Thread(target=loop, args=(k,)) for k in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    assert shared == [True] * 4, shared
+    for k in range(3):
+        for i in range(4):
+            assert np.array_equal(results[k][i], np.full((2, 3), (k * 100 + i) * 10 + 1, np.float32))

@@ -28,6 +28,7 @@ class _Call:
     result: dict | None = None
     error: BaseException | None = None
     done: bool = False
+    loop: int = field(default_factory=threading.get_ident)     # each loop runs on its own thread
 
 
 @dataclass
@@ -149,7 +150,9 @@ class StepBatcher:
         for (name, _), calls in groups.items():
             limit = self.max_rows.get(name, 1 << 30)
             chunk: list[_Call] = []
-            for c in calls:                                  # in arrival order, at most `limit` rows per call
+            # the loops in one order every round (not arrival order), at most `limit` rows per call: so the UNet round
+            # gets the loops' ControlNet residuals in the order that round produced them, and views them (_concat)
+            for c in sorted(calls, key=lambda c: c.loop):
                 if chunk and sum(x.rows for x in chunk) + c.rows > limit:
                     self._run_one(name, chunk)
                     chunk = []
