@@ -10,7 +10,8 @@ speed or correctness; the engines' own time on a GPU is not in these figures.
     python -m benchmarks.serving_overhead [--quick] [--out build/serving_overhead]
 
 Cases: 960x1280 (the release default), 25 steps, CFG 7.5, 1 and 2 characters (image tokens given, as a story sends
-them after one encode_characters call), with and without a pose map, at concurrency 1/4/8. Per case it reports the
+them after one encode_characters call), with and without a pose map, at concurrency 1/4/8, and the first case again
+with 1 step (the per-image fixed cost; the rest is per step). Per case it reports the
 wall time per image (1 / throughput), the p50 latency, the server's per-stage time per image (the `storymaker` stage
 metrics), the UNet rows per execution, and the bytes one denoising step moves through BLS (counted from the shapes).
 JSON lines into benchmarks/results/serving_overhead.jsonl, a chart into serving_overhead.png.
@@ -164,15 +165,15 @@ def run_case(server, client, admin, characters: int, pose: bool, concurrency: in
 
 def markdown(records: list[dict]) -> str:
     """The README's table of a run's records."""
-    rows = ["| engines | chars | pose | PNG | concurrency | ms/image | ms/step | p50 latency ms | server stages ms/image "
-            f"({', '.join(STAGES)}) | UNet rows/exec | BLS MB/image (counted) |", "| ---" * 11 + " |"]
+    rows = ["| engines | chars | pose | PNG | concurrency | steps | ms/image | ms/step | p50 latency ms | server stages "
+            f"ms/image ({', '.join(STAGES)}) | UNet rows/exec | BLS MB/image (counted) |", "| ---" * 12 + " |"]
     yn = lambda b: "yes" if b else "no"
     for r in records:
         st = r["server_stage_ms_per_image"]
         stages = ", ".join(f"{st[s]:.1f}" if s in st else "-" for s in STAGES)
         mb = 0 if r.get("denoise_engines") == "inprocess" else r["bls_mb_per_image"]
         rows.append(f"| {r.get('denoise_engines', 'bls')} | {r['characters']} | {yn(r['pose'])} | {yn(r['png'])} | "
-                    f"{r['concurrency']} | {r['ms_per_image']:.0f} | {r['ms_per_step']:.2f} | {r['p50_latency_ms']:.0f} | "
+                    f"{r['concurrency']} | {r['steps']} | {r['ms_per_image']:.0f} | {r['ms_per_step']:.2f} | {r['p50_latency_ms']:.0f} | "
                     f"{stages} | {r['unet_rows_per_execution']} | {mb} |")
     return "\n".join(rows)
 
@@ -184,7 +185,8 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    records = [r for r in records if r.get("denoise_engines", "inprocess") == "inprocess"]
+    steps = max(r["steps"] for r in records)                    # not the 1-step (fixed cost) case
+    records = [r for r in records if r.get("denoise_engines", "inprocess") == "inprocess" and r["steps"] == steps]
     cases = sorted({(r["characters"], r["pose"], r["png"]) for r in records})
     levels = sorted({r["concurrency"] for r in records})
     width = 0.8 / max(1, len(cases))
@@ -243,15 +245,19 @@ def main(argv=None) -> list[dict]:
         build = write_standin_build(a.out / engines, engines)
         with TritonServer(build / "triton_repo", gateway=not a.no_gateway) as server:
             client, admin = StoryMakerClient(server.url), grpcclient.InferenceServerClient(server.url)
-            for ch, pose, png, conc in plan[engines]:
+            # the first case once more with 1 step: the per-image fixed cost (request, text, decode, the frame back
+            # through the server, gateway and client), so the per-step cost is (25-step - 1-step) / 24
+            for ch, pose, png, conc, steps in [(*c, a.steps) for c in plan[engines]] + [(*plan[engines][0], 1)]:
                 n_each = 1 if (engines == "bls" and pose) else per_client     # ~8 s per image: residuals via BLS
-                rec = run_case(server, client, admin, ch, pose, conc, n_each, a.steps, a.width, a.height, png,
+                n_each = 4 * n_each if steps == 1 else n_each
+                rec = run_case(server, client, admin, ch, pose, conc, n_each, steps, a.width, a.height, png,
                                buf.getvalue())
                 rec.update(quick=a.quick, denoise_engines=engines, gateway=not a.no_gateway)
                 records.append(rec)
-                print(f"[{engines}] {ch} char, pose={pose}, png={png}, concurrency {conc}: {rec['ms_per_image']} "
-                      f"ms/image ({rec['ms_per_step']} ms/step), p50 {rec['p50_latency_ms']} ms, UNet rows/exec "
-                      f"{rec['unet_rows_per_execution']}, stages {rec['server_stage_ms_per_image']}", flush=True)
+                print(f"[{engines}] {ch} char, pose={pose}, png={png}, concurrency {conc}, {steps} steps: "
+                      f"{rec['ms_per_image']} ms/image ({rec['ms_per_step']} ms/step), p50 {rec['p50_latency_ms']} ms, "
+                      f"UNet rows/exec {rec['unet_rows_per_execution']}, stages {rec['server_stage_ms_per_image']}",
+                      flush=True)
     a.results.mkdir(parents=True, exist_ok=True)
     with open(a.results / "serving_overhead.jsonl", "a") as f:
         for r in records:

@@ -166,9 +166,9 @@ class StandInEngine(OrtEngine):
         return feeds
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Zero outputs, allocated once per shape (our code never writes into an engine's outputs): an engine writes its outputs into memory that is
-        already there (I/O binding, TensorRT), so a stand-in that allocated and zeroed hundreds of MB per call (the
-        ControlNet's residuals) would add its own cost to the serving overhead measured around it."""
+        """Zero outputs, allocated once per shape (our code never writes into an engine's outputs): an engine writes
+        its outputs into memory that is already there (I/O binding, TensorRT), so a stand-in that allocated and zeroed
+        hundreds of MB per call (the ControlNet's residuals) would add its own cost to the overhead measured around it."""
         spec = self.record.spec
         values = spec.bind({k: tuple(v.shape) for k, v in feeds.items() if k in self.inputs})
         out = {}

@@ -73,8 +73,16 @@ class _Forward:
         if method.rsplit("/", 1)[-1] in STREAMING:
             upstream = self.channel.stream_stream(method)
 
+            def incoming(requests):
+                """The client's messages; a client that cancels or disconnects ends them quietly (grpc would log the
+                error raised by the server-side iterator with a traceback for every cancelled stream)."""
+                try:
+                    yield from requests
+                except grpc.RpcError:
+                    return
+
             def stream(requests, context):
-                call = upstream(requests, metadata=_metadata(context))
+                call = upstream(incoming(requests), metadata=_metadata(context))
                 context.add_callback(call.cancel)          # client gone or cancelled -> the server's request too
                 try:
                     yield from call

@@ -390,11 +390,16 @@ class SamplingModel:
     def _answer(self, r, sender):
         try:
             out = self._one(r)
-            with self.metrics.stage("respond"):           # output tensors into the server's memory, then sent
-                sender.send(self.glue.respond(out), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            return
         except Exception as e:  # noqa: BLE001 - this request's error response
-            response = self.glue.error(e, r)
+            return self._send(sender, self.glue.error(e, r), r)
+        with self.metrics.stage("respond"):               # the output tensors into the server's memory, then sent
+            try:
+                response = self.glue.respond(out)
+            except Exception as e:  # noqa: BLE001
+                response = self.glue.error(e, r)
+            self._send(sender, response, r)
+
+    def _send(self, sender, response, r) -> None:
         try:
             sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception:  # noqa: BLE001 - the client is gone: nothing to tell
