@@ -24,7 +24,8 @@ import torch
 
 from runtime.errors import InputError
 from runtime.serving.contract import CHARACTERS
-from runtime.serving.glue import SamplingModel, generate_options
+from runtime.serving.glue import generate_options
+from runtime.serving.sampling import SamplingModel
 
 CHAR_INPUTS = [p.name for p in CHARACTERS]
 DEFAULT_PREVIEW_EVERY = 5

@@ -10,7 +10,8 @@ import triton_python_backend_utils as pb_utils
 
 from runtime.pipeline import TextEmbeds
 from runtime.serving.logic import check_text, check_tokens, validate_options
-from runtime.serving.glue import SamplingModel, generate_options
+from runtime.serving.glue import generate_options
+from runtime.serving.sampling import SamplingModel
 
 
 class TritonPythonModel(SamplingModel):
