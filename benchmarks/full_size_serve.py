@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     man = Manifest(a.build)
     names = a.models.split(",")
-    if "text_encoder" in names:         # the BLS model calls its two engine models
+    if "text_encoder" in names:         # the engine models that it (and the frame models) call
         names += [n for n in ("text_encoder_1", "text_encoder_2") if n not in names]
     with tempfile.TemporaryDirectory() as tmp:
         for n in names:
@@ -109,7 +109,8 @@ def main(argv=None) -> None:
                                                     "image": list(out["IMAGE"].shape), "png_bytes": len(out["PNG"][0])}
                 if a.save:
                     a.save.write_bytes(out["PNG"][0])
-                done |= {"storymaker", "encode_characters", "text_encoder", "text_encoder_1", "text_encoder_2", "clip_vision", "ppr", "unet", "vae_decoder"}
+                done |= {"storymaker", "encode_characters", "text_encoder_1", "text_encoder_2", "clip_vision", "ppr", "unet",
+                         "vae_decoder"}
             if "encode_characters" in names and "encode_characters" not in done:
                 enc = {"PHOTOS": np.array([(data / "ldh.png").read_bytes()], dtype=object),
                        "MASKS": np.array([(data / "ldh_mask.png").read_bytes()], dtype=object)}
@@ -122,6 +123,15 @@ def main(argv=None) -> None:
                                    ["PROMPT_EMBEDS", "POOLED"])
                 report["requests"]["text_encoder"] = {"seconds": secs, "embeds": list(out["PROMPT_EMBEDS"].shape),
                                                       "finite": bool(np.isfinite(out["PROMPT_EMBEDS"]).all())}
+                # the served path (tokenisers in the BLS model, the text_encoder_1/_2 engine models) against the same
+                # sessions in this process
+                from runtime.serving.engines import Build
+                from runtime.serving.logic import TextEncoding
+
+                ref, _ = TextEncoding(Build(a.build))("a man reading a book in a library", None)
+                report["requests"]["text_encoder"]["max_abs_vs_in_process"] = float(max(
+                    np.abs(out["PROMPT_EMBEDS"] - ref.prompt_embeds.numpy()).max(),
+                    np.abs(out["POOLED"] - ref.pooled.numpy()).max()))
                 done.add("text_encoder")
             if "sampler" in names:
                 d, L, P = man.cross_attention_dim, man.text_len, man.pooled_dim

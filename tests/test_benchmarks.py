@@ -90,6 +90,7 @@ def test_full_size_serve_script_runs_on_the_demo_build(tmp_path, built, capsys):
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["requests"]["storymaker"]["image"] == [64, 64, 3] and (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
     assert {"unet", "storymaker", "encode_characters"} <= set(r["model_rss_ready_gib"]) and r["cold_start_s"] > 0
+    assert r["requests"]["text_encoder"]["max_abs_vs_in_process"] <= 1e-5     # served text = the same sessions here
 
 
 def test_serving_overhead_standin_build_has_the_released_shapes(tmp_path):
