@@ -3,7 +3,9 @@ and the in-process engine layout gives the frames of the BLS layout."""
 import threading
 
 import numpy as np
+import pytest
 
+from runtime.errors import InputError
 from runtime.serving.client import StoryMakerClient
 from runtime.serving.launcher import TritonServer
 
@@ -75,7 +77,8 @@ def test_io_binding_gives_the_session_outputs(built):
     """OrtEngine.run_bound (I/O binding over torch tensors, what the inprocess layout's loops call) returns what
     `run` returns for the same feeds, exactly: the UNet without residuals (zeros filled on the device) and with the
     ControlNet's residual tensors passed on as they came out, and the VAE. Its outputs are fresh tensors of the
-    spec's shapes, and a request's batch of rows matches the rows run one by one (within float32 tolerance)."""
+    spec's shapes, two requests batched give each request's rows (within float32 tolerance), and a shape outside the
+    engine profile is refused with the input named."""
     import torch
 
     from runtime.serving.engines import Build
@@ -102,5 +105,10 @@ def test_io_binding_gives_the_session_outputs(built):
     assert not np.array_equal(unet.run(feeds)["noise_pred"], unet.run({**feeds, **res_np})["noise_pred"])
     lat = f32(1, 4, h, w)
     assert np.array_equal(vae.run_bound({"latent": torch.from_numpy(lat)})["image"].numpy(), vae.run({"latent": lat})["image"])
-    one = [unet.run_bound(tt({k: v[i:i + 1] for k, v in feeds.items()}))["noise_pred"] for i in range(2)]
-    np.testing.assert_allclose(torch.cat(one).numpy(), unet.run(feeds)["noise_pred"], rtol=1e-4, atol=1e-5)
+    second = {**feeds, "sample": f32(2, 4, h, w)}                   # two requests' CFG pairs as one batch of 4
+    both = unet.run_bound(tt({k: np.concatenate([feeds[k], second[k]]) for k in feeds}))["noise_pred"]
+    alone = [unet.run_bound(tt(f))["noise_pred"] for f in (feeds, second)]
+    np.testing.assert_allclose(both.numpy(), torch.cat(alone).numpy(), rtol=1e-4, atol=1e-5)
+    big = unet.profile["sample"]["max"][-1] + 1                       # outside the profile: a clear error, no run
+    with pytest.raises(InputError, match=r"unet: input sample has shape .* outside the engine profile"):
+        unet.run_bound({**tt(feeds), "sample": torch.zeros(2, 4, h, big)})

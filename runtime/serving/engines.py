@@ -109,6 +109,7 @@ class OrtEngine:
         dev = torch.device(self.device)
         feeds = {k: v.to(dev, getattr(torch, spec.input(k).dtype)).contiguous()
                  for k, v in feeds.items() if k in self.inputs}
+        self.check_profile(feeds)            # in process there is no engine model's glue to check it
         missing = [t for t in spec.inputs if t.name not in feeds]
         if missing:
             if not all(t.zero_default for t in missing):
