@@ -48,14 +48,15 @@ def test_concurrent_requests_share_unet_executions(server, client):
 def test_inprocess_engines_give_the_same_frames(built, client, tmp_path):
     """denoise_engines=inprocess (export.build --denoise-engines): storymaker runs the UNet/ControlNet/VAE sessions
     itself; its frames equal the BLS layout's (within 1 uint8 level) for 2 characters with a pose map, also when
-    two requests share the step batcher."""
+    two requests share the step batcher, and so does storymaker_stream's final frame after its preview."""
     import shutil
 
     repo = shutil.copytree(built / "triton_repo", tmp_path / "triton_repo", symlinks=True)
-    cfg = repo / "storymaker" / "config.pbtxt"
-    text = cfg.read_text()
-    assert 'key: "denoise_engines"\n  value {\n    string_value: "bls"' in text
-    cfg.write_text(text.replace('string_value: "bls"', 'string_value: "inprocess"'))
+    for model in ("storymaker", "storymaker_stream"):
+        cfg = repo / model / "config.pbtxt"
+        text = cfg.read_text()
+        assert 'key: "denoise_engines"\n  value {\n    string_value: "bls"' in text
+        cfg.write_text(text.replace('string_value: "bls"', 'string_value: "inprocess"'))
     tokens = client.encode_characters([MAN, WOMAN])
     kw = dict(tokens=tokens, width=64, height=64, steps=4, png=False)
     want = [client.generate("two people", seed=s, pose=POSE.read_bytes(), **kw)[0] for s in (1, 2)]
@@ -69,8 +70,12 @@ def test_inprocess_engines_give_the_same_frames(built, client, tmp_path):
             t.start()
         for t in ts:
             t.join(120)
+        events = list(c2.generate_stream("two people", seed=1, pose=POSE.read_bytes(), preview_every=2, **kw))
     for s, w in zip((1, 2), want):
         assert np.abs(got[s].astype(int) - w.astype(int)).max() <= 1
+    # the stream model in process: a preview from the device-side x0, then the same frame
+    assert [e["final"] for e in events] == [False, True] and events[0]["image"].shape == (8, 8, 3)
+    assert np.abs(events[-1]["image"].astype(int) - want[0].astype(int)).max() <= 1
 
 
 def test_io_binding_gives_the_session_outputs(built):
