@@ -21,8 +21,6 @@ request has a pose map, none otherwise); the implementations only say how to run
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import nn
@@ -229,29 +227,20 @@ class VAEDecode(nn.Module):
         return (img.float() / 2 + 0.5).clamp(0, 1)
 
 
-def to_uint8(chw01: np.ndarray) -> np.ndarray:
-    """(3, H, W) in [0, 1] -> uint8 (H, W, 3), rounding as diffusers' postprocess."""
-    return (np.transpose(chw01, (1, 2, 0)) * 255).round().astype(np.uint8)
-
-
 @torch.no_grad()
 def decode(vae01, latents: torch.Tensor) -> np.ndarray:
-    """The one decode: `vae01(latents)` -> (1, 3, H, W) in [0, 1] (torch VAEDecode, or the vae_decoder engine) ->
-    uint8 (H, W, 3). Non-finite pixels are refused (e.g. from hostile embeddings given to a server). A torch image
-    is checked, scaled and rounded where it lies (on a GPU only the uint8 frame, a quarter of the bytes, comes to the
-    host), with the same arithmetic as `to_uint8`."""
+    """The one decode: `vae01(latents)` -> (1, 3, H, W) in [0, 1] (torch VAEDecode, or the vae_decoder engine; a
+    tensor or a numpy array) -> uint8 (H, W, 3), rounding as diffusers' postprocess (`(x * 255).round()` in float32,
+    half to even). Non-finite pixels are refused (e.g. from hostile embeddings given to a server). The image is
+    checked, scaled and rounded where it lies: on a GPU only the uint8 frame, a quarter of the bytes, comes to the
+    host."""
     img = vae01(latents)
-    if torch.is_tensor(img):
-        img = img.detach()[0].float()
-        if not bool(torch.isfinite(img.sum())):
-            raise InputError("the VAE produced non-finite pixels (check the embeddings given)")
-        hwc = torch.empty((img.shape[1], img.shape[2], img.shape[0]), device=img.device)
-        torch.mul(img.permute(1, 2, 0), 255, out=hwc)           # transposed while scaled: one pass, HWC contiguous
-        return hwc.round_().to(torch.uint8).cpu().numpy()
-    img = np.asarray(img, np.float32)
-    if not math.isfinite(float(img.sum())):
+    img = (img.detach() if torch.is_tensor(img) else torch.from_numpy(np.asarray(img, np.float32)))[0].float()
+    if not bool(torch.isfinite(img.sum())):
         raise InputError("the VAE produced non-finite pixels (check the embeddings given)")
-    return to_uint8(img[0])
+    hwc = torch.empty((img.shape[1], img.shape[2], img.shape[0]), device=img.device)
+    torch.mul(img.permute(1, 2, 0), 255, out=hwc)               # transposed while scaled: one pass, HWC contiguous
+    return hwc.round_().to(torch.uint8).cpu().numpy()
 
 
 def engine_vae01(vae_fn):
@@ -260,4 +249,4 @@ def engine_vae01(vae_fn):
 
 
 __all__ = ["Denoiser", "TorchDenoiser", "EngineDenoiser", "denoise", "decode", "VAEDecode", "engine_vae01",
-           "step_inputs", "initial_latents", "vae_scale_factor", "to_uint8", "pose_tensor"]
+           "step_inputs", "initial_latents", "vae_scale_factor", "pose_tensor"]

@@ -123,3 +123,21 @@ def test_vae_scale_factor_comes_from_the_vae(layout, two_characters):
     assert pipe.generate(opts, tokens).shape == (48, 64, 3)
     vae_spec = build_specs(m, ExportProfile.demo())["vae_decoder"]
     assert vae_spec.output("image").shape({"B": 1, "h": 12, "w": 16}) == (1, 3, 48, 64)
+
+
+def test_decode_rounds_as_diffusers_and_refuses_non_finite_pixels():
+    """The one decode: a numpy or torch image in [0, 1] gives diffusers' uint8 frame, (x * 255).round() in float32 with
+    halves to even (exact ties included), HWC; NaN or infinite pixels are refused."""
+    from runtime.denoise import decode
+
+    rng = np.random.default_rng(0)
+    img = rng.random((1, 3, 40, 24), dtype=np.float32)
+    img[0, 0, 0, :4] = np.array([0.5, 1.5, 2.5, 254.5], np.float32) / 255     # ties where float32 keeps them exact
+    want = (np.transpose(img[0], (1, 2, 0)) * 255).round().astype(np.uint8)
+    for given in (img, torch.from_numpy(img)):
+        got = decode(lambda _: given, None)
+        assert got.dtype == np.uint8 and got.flags.c_contiguous and np.array_equal(got, want)
+    bad = img.copy()
+    bad[0, 1, 5, 5] = np.nan
+    with pytest.raises(InputError, match="non-finite pixels"):
+        decode(lambda _: bad, None)
