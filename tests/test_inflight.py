@@ -117,3 +117,37 @@ def test_io_binding_gives_the_session_outputs(built):
     big = unet.profile["sample"]["max"][-1] + 1                       # outside the profile: a clear error, no run
     with pytest.raises(InputError, match=r"unet: input sample has shape .* outside the engine profile"):
         unet.run_bound({**tt(feeds), "sample": torch.zeros(2, 4, h, big)})
+
+
+def test_text_encoding_on_many_request_threads(built):
+    """The frame models encode prompts on their request threads: concurrent TextEncoding calls give each prompt the
+    ids it gets alone (the tokenizers keep padding settings as state; without the lock, calls came back unpadded)."""
+    from runtime.serving.engines import Build
+    from runtime.serving.logic import TextEncoding
+
+    def encoder(f):
+        ids = f["input_ids"]
+        assert ids.shape[1:] == (77,), ids.shape                     # what Triton checks for the engine model
+        return {"hidden_states": np.repeat(ids[..., None].astype(np.float32), 2, -1), "text_embeds": ids[:, :3] * 1.0}
+
+    te = TextEncoding(Build(built), {"text_encoder": encoder, "text_encoder_2": encoder})
+    prompts = [f"{'a man ' * (k % 5)}reading a book number {k}" for k in range(16)]
+    alone = {p: te(p, "blurry")[0].prompt_embeds.numpy() for p in prompts}
+    errors, barrier = [], threading.Barrier(8)
+
+    def worker(k):
+        barrier.wait()
+        for j in range(24):
+            p = prompts[(k + j) % len(prompts)]
+            try:
+                got = te(p, "blurry")[0].prompt_embeds.numpy()
+                if not np.array_equal(got, alone[p]):
+                    errors.append(p)
+            except Exception as e:  # noqa: BLE001 - collected, asserted below
+                errors.append(repr(e))
+    ts = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert errors == []

@@ -32,16 +32,23 @@ class TextEncoding:
     the served `text_encoder` model passes BLS calls to the engine models `text_encoder_1` / `text_encoder_2`."""
 
     def __init__(self, build, fns: dict | None = None):
+        import threading
+
         from transformers import CLIPTokenizer
 
         self.tok = [CLIPTokenizer.from_pretrained(str(build.file(build.assets[k]))) for k in ("tokenizer", "tokenizer_2")]
         self.te = [(fns or {}).get(n) or build.engine(n).run for n in ("text_encoder", "text_encoder_2")]
+        # the frame models encode on many request threads at once: a tokenizer (tokenizers backend) keeps its padding
+        # and truncation settings as state that each call sets, so concurrent calls came back unpadded (measured:
+        # input_ids [1, 4] instead of [1, 77] under 8 concurrent requests); one tokenisation at a time
+        self._tok_lock = threading.Lock()
 
     def _encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray, list[bool]]:
         """[len(prompts), L, D] hidden states of both encoders side by side, [len(prompts), P] pooled, truncated."""
         ids, cut = [], []
         for tok in self.tok:
-            pairs = [tokenize(tok, p) for p in prompts]
+            with self._tok_lock:
+                pairs = [tokenize(tok, p) for p in prompts]
             ids.append(np.concatenate([i for i, _ in pairs]))
             cut.append([t for _, t in pairs])
         h1 = self.te[0]({"input_ids": ids[0]})["hidden_states"]
