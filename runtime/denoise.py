@@ -179,9 +179,8 @@ class EngineDenoiser(Denoiser):
             residuals = {}              # no pose map: the runner feeds zeros (exact: the UNet adds them)
         elif residuals is None:         # a native engine: zero residuals made here, once per latent shape
             spec = self.rec.spec
-            residuals = spec.zeros(self.res, spec.bind({"sample": tuple(x.shape)}), self._zeros)
-            if self.device is not None:
-                residuals = {k: torch.as_tensor(v, device=self.device) for k, v in residuals.items()}
+            alloc = None if self.device is None else (lambda shape: torch.zeros(shape, device=self.device))
+            residuals = spec.zeros(self.res, spec.bind({"sample": tuple(x.shape)}), self._zeros, alloc)
         feeds = {**self._feeds(x, t, inp), "encoder_hidden_states": inp["encoder_hidden_states"],
                  "ip_scale": inp["ip_scale"], **residuals}
         return self.unet_fn(feeds)["noise_pred"]

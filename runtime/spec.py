@@ -73,13 +73,14 @@ class ComponentSpec:
                     values.setdefault(d, int(n))
         return values
 
-    def zeros(self, tensors, values: dict[str, int], cache: dict) -> dict[str, np.ndarray]:
-        """float32 zeros for `tensors` at the symbol `values`, each allocated once per (name, shape) in `cache`."""
+    def zeros(self, tensors, values: dict[str, int], cache: dict, alloc=None) -> dict:
+        """float32 zeros for `tensors` at the symbol `values`, each allocated once per (name, shape) in `cache`:
+        numpy arrays, or what `alloc(shape)` makes (torch zeros on a device)."""
         out = {}
         for t in tensors:
             key = (t.name, t.shape(values))
             if key not in cache:
-                cache[key] = np.zeros(key[1], np.float32)
+                cache[key] = np.zeros(key[1], np.float32) if alloc is None else alloc(key[1])
             out[t.name] = cache[key]
         return out
 

@@ -47,35 +47,38 @@ def _concat(arrays: list):
     Rows that already lie one after another in one buffer (the ControlNet's residuals of a round, split per loop, on
     their way to the UNet's round of the same loops) are viewed as one batch instead of copied: at 960x1280 that is
     252 MB per request and step."""
-    if isinstance(arrays[0], np.ndarray):
-        view = _adjacent(arrays, lambda a: a.__array_interface__["data"][0], lambda a: a.nbytes,
-                         lambda a: a.flags.c_contiguous)
-        if view is not None:
-            return np.lib.stride_tricks.as_strided(arrays[0], (view, *arrays[0].shape[1:]), arrays[0].strides,
-                                                   writeable=False)
-        return np.concatenate(arrays)
+    first, rows = arrays[0], _adjacent(arrays)
+    shape = (rows, *first.shape[1:]) if rows is not None else None
+    if isinstance(first, np.ndarray):
+        return np.concatenate(arrays) if shape is None else \
+            np.lib.stride_tricks.as_strided(first, shape, first.strides, writeable=False)
     import torch
 
-    view = _adjacent(arrays, lambda a: a.data_ptr(), lambda a: a.numel() * a.element_size(), lambda a: a.is_contiguous())
-    if view is not None:
-        return torch.as_strided(arrays[0], (view, *arrays[0].shape[1:]), arrays[0].stride())
-    return torch.cat(arrays)
+    return torch.cat(arrays) if shape is None else torch.as_strided(first, shape, first.stride())
 
 
-def _adjacent(arrays: list, address, nbytes, contiguous) -> int | None:
+def _layout(a) -> tuple:
+    """(buffer owner, start address, bytes, contiguous) of a numpy array (owner: its base array) or a torch tensor
+    (owner: its storage)."""
+    if isinstance(a, np.ndarray):
+        return (id(a.base) if a.base is not None else None, a.__array_interface__["data"][0], a.nbytes,
+                a.flags.c_contiguous)
+    return a.untyped_storage().data_ptr(), a.data_ptr(), a.numel() * a.element_size(), a.is_contiguous()
+
+
+def _adjacent(arrays: list) -> int | None:
     """The total rows if every array is contiguous, of one dtype and row shape, and starts where the one before ends
-    in one underlying buffer (torch: one storage; numpy: one base array); else None."""
+    in one underlying buffer; else None."""
     first = arrays[0]
-    owner = (lambda a: a.untyped_storage().data_ptr()) if not isinstance(first, np.ndarray) else \
-        (lambda a: id(a.base) if a.base is not None else None)
-    if owner(first) is None:
+    owner, end = _layout(first)[:2]
+    if owner is None:
         return None
-    end = address(first)
     for a in arrays:
-        if (owner(a) != owner(first) or a.dtype != first.dtype or tuple(a.shape[1:]) != tuple(first.shape[1:])
-                or not contiguous(a) or address(a) != end):
+        a_owner, start, nbytes, contiguous = _layout(a)
+        if (a_owner != owner or a.dtype != first.dtype or tuple(a.shape[1:]) != tuple(first.shape[1:])
+                or not contiguous or start != end):
             return None
-        end += nbytes(a)
+        end += nbytes
     return sum(int(a.shape[0]) for a in arrays)
 
 

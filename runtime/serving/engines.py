@@ -63,6 +63,7 @@ class OrtEngine:
         self.inputs, self.outputs = record.input_names, record.output_names
         self.profile = record.profile
         self._zeros: dict = {}
+        self._bound_zeros: dict = {}         # the same, as tensors on self.device (run_bound)
         # where run_bound's tensors live: the GPU of a CUDA/TensorRT session (written, not run here), else the host
         self.device = f"cuda:{device_id}" if set(providers) & {"cuda", "tensorrt"} else "cpu"
 
@@ -80,9 +81,10 @@ class OrtEngine:
                 raise InputError(f"{self.record.name}: input {name} has shape {list(arr.shape)}, outside "
                                  f"the engine profile {list(lo)}..{list(hi)}; rebuild with wider --min-size/--max-size")
 
-    def complete(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def complete(self, feeds: dict, bound: bool = False) -> dict:
         """Feeds with the inputs a caller may leave out (TensorSpec.zero_default: the UNet's ControlNet residuals
-        without a pose map) filled with zeros, allocated here once per shape instead of shipped per step."""
+        without a pose map) filled with zeros, allocated here once per shape instead of shipped per step: numpy
+        arrays, or with `bound` torch tensors on this engine's device (run_bound)."""
         spec = self.record.spec
         missing = [t for t in spec.inputs if t.name not in feeds]
         if not missing:
@@ -90,7 +92,13 @@ class OrtEngine:
         for t in missing:
             if not t.zero_default:
                 raise InputError(f"{self.record.name}: missing required input {t.name}")
-        return {**feeds, **spec.zeros(missing, spec.bind({k: v.shape for k, v in feeds.items()}), self._zeros)}
+        values = spec.bind({k: tuple(v.shape) for k, v in feeds.items()})
+        if not bound:
+            return {**feeds, **spec.zeros(missing, values, self._zeros)}
+        import torch
+
+        return {**feeds, **spec.zeros(missing, values, self._bound_zeros,
+                                      lambda shape: torch.zeros(shape, device=self.device))}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = self.complete(feeds)
@@ -110,17 +118,7 @@ class OrtEngine:
         feeds = {k: v.to(dev, getattr(torch, spec.input(k).dtype)).contiguous()
                  for k, v in feeds.items() if k in self.inputs}
         self.check_profile(feeds)            # in process there is no engine model's glue to check it
-        missing = [t for t in spec.inputs if t.name not in feeds]
-        if missing:
-            if not all(t.zero_default for t in missing):
-                raise InputError(f"{self.record.name}: missing required input "
-                                 f"{next(t.name for t in missing if not t.zero_default)}")
-            values = spec.bind({k: tuple(v.shape) for k, v in feeds.items()})
-            for t in missing:
-                key = ("bound", t.name, t.shape(values))
-                if key not in self._zeros:
-                    self._zeros[key] = torch.zeros(key[2], dtype=getattr(torch, t.dtype), device=dev)
-                feeds[t.name] = self._zeros[key]
+        feeds = self.complete(feeds, bound=True)
         values = spec.bind({k: tuple(v.shape) for k, v in feeds.items()})
         io, dev_id = self.sess.io_binding(), int(index or 0)
         for t in spec.inputs:
@@ -163,7 +161,7 @@ class StandInEngine(OrtEngine):
         self.profile, self.device = record.profile, "cpu"
         self._out: dict = {}
 
-    def complete(self, feeds):
+    def complete(self, feeds, bound: bool = False):
         return feeds
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
