@@ -136,7 +136,12 @@ def run_case(server, client, admin, characters: int, pose: bool, concurrency: in
         th.join()
     wall = time.perf_counter() - t0
     n = concurrency * per_client
-    m1, u1 = _metrics(server.metrics_port), _model_stats(admin, "unet")
+    deadline = time.time() + 10
+    while True:         # the model sends its metrics just after each response (off the request's path): all of them
+        m1, u1 = _metrics(server.metrics_port), _model_stats(admin, "unet")
+        if m1.get("respond.count", 0) - m0.get("respond.count", 0) >= n - len(errors) or time.time() > deadline:
+            break
+        time.sleep(0.02)
     stages = {s: round(1000 * (m1.get(f"{s}.seconds", 0) - m0.get(f"{s}.seconds", 0)) / n, 2) for s in STAGES
               if m1.get(f"{s}.count", 0) > m0.get(f"{s}.count", 0)}
     rows, execs = u1["rows"] - u0["rows"], max(1, u1["executions"] - u0["executions"])

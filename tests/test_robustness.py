@@ -323,3 +323,47 @@ def test_launcher_refuses_a_repository_whose_backends_the_server_lacks(built):
     with pytest.raises(StoryMakerError, match=r"has no backend 'onnxruntime' \(for clip_vision, controlnet, ppr, "
                                               r"text_encoder_1, text_encoder_2, unet, vae_decoder\).*NGC tritonserver container"):
         TritonServer(ngc)
+
+
+def test_cancellation_is_checked_at_most_every_cancel_check_s(monkeypatch):
+    """A served request's is_cancelled() is a round trip to the server: the loop asks before a step only when
+    CANCEL_CHECK_S has passed since it last asked (every step where steps are slower), and stops when told."""
+    from types import SimpleNamespace as NS
+
+    import torch
+
+    from export.demo_bundle import SDXL_SCHEDULER
+    from runtime.pipeline import GenerateOptions, TextEmbeds
+    from runtime.serving import logic
+
+    class Zeros:                        # eps = 0 for the CFG batch, on the host
+        device = None
+
+        def prepare(self, inputs):
+            pass
+
+        def __call__(self, x, t):
+            return torch.zeros_like(x)
+
+    build = NS(scheduler_config={"_class_name": "EulerDiscreteScheduler", **SDXL_SCHEDULER}, vae_factor=8,
+               latent_channels=4)
+    opts = GenerateOptions(prompt="a man", width=64, height=64, steps=12)
+    text = TextEmbeds(torch.zeros(2, 77, 8), torch.zeros(2, 4))
+    tokens = torch.zeros(1, 40, 8), torch.zeros(1, 40, 8)
+    asked = []
+
+    def run(check_s, cancel_at=None):
+        asked.clear()
+        monkeypatch.setattr(logic, "CANCEL_CHECK_S", check_s)
+
+        def is_cancelled():
+            asked.append(1)
+            return cancel_at is not None and len(asked) >= cancel_at
+        return logic.generate_latents(opts, text, tokens, Zeros(), build, None, is_cancelled)
+
+    run(0.0)
+    assert len(asked) == 12                         # slower steps than the interval: asked before every step
+    run(3600.0)
+    assert len(asked) == 1                          # fast steps: asked once, before the first
+    with pytest.raises(logic.Cancelled, match="before step 3/12"):
+        run(0.0, cancel_at=3)

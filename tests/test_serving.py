@@ -353,11 +353,16 @@ def test_stage_timings_are_exposed_as_metrics(server, client):
     import urllib.request
 
     client.generate("a man", characters=[MAN], **SMALL)
-    text = urllib.request.urlopen(f"http://{server.address}:{server.metrics_port}/metrics", timeout=10).read().decode()
-    stages = {}
-    for line in text.splitlines():
-        if line.startswith("storymaker_stage_seconds_total{") and 'model="storymaker"' in line:
-            stages[line.split('stage="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    deadline = time.time() + 10
+    while True:                       # sent by the model just after the response (off the request's path)
+        text = urllib.request.urlopen(f"http://{server.address}:{server.metrics_port}/metrics", timeout=10).read().decode()
+        stages = {}
+        for line in text.splitlines():
+            if line.startswith("storymaker_stage_seconds_total{") and 'model="storymaker"' in line:
+                stages[line.split('stage="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+        if "respond" in stages or time.time() > deadline:
+            break
+        time.sleep(0.05)
     assert set(stages) >= {"characters", "text", "denoise", "vae", "png", "respond"}, text[-2000:]
     assert stages["denoise"] > 0 and all(v >= 0 for v in stages.values())
     assert any(l.startswith("storymaker_stage_count_total{") for l in text.splitlines())

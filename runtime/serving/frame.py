@@ -3,8 +3,8 @@ the frame), sharing one frame computation.
 
 `FrameModel._frame(request, on_step)` is the whole frame: prompt budget, options, character tokens (given, or
 computed through `encode_characters` after the request budget), the text encoders (tokenisers here, the engines
-via BLS or in process), the UniPC loop on the build's engines (cancellation checked before every step) and
-`vae_decoder`. `on_step(i, n, x0)` sees the loop's x0 prediction after each step.
+via BLS or in process), the UniPC loop on the build's engines (cancellation checked before a step, at most
+every 10 ms) and `vae_decoder`. `on_step(i, n, x0)` sees the loop's x0 prediction after each step.
 
 Previews (`storymaker_stream`, Triton's decoupled mode over gRPC streaming): every `PREVIEW_EVERY` steps the
 model sends the current x0 prediction as a low-resolution RGB image (one pixel per latent, a linear map from

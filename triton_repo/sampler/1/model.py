@@ -2,7 +2,7 @@
 
 I/O: runtime/serving/contract.py (MODELS["sampler"]). The loop is runtime.denoise.denoise, the same as
 in-process, through runtime.serving.logic.generate_latents, which checks `request.is_cancelled()` before
-every step.
+a step (at most every CANCEL_CHECK_S, 10 ms: each check is a round trip to the server).
 """
 import storymaker_serve  # noqa: F401,I001  (first: puts runtime/ on sys.path, installed or in a checkout)
 import torch

@@ -3,7 +3,7 @@
 Character tokens are either given (IMAGE_TOKENS/NEG_IMAGE_TOKENS from one
 `encode_characters` call per story) or computed here from PHOTOS/MASKS (+ CLOTHS,
 FACE_INFO, ...) through `encode_characters`. Then the text encoders, the UniPC
-loop (`request.is_cancelled()` checked before every step, as
+loop (`request.is_cancelled()` checked before a step, at most every 10 ms, as
 runtime.serving.logic.generate_latents) and `vae_decoder`; the engines run as their
 own models via BLS or in this process (config parameter `denoise_engines`). A BLS model rather
 than a static ensemble: its inputs are optional and cancellation must reach
