@@ -180,3 +180,31 @@ def test_controlnet_residuals_reach_the_unet_round_as_a_view():
     for k in range(3):
         for i in range(4):
             assert np.array_equal(results[k][i], np.full((2, 3), (k * 100 + i) * 10 + 1, np.float32))
+
+
+def test_a_round_starts_when_its_calls_fill_an_execution():
+    """4 loops in flight, 2 rows each, 4 rows per execution: two loops that reach their call fill one execution, so
+    it runs at once instead of waiting max_wait_s for the two loops still on their way (which then fill the next)."""
+    import time
+
+    log = []
+    b = StepBatcher({"unet": _engine(log)}, {"unet": 4}, max_wait_s=30.0)
+    ready, release, times = threading.Barrier(4), threading.Event(), {}
+
+    def loop(k):
+        with b.loop():
+            ready.wait()
+            if k >= 2:                          # two loops are busy elsewhere until the first two got their rows
+                release.wait(30)
+            t = time.perf_counter()
+            out = b.call("unet", {"sample": np.full((2, 3), k, np.float32), "timestep": np.zeros(2, np.float32)})
+            times[k] = time.perf_counter() - t
+            np.testing.assert_array_equal(out["noise_pred"], np.full((2, 3), 2 * k, np.float32))
+            if k == 1:
+                release.set()
+    ts = [threading.Thread(target=loop, args=(k,)) for k in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert log == [4, 4] and max(times.values()) < 10.0       # two full executions, no max_wait_s timeout

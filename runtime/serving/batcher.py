@@ -2,7 +2,8 @@
 
 A served frame model runs each request's loop (runtime/denoise.py's `denoise`, unchanged) on its own thread of one
 model instance. Their engine calls go through one `StepBatcher`: a loop that reaches its UNet call waits until every
-loop in flight has reached a call too (or `max_wait_s` passed), then one of the waiting threads runs them all as one
+loop in flight has reached a call too, or the calls waiting fill one execution of a function (`max_rows`), or
+`max_wait_s` passed; then one of the waiting threads runs them all as one
 call per function and input shape (concatenated along the batch axis, at most `max_rows` rows per call), and each
 loop gets its own rows back. So N concurrent requests put N steps into one UNet execution, up to the engine
 profile's batch limit, with no model instance pinned per request, and the round trip to the UNet model is paid once
@@ -142,8 +143,16 @@ class StepBatcher:
         return c.result
 
     def _ready(self) -> bool:
-        """Every loop in flight is waiting on a call, or the oldest call has waited max_wait_s."""
-        return len(self.pending) >= self.active or time.perf_counter() - self.first_pending >= self.max_wait_s
+        """Every loop in flight is waiting on a call, or the calls waiting for one function fill its execution (the
+        loops still on their way form the next round instead of leaving this one partial when max_wait_s runs out:
+        with more loops than one execution holds, as at concurrency 8 with a 4-image profile), or the oldest call has
+        waited max_wait_s."""
+        if len(self.pending) >= self.active or time.perf_counter() - self.first_pending >= self.max_wait_s:
+            return True
+        rows: dict[str, int] = {}
+        for c in self.pending:
+            rows[c.fn] = rows.get(c.fn, 0) + c.rows
+        return any(n >= self.max_rows.get(fn, 1 << 30) for fn, n in rows.items())
 
     def _run(self, batch: list[_Call]) -> None:
         groups: dict[tuple, list[_Call]] = {}
