@@ -1,6 +1,7 @@
 """What our serving code adds per image, at the released tensor sizes, with every engine replaced by a stand-in.
 
-The whole served path runs: the real tritonserver behind the launcher's gateway, the BLS models (`storymaker`,
+The whole served path runs as deployed: `python -m runtime.serve` in its own process (the launcher, its gateway and
+the real tritonserver), the BLS models (`storymaker`,
 `text_encoder`), the engine glue, the in-flight step batcher and the gRPC client, on a repository whose engines
 answer at once with correctly shaped zeros (runtime.serving.engines.StandInEngine; the specs are the released
 SDXL/StoryMaker ones, built from the configs on no device). So a frame's wall time here is serving overhead only:
@@ -19,6 +20,7 @@ JSON lines into benchmarks/results/serving_overhead.jsonl, a chart into serving_
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import threading
@@ -70,6 +72,73 @@ def write_standin_build(out: Path, engines: str = "bls", with_controlnet: bool =
     return out
 
 
+class DeployedServer:
+    """`python -m runtime.serve --repo REPO` in a process of its own, as deployed (launcher, gateway and tritonserver
+    there; the benchmark's clients here). A gateway started in the benchmark's own process would share the clients'
+    GIL and count their Python time as the gateway's."""
+
+    def __init__(self, repo: Path, gateway: bool = True):
+        from runtime.serving.launcher import free_port
+
+        self.repo, self.gateway = Path(repo).resolve(), gateway
+        self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.url = f"127.0.0.1:{self.grpc_port}"
+        self.log_file = self.repo.parent / "serve.log"
+
+    def __enter__(self) -> "DeployedServer":
+        import subprocess
+        import sys
+
+        from runtime.serving.launcher import wait_until_ready
+
+        cmd = [sys.executable, "-m", "runtime.serve", "--repo", str(self.repo), "--grpc-port", str(self.grpc_port),
+               "--http-port", str(self.http_port), "--metrics-port", str(self.metrics_port)]
+        self._log = open(self.log_file, "w")
+        self.proc = subprocess.Popen(cmd + ([] if self.gateway else ["--no-gateway"]), stdout=self._log,
+                                     stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+        if not wait_until_ready(self.url, 600, self.proc):
+            self.__exit__()
+            raise RuntimeError(f"python -m runtime.serve did not become ready; log: {self.log_file}")
+        return self
+
+    def processes(self) -> dict[str, list[int]]:
+        """pids per role: the launcher with its gateway, tritonserver, the Python-backend stubs."""
+        from runtime.serving.launcher import child_pids
+
+        server = child_pids(self.proc.pid, "tritonserver")
+        return {"launcher_gateway": [self.proc.pid], "tritonserver": server,
+                "stubs": [c for pid in server for c in child_pids(pid)]}
+
+    def __exit__(self, *exc) -> None:
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()                   # the launcher stops tritonserver on SIGTERM
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def cpu_seconds(roles: dict[str, list[int]]) -> dict[str, float]:
+    """User + system CPU seconds per role, summed over its processes' threads (from /proc/PID/stat)."""
+    import os
+
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for role, pids in roles.items():
+        total = 0
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+            except (OSError, IndexError, ValueError):
+                continue
+        out[role] = total / tick
+    return out
+
+
 def step_bytes(m, characters: int, pose: bool, width: int, height: int) -> dict[str, int]:
     """Bytes one denoising step of one request moves through BLS (inputs + outputs, fp32), counted from the specs of
     the build's manifest `m`: the UNet call, and with a pose map the ControlNet call and its residuals sent on to the
@@ -115,6 +184,8 @@ def run_case(server, client, admin, characters: int, pose: bool, concurrency: in
     opts = dict(width=width, height=height, steps=steps, png=png, **({"pose": pose_png} if pose else {}))
     client.generate("warm-up", tokens=tok, **opts)                    # first call per shape: plans, zero buffers
     lat, lock, errors = [], threading.Lock(), []
+    roles = {"client": [os.getpid()], **(server.processes() if hasattr(server, "processes") else {})}
+    cpu0 = cpu_seconds(roles)
     m0, u0, c0 = _metrics(server.metrics_port), _model_stats(admin, "unet"), _model_stats(admin, "controlnet") \
         if pose else None
 
@@ -136,6 +207,7 @@ def run_case(server, client, admin, characters: int, pose: bool, concurrency: in
         th.join()
     wall = time.perf_counter() - t0
     n = concurrency * per_client
+    cpu1 = cpu_seconds(roles)
     deadline = time.time() + 10
     while True:         # the model sends its metrics just after each response (off the request's path): all of them
         m1, u1 = _metrics(server.metrics_port), _model_stats(admin, "unet")
@@ -159,7 +231,9 @@ def run_case(server, client, admin, characters: int, pose: bool, concurrency: in
            "unet_model_ms_per_execution": round((u1["compute_ns"] - u0["compute_ns"]) / execs / 1e6, 2),
            "unet_queue_ms_per_execution": round((u1["queue_ns"] - u0["queue_ns"]) / execs / 1e6, 2),
            "bls_bytes_per_step": bytes_step, "bls_mb_per_image": round(sum(bytes_step.values()) * steps / 1e6, 1),
-           "goal_ms_per_image": GOAL_MS}
+           "goal_ms_per_image": GOAL_MS,
+           # CPU time per image of each process (all on the same cores here): where the wall time's work is done
+           "cpu_ms_per_image": {k: round(1000 * (cpu1[k] - cpu0[k]) / n, 1) for k in roles}}
     if pose:
         c1 = _model_stats(admin, "controlnet")
         rec["controlnet_rows_per_execution"] = round((c1["rows"] - c0["rows"]) / max(1, c1["executions"] - c0["executions"]), 2)
@@ -217,7 +291,6 @@ def main(argv=None) -> list[dict]:
 
     from runtime.cli import argument_parser
     from runtime.serving.client import StoryMakerClient
-    from runtime.serving.launcher import TritonServer
 
     ap = argument_parser("python -m benchmarks.serving_overhead", __doc__)
     ap.add_argument("--quick", action="store_true", help="1 and 2 characters without pose, 1 with pose; concurrency 1 "
@@ -248,7 +321,7 @@ def main(argv=None) -> list[dict]:
         print(f"writing the stand-in build (released specs, no weights, denoise_engines={engines}) to "
               f"{a.out / engines}", flush=True)
         build = write_standin_build(a.out / engines, engines)
-        with TritonServer(build / "triton_repo", gateway=not a.no_gateway) as server:
+        with DeployedServer(build / "triton_repo", gateway=not a.no_gateway) as server:
             client, admin = StoryMakerClient(server.url), grpcclient.InferenceServerClient(server.url)
             # the first case once more with 1 step: the per-image fixed cost (request, text, decode, the frame back
             # through the server, gateway and client), so the per-step cost is (25-step - 1-step) / 24
