@@ -245,15 +245,18 @@ def run_case(server, client, admin, characters: int, pose: bool, concurrency: in
 def markdown(records: list[dict]) -> str:
     """The README's table of a run's records."""
     rows = ["| engines | chars | pose | PNG | concurrency | steps | ms/image | ms/step | p50 latency ms | server stages "
-            f"ms/image ({', '.join(STAGES)}) | UNet rows/exec | BLS MB/image (counted) |", "| ---" * 12 + " |"]
+            f"ms/image ({', '.join(STAGES)}) | UNet rows/exec | BLS MB/image (counted) | CPU ms/image (client, gateway, "
+            "tritonserver, stubs) |", "| ---" * 13 + " |"]
     yn = lambda b: "yes" if b else "no"
     for r in records:
         st = r["server_stage_ms_per_image"]
         stages = ", ".join(f"{st[s]:.1f}" if s in st else "-" for s in STAGES)
         mb = 0 if r.get("denoise_engines") == "inprocess" else r["bls_mb_per_image"]
+        c = r.get("cpu_ms_per_image", {})
+        cpu = ", ".join(f"{c[k]:.0f}" if k in c else "-" for k in ("client", "launcher_gateway", "tritonserver", "stubs"))
         rows.append(f"| {r.get('denoise_engines', 'bls')} | {r['characters']} | {yn(r['pose'])} | {yn(r['png'])} | "
                     f"{r['concurrency']} | {r['steps']} | {r['ms_per_image']:.0f} | {r['ms_per_step']:.2f} | {r['p50_latency_ms']:.0f} | "
-                    f"{stages} | {r['unet_rows_per_execution']} | {mb} |")
+                    f"{stages} | {r['unet_rows_per_execution']} | {mb} | {cpu} |")
     return "\n".join(rows)
 
 
