@@ -208,3 +208,23 @@ def test_a_round_starts_when_its_calls_fill_an_execution():
     for t in ts:
         t.join(60)
     assert log == [4, 4] and max(times.values()) < 10.0       # two full executions, no max_wait_s timeout
+
+
+def test_a_filled_round_leaves_the_calls_beyond_whole_executions_for_the_next():
+    """6 loops in flight, 2 rows each, 4 rows per execution: when 3 loops wait, one execution of 2 loops runs and
+    the third loop's call waits for the next round (with the loops still on their way) instead of running alone."""
+    import time
+
+    from runtime.serving.batcher import _Call
+
+    b = StepBatcher({"unet": _engine([])}, {"unet": 4}, max_wait_s=30.0)
+    b.active = 6
+    calls = [_Call("unet", {}, 2, loop=k) for k in range(4)]
+    b.pending, b.first_pending = calls[:3], time.perf_counter()
+    assert b._ready()
+    assert b._take() == calls[:2] and b.pending == calls[2:3]
+    assert not b._ready()                                   # 2 rows: no whole execution yet
+    b.pending.append(calls[3])
+    assert b._ready() and b._take() == calls[2:] and b.pending == []
+    b.pending, b.first_pending = calls[:3], time.perf_counter() - 60
+    assert b._take() == calls[:3]                           # waited max_wait_s: everything runs

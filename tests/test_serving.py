@@ -353,16 +353,20 @@ def test_stage_timings_are_exposed_as_metrics(server, client):
     import urllib.request
 
     client.generate("a man", characters=[MAN], **SMALL)
+    events = list(client.generate_stream("a man", characters=[MAN], preview_every=0, **SMALL))
+    assert events[-1]["final"]
     deadline = time.time() + 10
-    while True:                       # sent by the model just after the response (off the request's path)
+    while True:                       # sent by the models just after the response (off the request's path)
         text = urllib.request.urlopen(f"http://{server.address}:{server.metrics_port}/metrics", timeout=10).read().decode()
-        stages = {}
+        stages, stream = {}, {}
         for line in text.splitlines():
-            if line.startswith("storymaker_stage_seconds_total{") and 'model="storymaker"' in line:
-                stages[line.split('stage="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
-        if "respond" in stages or time.time() > deadline:
+            if line.startswith("storymaker_stage_seconds_total{"):
+                into = stages if 'model="storymaker"' in line else stream if 'model="storymaker_stream"' in line else {}
+                into[line.split('stage="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+        if ("respond" in stages and "respond" in stream) or time.time() > deadline:
             break
         time.sleep(0.05)
+    assert {"denoise", "vae", "respond"} <= set(stream), text[-2000:]     # the stream model sends its own too
     assert set(stages) >= {"characters", "text", "denoise", "vae", "png", "respond"}, text[-2000:]
     assert stages["denoise"] > 0 and all(v >= 0 for v in stages.values())
     assert any(l.startswith("storymaker_stage_count_total{") for l in text.splitlines())

@@ -122,7 +122,7 @@ class StepBatcher:
             self.cv.notify_all()
             while not c.done:
                 if not self.running and self.pending and self._ready():
-                    batch, self.pending, self.running = self.pending, [], True
+                    batch, self.running = self._take(), True
                     self.cv.release()
                     try:
                         self._run(batch)
@@ -141,6 +141,30 @@ class StepBatcher:
         if c.error is not None:
             raise c.error
         return c.result
+
+    def _take(self) -> list[_Call]:
+        """The calls this round runs, removed from `pending`: all of them when every loop is waiting or the oldest
+        has waited max_wait_s; otherwise only whole executions of the functions whose calls fill one (the rest wait
+        for the loops still on their way: taking 5 loops' calls into a 4-loop execution would run one full and one
+        1-loop execution)."""
+        if len(self.pending) >= self.active or time.perf_counter() - self.first_pending >= self.max_wait_s:
+            batch, self.pending = self.pending, []
+            return batch
+        take: list[_Call] = []
+        for fn in dict.fromkeys(c.fn for c in self.pending):
+            calls = sorted((c for c in self.pending if c.fn == fn), key=lambda c: c.loop)
+            limit, total = self.max_rows.get(fn, 1 << 30), sum(c.rows for c in calls)
+            if total < limit:
+                continue
+            whole, rows, mine = limit * (total // limit), 0, []
+            for c in calls:
+                if rows + c.rows <= whole:
+                    mine.append(c)
+                    rows += c.rows
+            take += mine or calls
+        chosen = {id(c) for c in take}
+        self.pending = [c for c in self.pending if id(c) not in chosen]
+        return take
 
     def _ready(self) -> bool:
         """Every loop in flight is waiting on a call, or the calls waiting for one function fill its execution (the

@@ -140,7 +140,7 @@ class StreamModel(FrameModel):
                 self._preview = LatentPreview.fit(self.vae01, b.latent_channels, (lo[2], lo[3]), b.vae_factor)
             return self._preview
 
-    def _answer(self, r, sender):
+    def _respond(self, r, sender):
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
             every = self.glue.scalar(r, "PREVIEW_EVERY", DEFAULT_PREVIEW_EVERY, int)

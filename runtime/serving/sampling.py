@@ -190,7 +190,7 @@ def _import_before_threads() -> None:
 class SamplingModel:
     """Base of the Triton BLS models that run the denoising loop (`sampler`, `storymaker`, `storymaker_stream`):
     their model.py sets `pb` (triton_python_backend_utils, importable only inside the stub) and defines
-    `_one(request) -> outputs` (or overrides `_answer`).
+    `_one(request) -> outputs` (or overrides `_respond`).
 
     One instance serves many requests at once: `execute` hands each request to a thread of a pool of
     `max_inflight` (config parameter) and returns; the thread answers through the request's response sender
@@ -217,18 +217,24 @@ class SamplingModel:
         return None
 
     def _answer(self, r, sender):
+        """Answer one request on its thread (`_respond`), then have the metrics it added sent (off its path)."""
+        try:
+            self._respond(r, sender)
+        finally:
+            self.metrics.flush()
+
+    def _respond(self, r, sender):
+        """One response: `_one`'s outputs, or the request's error (the decoupled stream model sends several)."""
         try:
             out = self._one(r)
         except Exception as e:  # noqa: BLE001 - this request's error response
-            self._send(sender, self.glue.error(e, r), r)
-            return self.metrics.flush()
+            return self._send(sender, self.glue.error(e, r), r)
         with self.metrics.stage("respond"):               # the output tensors into the server's memory, then sent
             try:
                 response = self.glue.respond(out)
             except Exception as e:  # noqa: BLE001
                 response = self.glue.error(e, r)
             self._send(sender, response, r)
-        self.metrics.flush()
 
     def _send(self, sender, response, r) -> None:
         try:
