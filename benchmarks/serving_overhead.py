@@ -123,20 +123,10 @@ class DeployedServer:
 
 
 def cpu_seconds(roles: dict[str, list[int]]) -> dict[str, float]:
-    """User + system CPU seconds per role, summed over its processes' threads (from /proc/PID/stat)."""
-    import os
+    """User + system CPU seconds per role, summed over its processes."""
+    from runtime.serving.launcher import cpu_seconds as process_cpu
 
-    tick, out = os.sysconf("SC_CLK_TCK"), {}
-    for role, pids in roles.items():
-        total = 0
-        for pid in pids:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])
-            except (OSError, IndexError, ValueError):
-                continue
-        out[role] = total / tick
-    return out
+    return {role: sum(process_cpu(pid) for pid in pids) for role, pids in roles.items()}
 
 
 def step_bytes(m, characters: int, pose: bool, width: int, height: int) -> dict[str, int]:

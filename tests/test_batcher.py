@@ -221,10 +221,9 @@ def test_a_filled_round_leaves_the_calls_beyond_whole_executions_for_the_next():
     b.active = 6
     calls = [_Call("unet", {}, 2, loop=k) for k in range(4)]
     b.pending, b.first_pending = calls[:3], time.perf_counter()
-    assert b._ready()
-    assert b._take() == calls[:2] and b.pending == calls[2:3]
-    assert not b._ready()                                   # 2 rows: no whole execution yet
+    assert b._round() == calls[:2] and b.pending == calls[2:3]
+    assert b._round() is None and b.pending == calls[2:3]   # 2 rows: no whole execution yet
     b.pending.append(calls[3])
-    assert b._ready() and b._take() == calls[2:] and b.pending == []
+    assert b._round() == calls[2:] and b.pending == []
     b.pending, b.first_pending = calls[:3], time.perf_counter() - 60
-    assert b._take() == calls[:3]                           # waited max_wait_s: everything runs
+    assert b._round() == calls[:3]                          # waited max_wait_s: everything runs

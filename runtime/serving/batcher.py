@@ -121,8 +121,9 @@ class StepBatcher:
             self.pending.append(c)
             self.cv.notify_all()
             while not c.done:
-                if not self.running and self.pending and self._ready():
-                    batch, self.running = self._take(), True
+                batch = self._round() if not self.running and self.pending else None
+                if batch:
+                    self.running = True
                     self.cv.release()
                     try:
                         self._run(batch)
@@ -142,11 +143,12 @@ class StepBatcher:
             raise c.error
         return c.result
 
-    def _take(self) -> list[_Call]:
-        """The calls this round runs, removed from `pending`: all of them when every loop is waiting or the oldest
-        has waited max_wait_s; otherwise only whole executions of the functions whose calls fill one (the rest wait
-        for the loops still on their way: taking 5 loops' calls into a 4-loop execution would run one full and one
-        1-loop execution)."""
+    def _round(self) -> list[_Call] | None:
+        """The calls a round runs now, removed from `pending`, or None (keep waiting). All of them when every loop in
+        flight is waiting on a call or the oldest call has waited max_wait_s; otherwise whole executions of each
+        function whose waiting calls fill one, and the rest wait for the loops still on their way (with more loops
+        than one execution holds, as at concurrency 8 with a 4-image profile: taking 5 loops' calls into a 4-loop
+        execution would run one full and one 1-loop execution)."""
         if len(self.pending) >= self.active or time.perf_counter() - self.first_pending >= self.max_wait_s:
             batch, self.pending = self.pending, []
             return batch
@@ -162,21 +164,11 @@ class StepBatcher:
                     mine.append(c)
                     rows += c.rows
             take += mine or calls
+        if not take:
+            return None
         chosen = {id(c) for c in take}
         self.pending = [c for c in self.pending if id(c) not in chosen]
         return take
-
-    def _ready(self) -> bool:
-        """Every loop in flight is waiting on a call, or the calls waiting for one function fill its execution (the
-        loops still on their way form the next round instead of leaving this one partial when max_wait_s runs out:
-        with more loops than one execution holds, as at concurrency 8 with a 4-image profile), or the oldest call has
-        waited max_wait_s."""
-        if len(self.pending) >= self.active or time.perf_counter() - self.first_pending >= self.max_wait_s:
-            return True
-        rows: dict[str, int] = {}
-        for c in self.pending:
-            rows[c.fn] = rows.get(c.fn, 0) + c.rows
-        return any(n >= self.max_rows.get(fn, 1 << 30) for fn, n in rows.items())
 
     def _run(self, batch: list[_Call]) -> None:
         groups: dict[tuple, list[_Call]] = {}

@@ -81,10 +81,11 @@ class OrtEngine:
                 raise InputError(f"{self.record.name}: input {name} has shape {list(arr.shape)}, outside "
                                  f"the engine profile {list(lo)}..{list(hi)}; rebuild with wider --min-size/--max-size")
 
-    def complete(self, feeds: dict, bound: bool = False) -> dict:
+    def complete(self, feeds: dict, bound: bool = False, values: dict | None = None) -> dict:
         """Feeds with the inputs a caller may leave out (TensorSpec.zero_default: the UNet's ControlNet residuals
         without a pose map) filled with zeros, allocated here once per shape instead of shipped per step: numpy
-        arrays, or with `bound` torch tensors on this engine's device (run_bound)."""
+        arrays, or with `bound` torch tensors on this engine's device (run_bound). `values`: the symbol values
+        already bound from these feeds, if the caller has them."""
         spec = self.record.spec
         missing = [t for t in spec.inputs if t.name not in feeds]
         if not missing:
@@ -92,7 +93,7 @@ class OrtEngine:
         for t in missing:
             if not t.zero_default:
                 raise InputError(f"{self.record.name}: missing required input {t.name}")
-        values = spec.bind({k: tuple(v.shape) for k, v in feeds.items()})
+        values = values if values is not None else spec.bind({k: tuple(v.shape) for k, v in feeds.items()})
         if not bound:
             return {**feeds, **spec.zeros(missing, values, self._zeros)}
         import torch
@@ -118,8 +119,8 @@ class OrtEngine:
         feeds = {k: v.to(dev, getattr(torch, spec.input(k).dtype)).contiguous()
                  for k, v in feeds.items() if k in self.inputs}
         self.check_profile(feeds)            # in process there is no engine model's glue to check it
-        feeds = self.complete(feeds, bound=True)
-        values = spec.bind({k: tuple(v.shape) for k, v in feeds.items()})
+        values = spec.bind({k: tuple(v.shape) for k, v in feeds.items()})  # the zeros' shapes derive from these
+        feeds = self.complete(feeds, bound=True, values=values)
         io, dev_id = self.sess.io_binding(), int(index or 0)
         for t in spec.inputs:
             v = feeds[t.name]
@@ -161,7 +162,7 @@ class StandInEngine(OrtEngine):
         self.profile, self.device = record.profile, "cpu"
         self._out: dict = {}
 
-    def complete(self, feeds, bound: bool = False):
+    def complete(self, feeds, bound: bool = False, values: dict | None = None):
         return feeds
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

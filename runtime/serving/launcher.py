@@ -63,6 +63,15 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
         return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """A process's user + system CPU seconds so far, all its threads, from /proc/PID/stat; 0 once gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def repo_backends(repo: Path) -> dict[str, list[str]]:
     """backend -> models that need it, from the repository's config.pbtxt files (backend or platform)."""
     from google.protobuf import text_format

@@ -92,9 +92,8 @@ class StageMetrics:
         self.model, self.seconds, self.count, self.series = model, None, None, {}
         self.pending: dict[tuple, list] = {}
         self.lock = threading.Lock()        # the counters
-        # one metrics call at a time: tritonserver 2.51's Python backend crashes (SIGSEGV, measured) when request
-        # threads create or increment metrics concurrently
-        self.send_lock = threading.Lock()
+        # only the sender thread creates and increments metrics, so one metrics call at a time: tritonserver 2.51's
+        # Python backend crashes (SIGSEGV, measured) when request threads create or increment them concurrently
         self.due = threading.Event()
         self.sender: threading.Thread | None = None
         fam = getattr(pb, "MetricFamily", None)
@@ -145,18 +144,16 @@ class StageMetrics:
                 log.exception("could not send the stage metrics")
 
     def send(self) -> None:
-        """Send what was added since the last send: one increment per series (created on first use)."""
+        """Send what was added since the last send: one increment per series (created on first use). The sender
+        thread's work: it is the only caller."""
         with self.lock:
             pending, self.pending = self.pending, {}
-        if not pending:
-            return
-        with self.send_lock:
-            for key, (families, amounts) in pending.items():
-                if key not in self.series:
-                    labels = {"model": self.model, **dict(key)}
-                    self.series[key] = tuple(f.Metric(labels=labels) for f in families)
-                for metric, amount in zip(self.series[key], amounts):
-                    metric.increment(amount)
+        for key, (families, amounts) in pending.items():
+            if key not in self.series:
+                labels = {"model": self.model, **dict(key)}
+                self.series[key] = tuple(f.Metric(labels=labels) for f in families)
+            for metric, amount in zip(self.series[key], amounts):
+                metric.increment(amount)
 
     def stage(self, name: str):
         import contextlib
