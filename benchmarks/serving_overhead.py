@@ -78,7 +78,7 @@ class DeployedServer:
     GIL and count their Python time as the gateway's."""
 
     def __init__(self, repo: Path, gateway: bool = True):
-        from runtime.serving.launcher import free_port
+        from runtime.serving.ports import free_port
 
         self.repo, self.gateway = Path(repo).resolve(), gateway
         self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()

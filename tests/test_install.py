@@ -56,7 +56,7 @@ def test_console_scripts_build_and_serve_the_demo(installed, tmp_path):
     `storymaker-serve` serves it until SIGTERM; `--help` of every script shows defaults and starts nothing."""
     import tritonclient.grpc as grpcclient
 
-    from runtime.serving.launcher import free_port
+    from runtime.serving.ports import free_port
 
     bin_ = installed / "bin"
     for script in ("build", "serve", "client", "generate", "bench", "refit"):

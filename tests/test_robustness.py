@@ -28,7 +28,7 @@ def _alive(pid: int) -> bool:
 
 
 def _launch(built):
-    from runtime.serving.launcher import free_port
+    from runtime.serving.ports import free_port
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--repo", str(built / "triton_repo"),

@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -26,16 +25,11 @@ import time
 from pathlib import Path
 
 from runtime.errors import StoryMakerError
+from runtime.serving.ports import free_port
 
 REQUIRED_MODELS = ("text_encoder", "text_encoder_1", "text_encoder_2", "clip_vision", "ppr", "encode_characters", "unet",
                    "vae_decoder", "sampler", "storymaker")
 ADMIN_PROTOCOLS = "model-repository,shared-memory,trace,logging"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 PLATFORMS = {"tensorrt_plan": "tensorrt", "onnxruntime_onnx": "onnxruntime"}
