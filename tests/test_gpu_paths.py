@@ -122,7 +122,8 @@ def test_engine_failures_are_recorded_and_survive_a_partial_rebuild(built, tmp_p
 
 
 def test_launcher_states_the_tensorrt_an_ngc_container_needs(built, tmp_path):
-    from runtime.serving.launcher import _trt_loads, main, ngc_command
+    from runtime.serving.launcher import main
+    from runtime.serving.ngc import _trt_loads, ngc_command
 
     b = _copy_build(built, tmp_path)
     m = json.loads((b / "manifest.json").read_text())
