@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,9 +32,11 @@ def _launch(built):
     from runtime.serving.ports import free_port
 
     port = free_port()
+    out = tempfile.NamedTemporaryFile("w+", prefix="launcher-", suffix=".log", delete=False)
     proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--repo", str(built / "triton_repo"),
                              "--grpc-port", str(port), "--http-port", str(free_port()), "--metrics-port", str(free_port())],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    proc.output = Path(out.name)            # what the launcher printed: the reason when it exits early
     deadline, pids = time.time() + 60, []
     while time.time() < deadline and not pids:
         pids = _server_pids(proc.pid)
@@ -68,7 +71,7 @@ def test_sigkill_while_serving_leaves_no_server(built):
     from runtime.serving.launcher import wait_until_ready
 
     proc, server, port = _launch(built)
-    assert wait_until_ready(f"127.0.0.1:{port}", 240, proc), "server not ready"
+    assert wait_until_ready(f"127.0.0.1:{port}", 240, proc), f"server not ready: {proc.output.read_text()[-3000:]}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     assert _gone(server), f"tritonserver {server} kept running after its launcher was killed"

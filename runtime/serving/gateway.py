@@ -32,6 +32,8 @@ from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from runtime.serving.ports import PortTaken
+
 log = logging.getLogger(__name__)
 HEADROOM = 8 << 20            # latents, tokens, options: every non-image input of one request, with room to spare
 CHUNK = 1 << 20
@@ -176,10 +178,13 @@ class Gateway:
                                  options=[("grpc.max_receive_message_length", self.limit),
                                           ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)])
         if self._grpc.add_insecure_port(f"{self.address}:{self.grpc_port}") == 0:
-            raise OSError(f"gateway: cannot bind gRPC {self.address}:{self.grpc_port} (port in use?)")
+            raise PortTaken(self.grpc_port, f"gateway: cannot bind gRPC {self.address}:{self.grpc_port} (port in use?)")
         self._grpc.start()
         handler = type("Handler", (_HttpForward,), {"upstream": ("127.0.0.1", self.upstream_http), "limit": self.limit})
-        self._http = ThreadingHTTPServer((self.address, self.http_port), handler)
+        try:
+            self._http = ThreadingHTTPServer((self.address, self.http_port), handler)
+        except OSError as e:
+            raise PortTaken(self.http_port, f"gateway: cannot bind HTTP {self.address}:{self.http_port}: {e}") from e
         self._http.daemon_threads = True
         threading.Thread(target=self._http.serve_forever, name="gateway-http", daemon=True).start()
         return self

@@ -25,12 +25,15 @@ import time
 from pathlib import Path
 
 from runtime.errors import StoryMakerError
-from runtime.serving.ports import free_port
 from runtime.serving.ngc import ngc_command
+from runtime.serving.ports import PortTaken, free_port, is_free, reserve, taken_message, taken_port
 
 REQUIRED_MODELS = ("text_encoder", "text_encoder_1", "text_encoder_2", "clip_vision", "ppr", "encode_characters", "unet",
                    "vae_decoder", "sampler", "storymaker")
 ADMIN_PROTOCOLS = "model-repository,shared-memory,trace,logging"
+PORT_FLAGS = {"grpc_port": "--grpc-port", "http_port": "--http-port", "metrics_port": "--metrics-port"}
+PORT_NAMES = (*PORT_FLAGS, "upstream_grpc_port", "upstream_http_port")
+PORT_ATTEMPTS = 3
 
 
 PLATFORMS = {"tensorrt_plan": "tensorrt", "onnxruntime_onnx": "onnxruntime"}
@@ -160,13 +163,17 @@ class TritonServer:
                  metrics_port: int | None = None, address: str = "127.0.0.1", admin_key: str | None = None,
                  log_file: Path | None = None, gateway: bool = True, max_message_bytes: int | None = None,
                  required_models: list[str] | None = None):
-        from runtime.serving.gateway import Gateway, repo_message_limit
+        from runtime.serving.gateway import repo_message_limit
 
         self.repo = Path(repo).resolve()
         check_repo(self.repo, *server_backends(), required=required_models)   # a subset: benchmarks.full_size_serve
-        self.grpc_port, self.http_port = grpc_port or free_port(), http_port or free_port()
-        self.metrics_port = metrics_port or free_port()
         self.address = address
+        reserve(grpc_port, http_port, metrics_port)
+        # ports this object drew itself (by attribute): drawn again where tritonserver finds one taken
+        self._drawn = {n for n, p in (("grpc_port", grpc_port), ("http_port", http_port), ("metrics_port", metrics_port))
+                       if not p}
+        self.grpc_port, self.http_port = grpc_port or free_port(address), http_port or free_port(address)
+        self.metrics_port = metrics_port or free_port(address)
         self.admin_key = admin_key or os.environ.get("STORYMAKER_ADMIN_KEY") or secrets.token_hex(16)
         self.work = Path(tempfile.mkdtemp(prefix="storymaker-triton-"))
         self.log_file = Path(log_file or self.work / "server.log")
@@ -174,9 +181,9 @@ class TritonServer:
         self.gateway = None
         if gateway:
             self.upstream_grpc_port, self.upstream_http_port = free_port(), free_port()
+            self._drawn |= {"upstream_grpc_port", "upstream_http_port"}
             self.max_message_bytes = max_message_bytes or repo_message_limit(self.repo)
-            self.gateway = Gateway(address, self.grpc_port, self.http_port, self.upstream_grpc_port,
-                                   self.upstream_http_port, self.max_message_bytes)
+            self._new_gateway()
         else:
             self.upstream_grpc_port, self.upstream_http_port, self.max_message_bytes = self.grpc_port, self.http_port, None
 
@@ -184,7 +191,43 @@ class TritonServer:
     def url(self) -> str:
         return f"{self.address}:{self.grpc_port}"
 
+    def _new_gateway(self) -> None:
+        from runtime.serving.gateway import Gateway
+
+        self.gateway = Gateway(self.address, self.grpc_port, self.http_port, self.upstream_grpc_port,
+                               self.upstream_http_port, self.max_message_bytes)
+
     def start(self, timeout: float = 300.0) -> "TritonServer":
+        """Start and wait until ready. A port the caller chose that is taken fails at once with a message naming
+        its flag; one this object drew and tritonserver found taken (runtime/serving/ports.py) is drawn again, up
+        to PORT_ATTEMPTS starts."""
+        for name, flag in PORT_FLAGS.items():
+            port = getattr(self, name)
+            if name not in self._drawn and not is_free(port, self.address):
+                raise StoryMakerError(taken_message(port, self.address, flag))
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            taken = self._start_once(timeout)
+            if taken is None:
+                return self
+            names = [n for n in PORT_NAMES if getattr(self, n) == taken]
+            mine = [n for n in names if n in self._drawn]
+            if not mine:
+                flag = next((PORT_FLAGS[n] for n in names if n in PORT_FLAGS), "a port")
+                raise StoryMakerError(taken_message(taken, self.address, flag))
+            if attempt == PORT_ATTEMPTS:
+                raise StoryMakerError(f"tritonserver found the ports drawn for it taken {attempt} times (last: {taken}); "
+                                      f"pass free ports with --grpc-port/--http-port/--metrics-port. Log: {self.log_file}")
+            fresh = free_port("127.0.0.1" if all(n.startswith("upstream") for n in mine) else self.address)
+            for n in mine:
+                setattr(self, n, fresh)
+            if self.gateway:
+                self._new_gateway()
+            print(f"port {taken} was taken before tritonserver bound it; starting again on {fresh}", file=sys.stderr,
+                  flush=True)
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> int | None:
+        """One start: None when ready, the port tritonserver or the gateway found taken, or StoryMakerError."""
         internal = "127.0.0.1" if self.gateway else self.address
         cmd, env = server_command(self.repo, self.upstream_grpc_port, self.upstream_http_port, self.metrics_port,
                                   internal, self.admin_key, self.work, metrics_address=self.address)
@@ -192,19 +235,39 @@ class TritonServer:
         self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True, preexec_fn=_die_with_parent)
         if self.gateway:                             # after the fork (gRPC threads); readiness is polled through it
-            self.gateway.start()
-        self.wait_ready(timeout)
-        return self
-
-    def wait_ready(self, timeout: float) -> None:
-        if wait_until_ready(self.url, timeout, self.proc):
-            return
-        if self.proc.poll() is not None:
-            self.stop()
+            try:
+                self.gateway.start()
+            except PortTaken as e:                   # a public port taken since it was drawn or checked
+                self.stop()
+                return e.port
+        deadline = time.monotonic() + timeout
+        if wait_until_ready(self.url, timeout, self.proc) and self._services_bound(deadline):
+            return None
+        exited = self.proc.poll() is not None
+        self.stop()
+        if exited:
+            taken = taken_port(self.log_tail(400))
+            if taken is not None:
+                return taken
             raise StoryMakerError(f"tritonserver exited with code {self.proc.returncode}; log: {self.log_file}\n"
                                   + self.log_tail())
-        self.stop()
         raise StoryMakerError(f"tritonserver not ready after {timeout:.0f} s; log: {self.log_file}\n" + self.log_tail())
+
+    def _services_bound(self, deadline: float) -> bool:
+        """gRPC answers ready before tritonserver binds its HTTP and metrics ports (in that order) and exits if
+        one is taken: ready means every one answers."""
+        import urllib.request
+
+        host = "127.0.0.1" if self.address in ("0.0.0.0", "::") else self.address
+        urls = [f"http://127.0.0.1:{self.upstream_http_port}/v2/health/ready", f"http://{host}:{self.metrics_port}/metrics"]
+        while urls and time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(urls[0], timeout=2) as r:
+                    r.read()
+                urls.pop(0)
+            except OSError:                         # not bound yet, or bound by someone else: tritonserver exits
+                time.sleep(0.2)
+        return not urls and self.proc.poll() is None
 
     def log_tail(self, n: int = 30) -> str:
         try:
