@@ -128,3 +128,38 @@ def test_an_operator_port_taken_while_the_models_load_is_named(echo_repo, monkey
         assert srv.proc.poll() is not None
     finally:
         held.close()
+
+
+def test_the_server_and_its_stubs_get_the_malloc_settings(echo_repo, monkeypatch):
+    """runtime/serving/malloc.py: tritonserver and its Python-backend stubs run with the thresholds (an operator's
+    own MALLOC_* value is kept); STORYMAKER_MALLOC_TUNING=0 leaves them out."""
+    from runtime.serving import malloc
+    from runtime.serving.launcher import child_pids
+
+    def environ(pid):
+        return dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v)
+
+    for k in (*malloc.VARS, "STORYMAKER_MALLOC_TUNING"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1234567")              # the operator's
+    with TritonServer(echo_repo, required_models=[]) as srv:
+        stubs = child_pids(srv.proc.pid)
+        assert stubs, "no Python-backend stub"
+        for pid in [srv.proc.pid, *stubs]:
+            env = environ(pid)
+            assert env[b"MALLOC_MMAP_THRESHOLD_"] == str(malloc.MMAP_THRESHOLD).encode()
+            assert env[b"MALLOC_TRIM_THRESHOLD_"] == b"1234567"
+    assert malloc.env({"STORYMAKER_MALLOC_TUNING": "0"}) == {}
+    assert malloc.env({}) == {k: str(v) for k, v in malloc.VARS.items()}
+
+
+def test_mallopt_in_a_running_process_unless_turned_off_or_set():
+    import subprocess
+    import sys
+
+    code = ("from runtime.serving import malloc; import os; "
+            "print(malloc.tune_this_process({}), malloc.tune_this_process({'STORYMAKER_MALLOC_TUNING': '0'}), "
+            "malloc.tune_this_process({'MALLOC_MMAP_THRESHOLD_': '1'}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1],
+                       timeout=60)
+    assert r.stdout.split() == ["True", "False", "False"], r.stderr

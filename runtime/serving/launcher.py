@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from runtime.errors import StoryMakerError
+from runtime.serving import malloc
 from runtime.serving.ngc import ngc_command
 from runtime.serving.ports import PortTaken, free_port, is_free, reserve, taken_message, taken_port
 
@@ -232,7 +233,7 @@ class TritonServer:
         cmd, env = server_command(self.repo, self.upstream_grpc_port, self.upstream_http_port, self.metrics_port,
                                   internal, self.admin_key, self.work, metrics_address=self.address)
         self._log = open(self.log_file, "w")
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **malloc.env(), **env}, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True, preexec_fn=_die_with_parent)
         if self.gateway:                             # after the fork (gRPC threads); readiness is polled through it
             try:
@@ -362,6 +363,7 @@ def main(argv=None) -> int:
         return 0
     if a.repo is None:
         ap.error("--repo is required (or --ngc-command BUILD)")
+    malloc.tune_this_process()                           # the gateway's message buffers (runtime/serving/malloc.py)
     signal.signal(signal.SIGTERM, _raise_interrupt)      # before starting: a stop while starting stops the server
     srv = None
     try:
