@@ -1,4 +1,4 @@
-"""Ports of the launched server: drawn outside the kernel's ephemeral range and never twice; a port the operator
+"""Ports and malloc settings of the launched server (and the client's malloc settings). Ports: drawn outside the kernel's ephemeral range and never twice; a port the operator
 chose that is taken fails at once with its flag named; a port the launcher drew that was taken before
 tritonserver bound it is drawn again. The starts run the real tritonserver on a one-model repository."""
 import random
@@ -163,3 +163,14 @@ def test_mallopt_in_a_running_process_unless_turned_off_or_set():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1],
                        timeout=60)
     assert r.stdout.split() == ["True", "False", "False"], r.stderr
+
+
+def test_the_client_sets_the_malloc_thresholds_unless_asked_not_to(monkeypatch):
+    from runtime.serving import client as client_mod
+
+    calls = []
+    monkeypatch.setattr(client_mod.malloc, "tune_this_process", lambda: calls.append(1) or True)
+    client_mod.StoryMakerClient("127.0.0.1:1")
+    assert calls == [1]
+    client_mod.StoryMakerClient("127.0.0.1:1", tune_malloc=False)
+    assert calls == [1]
