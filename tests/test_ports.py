@@ -174,3 +174,16 @@ def test_the_client_sets_the_malloc_thresholds_unless_asked_not_to(monkeypatch):
     assert calls == [1]
     client_mod.StoryMakerClient("127.0.0.1:1", tune_malloc=False)
     assert calls == [1]
+
+
+def test_without_the_gateway_on_a_specific_address_the_server_becomes_ready(echo_repo):
+    """Readiness asks tritonserver's own HTTP port where it listens: on `address` itself without the gateway
+    (127.0.0.2 is a loopback address other than 127.0.0.1, so asking 127.0.0.1 finds nothing there)."""
+    import tritonclient.grpc as g
+
+    srv = TritonServer(echo_repo, address="127.0.0.2", gateway=False, required_models=[])
+    try:
+        srv.start(30)
+        assert g.InferenceServerClient(srv.url).is_model_ready("echo")
+    finally:
+        srv.stop()

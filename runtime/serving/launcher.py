@@ -260,7 +260,8 @@ class TritonServer:
         import urllib.request
 
         host = "127.0.0.1" if self.address in ("0.0.0.0", "::") else self.address
-        urls = [f"http://127.0.0.1:{self.upstream_http_port}/v2/health/ready", f"http://{host}:{self.metrics_port}/metrics"]
+        http_host = "127.0.0.1" if self.gateway else host           # where tritonserver's own HTTP port listens
+        urls = [f"http://{http_host}:{self.upstream_http_port}/v2/health/ready", f"http://{host}:{self.metrics_port}/metrics"]
         while urls and time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 with urllib.request.urlopen(urls[0], timeout=2) as r:
