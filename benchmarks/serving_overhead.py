@@ -178,7 +178,7 @@ def run_case(server, client, admin, characters: int, pose: bool, concurrency: in
     for _ in range(WARM_UP):            # first calls per shape: plans, zero buffers, the request thread's arena
         client.generate("warm-up", tokens=tok, **opts)
     lat, lock, errors = [], threading.Lock(), []
-    roles = {"client": [os.getpid()], **(server.processes() if hasattr(server, "processes") else {})}
+    roles = {"client": [os.getpid()], **server.processes()}
     cpu0 = cpu_seconds(roles)
     m0, u0, c0 = _metrics(server.metrics_port), _model_stats(admin, "unet"), _model_stats(admin, "controlnet") \
         if pose else None

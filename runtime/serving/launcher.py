@@ -169,12 +169,12 @@ class TritonServer:
         self.repo = Path(repo).resolve()
         check_repo(self.repo, *server_backends(), required=required_models)   # a subset: benchmarks.full_size_serve
         self.address = address
-        reserve(grpc_port, http_port, metrics_port)
+        given = {"grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port}
+        reserve(*given.values())
         # ports this object drew itself (by attribute): drawn again where tritonserver finds one taken
-        self._drawn = {n for n, p in (("grpc_port", grpc_port), ("http_port", http_port), ("metrics_port", metrics_port))
-                       if not p}
-        self.grpc_port, self.http_port = grpc_port or free_port(address), http_port or free_port(address)
-        self.metrics_port = metrics_port or free_port(address)
+        self._drawn = {n for n, p in given.items() if not p}
+        for n, p in given.items():
+            setattr(self, n, p or free_port(address))
         self.admin_key = admin_key or os.environ.get("STORYMAKER_ADMIN_KEY") or secrets.token_hex(16)
         self.work = Path(tempfile.mkdtemp(prefix="storymaker-triton-"))
         self.log_file = Path(log_file or self.work / "server.log")

@@ -8,7 +8,7 @@ about half of its CPU time (perf, 960x1280 frames). With the threshold at 32 MB 
 freed buffers are reused. Bigger buffers (CPU UNet activations at full size) are still mapped and returned.
 
 `env()` is what the launcher gives tritonserver (and so the Python-backend stubs); `tune_this_process()` sets the
-same values with mallopt in a running process (the launcher, whose gateway forwards the messages; the client CLI).
+same values with mallopt in a running process (the launcher, whose gateway forwards the messages; StoryMakerClient).
 An operator's own MALLOC_* variables win; STORYMAKER_MALLOC_TUNING=0 turns both off.
 """
 from __future__ import annotations
