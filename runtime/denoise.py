@@ -205,8 +205,7 @@ def denoise(denoiser: Denoiser, inputs: dict, opts, plan: UniPCPlan, vae_factor:
     for i in range(n):
         if step_callback is not None:
             step_callback(i, n)
-        uncond, cond = denoiser(torch.cat([x, x]), ts[i]).float().chunk(2)
-        x = sampler.step(uncond + opts.guidance * (cond - uncond), i, x)
+        x = sampler.guided_step(denoiser(torch.cat([x, x]), ts[i]).float(), opts.guidance, i, x)
         if on_step is not None:
             on_step(i, n, sampler.ms[-1])
     return x
@@ -232,9 +231,16 @@ def decode(vae01, latents: torch.Tensor) -> np.ndarray:
     tensor or a numpy array) -> uint8 (H, W, 3), rounding as diffusers' postprocess (`(x * 255).round()` in float32,
     half to even). Non-finite pixels are refused (e.g. from hostile embeddings given to a server). The image is
     checked, scaled and rounded where it lies: on a GPU only the uint8 frame, a quarter of the bytes, comes to the
-    host."""
+    host; on the host in one fused pass (runtime/fused.py, bit-identical to the torch ops below)."""
+    from runtime import fused
+
     img = vae01(latents)
     img = (img.detach() if torch.is_tensor(img) else torch.from_numpy(np.asarray(img, np.float32)))[0].float()
+    done = fused.to_uint8(img)              # on the host: one pass, bit-identical (runtime/fused.py)
+    if done is not None:
+        if done[1]:
+            raise InputError("the VAE produced non-finite pixels (check the embeddings given)")
+        return done[0]
     if not bool(torch.isfinite(img.sum())):
         raise InputError("the VAE produced non-finite pixels (check the embeddings given)")
     hwc = torch.empty((img.shape[1], img.shape[2], img.shape[0]), device=img.device)

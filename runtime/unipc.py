@@ -104,6 +104,17 @@ class UniPCSampler:
         self.ms: list[torch.Tensor] = []                  # converted model outputs, newest last
         self.last: torch.Tensor | None = None
 
+    def guided_step(self, eps2: torch.Tensor, guidance: float, i: int, sample: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance, then `step`: eps2 holds the [uncond, cond] rows. On the host, one fused pass
+        (runtime/fused.py, bit-identical); elsewhere the torch ops."""
+        from runtime import fused
+
+        out = fused.unipc_step(self, eps2, guidance, i, sample)
+        if out is not None:
+            return out
+        uncond, cond = eps2.chunk(2)
+        return self.step(uncond + guidance * (cond - uncond), i, sample)
+
     def step(self, eps: torch.Tensor, i: int, sample: torch.Tensor) -> torch.Tensor:
         p = self.plan
         sigma, alpha = p.convert[i]

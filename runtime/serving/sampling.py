@@ -27,6 +27,7 @@ class Sampling:
                  engines: str = "bls"):
         import torch
 
+        from runtime import fused
         from runtime.serving.batcher import StepBatcher
         from runtime.serving.engines import Build
 
@@ -50,6 +51,7 @@ class Sampling:
             self.vae01 = lambda lat: glue.engine("vae_decoder", {"latent": _host(lat)}, ["image"])["image"]
             self.text_fns = text_engine_fns(glue, self.build)
         self.batcher = StepBatcher(fns, {n: self.build.component(n).spec.max_batch() for n in names}, max_wait_ms / 1000.0)
+        fused.warm_up()                      # the loop's host kernels compiled (or loaded from cache) before a request
 
     def denoiser(self):
         from runtime.denoise import EngineDenoiser
