@@ -205,7 +205,7 @@ def denoise(denoiser: Denoiser, inputs: dict, opts, plan: UniPCPlan, vae_factor:
     for i in range(n):
         if step_callback is not None:
             step_callback(i, n)
-        x = sampler.guided_step(denoiser(torch.cat([x, x]), ts[i]).float(), opts.guidance, i, x)
+        x = sampler.guided_step(denoiser(sampler.doubled(x), ts[i]).float(), opts.guidance, i, x)
         if on_step is not None:
             on_step(i, n, sampler.ms[-1])
     return x

@@ -107,9 +107,10 @@ def _coefficients(plan, i: int, corr: bool) -> tuple | None:
 
 def unipc_step(sampler, eps2: torch.Tensor, guidance: float, i: int, x: torch.Tensor) -> torch.Tensor | None:
     """`sampler.step(uncond + guidance * (cond - uncond), i, x)` for eps2 = [uncond, cond] rows, in one pass,
-    bit-identical, updating the sampler's state the same way; None (nothing done) where the kernel does not apply."""
+    bit-identical, updating the sampler's state the same way; None (nothing done) where the kernel does not apply.
+    The pass also writes the result twice into `sampler.pair`, the next step's CFG batch (`UniPCSampler.doubled`)."""
     p, n = sampler.plan, x.numel()
-    if not enabled() or p.solver_order > 2 or eps2.shape[0] != 2 or eps2.numel() != 2 * n:
+    if not enabled() or p.solver_order > 2 or eps2.shape[0] != 2 or eps2.numel() != 2 * n or x.shape[0] != 1:
         return None
     corr = i > 0 and sampler.last is not None
     states = [eps2, x] + sampler.ms[-2:] + ([sampler.last] if corr else [])
@@ -124,10 +125,13 @@ def unipc_step(sampler, eps2: torch.Tensor, guidance: float, i: int, x: torch.Te
     m1 = ms[-1] if ms else xf               # unused where the case does not read it
     m2 = ms[-2] if len(ms) > 1 else xf
     last = flats[-1] if corr else xf
-    (out_m, fm), (out_last, fl), (out_x, fx) = _new(x.shape), _new(x.shape), _new(x.shape)
+    (out_m, fm), (out_last, fl), (pair, fx) = _new(x.shape), _new(x.shape), _new((2, *x.shape[1:]))
     _load()["unipc"]((e, xf, last, m1, m2, fm, fl, fx), (np.float32(guidance), *k), *case)
     sampler.ms = (sampler.ms + [out_m])[-p.solver_order:]
     sampler.last = out_last
+    out_x = pair[:1]
+    out_x._host_flat = fx[:n]
+    sampler.pair = (out_x, pair)              # the next step's CFG batch, written by the kernel too
     return out_x
 
 

@@ -27,12 +27,15 @@ def _elem(j, arrays, k, corr, c_old, p_old):
     out_m[j] = m
     out_last[j] = s
     xt = pa * s - pb * m                     # predictor over [m1, m] (newest last): m0 = m
-    out_x[j] = xt - pc * (((m1[j] - m) / p_rk) * p_rho) if p_old else xt - p_zero
+    v = xt - pc * (((m1[j] - m) / p_rk) * p_rho) if p_old else xt - p_zero
+    out_x[j] = v
+    out_x[x.size + j] = v                    # twice: the next step's CFG batch [x, x]
 
 
 @jit
 def unipc(arrays, k, corr, c_old, p_old):
-    """arrays: (eps2, x, last, m1, m2, out_m, out_last, out_x), flat float32; k: the 15 float32 coefficients. One
+    """arrays: (eps2, x, last, m1, m2, out_m, out_last, out_x), flat float32 (eps2 and out_x twice as long as x:
+    the CFG batch); k: the 15 float32 coefficients. One
     loop per case with the case a constant inside it, so each loop is branch-free and vectorises."""
     n = arrays[1].size
     if corr and c_old and p_old:

@@ -103,6 +103,13 @@ class UniPCSampler:
         self.plan = plan
         self.ms: list[torch.Tensor] = []                  # converted model outputs, newest last
         self.last: torch.Tensor | None = None
+        self.pair: tuple | None = None                    # (sample returned, [sample, sample]) from the fused step
+
+    def doubled(self, x: torch.Tensor) -> torch.Tensor:
+        """torch.cat([x, x]), the CFG batch of a sample: the one the fused step already wrote if x is its result."""
+        if self.pair is not None and self.pair[0] is x:
+            return self.pair[1]
+        return torch.cat([x, x])
 
     def guided_step(self, eps2: torch.Tensor, guidance: float, i: int, sample: torch.Tensor) -> torch.Tensor:
         """Classifier-free guidance, then `step`: eps2 holds the [uncond, cond] rows. On the host, one fused pass

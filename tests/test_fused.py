@@ -39,6 +39,8 @@ def test_guided_step_bit_identical_over_a_run(steps):
         x_ref = _torch_step(ref, batch[2:4], 7.5, i, x_ref)
         x_new = new.guided_step(batch[2:4], 7.5, i, x_new)
         assert torch.equal(x_ref, x_new), (i, (x_ref - x_new).abs().max().item())
+        pair = new.doubled(x_new)                      # the next CFG batch, written by the kernel
+        assert pair is new.pair[1] and torch.equal(pair, torch.cat([x_ref, x_ref]))
         assert torch.equal(ref.last, new.last) and all(torch.equal(a, b) for a, b in zip(ref.ms, new.ms))
         assert len(ref.ms) == len(new.ms)
 
