@@ -50,6 +50,11 @@ def _load():
             except ImportError:
                 log.info("numba is not installed: the denoising loop's host arithmetic runs as torch ops")
                 _kernels = False
+            except Exception as e:  # noqa: BLE001 - e.g. no writable cache folder: same numbers, slower
+                log.warning("numba could not load the fused kernels (%s: %s); the denoising loop's host arithmetic "
+                            "runs as torch ops. Set NUMBA_CACHE_DIR to a writable folder to use them",
+                            type(e).__name__, e)
+                _kernels = False
         return _kernels or None
 
 

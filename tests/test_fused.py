@@ -113,3 +113,18 @@ def test_decode_refuses_non_finite_pixels(bad):
 def test_warm_up_compiles_both_kernels():
     fused.warm_up()
     assert fused._load() is not None
+
+
+def test_kernels_that_cannot_load_fall_back_to_torch_ops(monkeypatch, caplog):
+    """numba failing to load the kernels (e.g. no writable cache folder in a read-only install) never fails a
+    request: a warning names the fix and the torch ops compute the same numbers."""
+    def broken():
+        raise RuntimeError("cannot cache function 'unipc': no locator available")
+
+    monkeypatch.setattr(fused, "_kernels", None)
+    monkeypatch.setattr(fused, "_compile", broken)
+    assert not fused.enabled()
+    assert "NUMBA_CACHE_DIR" in caplog.text
+    plan = UniPCPlan(SDXL_SCHEDULER, 3)
+    eps, x = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    assert torch.equal(UniPCSampler(plan).guided_step(eps, 5.0, 0, x), _torch_step(UniPCSampler(plan), eps, 5.0, 0, x))
