@@ -236,13 +236,11 @@ def decode(vae01, latents: torch.Tensor) -> np.ndarray:
 
     img = vae01(latents)
     img = (img.detach() if torch.is_tensor(img) else torch.from_numpy(np.asarray(img, np.float32)))[0].float()
-    done = fused.to_uint8(img)              # on the host: one pass, bit-identical (runtime/fused.py)
-    if done is not None:
-        if done[1]:
-            raise InputError("the VAE produced non-finite pixels (check the embeddings given)")
-        return done[0]
-    if not bool(torch.isfinite(img.sum())):
+    done = fused.to_uint8(img)              # on the host: (frame, non-finite count) in one pass, bit-identical
+    if (done[1] if done is not None else not bool(torch.isfinite(img.sum()))):
         raise InputError("the VAE produced non-finite pixels (check the embeddings given)")
+    if done is not None:
+        return done[0]
     hwc = torch.empty((img.shape[1], img.shape[2], img.shape[0]), device=img.device)
     torch.mul(img.permute(1, 2, 0), 255, out=hwc)               # transposed while scaled: one pass, HWC contiguous
     return hwc.round_().to(torch.uint8).cpu().numpy()
