@@ -81,7 +81,6 @@ class DeployedServer:
         from runtime.serving.ports import free_port
 
         self.repo, self.gateway = Path(repo).resolve(), gateway
-        self.warmed = False                         # set by the benchmark once it sent SERVER_WARM_UP frames
         self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         self.url = f"127.0.0.1:{self.grpc_port}"
         self.log_file = self.repo.parent / "serve.log"
@@ -328,16 +327,16 @@ def main(argv=None) -> list[dict]:
             client, admin = StoryMakerClient(server.url), grpcclient.InferenceServerClient(server.url)
             # the first case once more with 1 step: the per-image fixed cost (request, text, decode, the frame back
             # through the server, gateway and client), so the per-step cost is (25-step - 1-step) / 24
+            warm = SERVER_WARM_UP                  # the first case of each server, then WARM_UP per case
             for ch, pose, png, conc, steps in [(*c, a.steps) for c in plan[engines]] + [(*plan[engines][0], 1)]:
                 # ~8 s per image with the residuals via BLS; 10x the images at concurrency 1, where one image is short
                 # (25-40 ms: a handful is within this machine's noise)
                 n_each = 1 if (engines == "bls" and pose) else per_client * (10 if conc == 1 else 1)
-                warm = SERVER_WARM_UP if not server.warmed else WARM_UP
-                server.warmed = True
                 rec = run_case(server, client, admin, ch, pose, conc, n_each, steps, a.width, a.height, png,
                                buf.getvalue(), warm)
                 rec.update(quick=a.quick, denoise_engines=engines, gateway=not a.no_gateway, warm_up=warm)
                 records.append(rec)
+                warm = WARM_UP
                 print(f"[{engines}] {ch} char, pose={pose}, png={png}, concurrency {conc}, {steps} steps: "
                       f"{rec['ms_per_image']} ms/image ({rec['ms_per_step']} ms/step), p50 {rec['p50_latency_ms']} ms, "
                       f"UNet rows/exec {rec['unet_rows_per_execution']}, stages {rec['server_stage_ms_per_image']}",

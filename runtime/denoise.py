@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from runtime import fused
 from runtime.attention import TEXT_TOKENS
 from runtime.errors import InputError
 from runtime.unipc import UniPCPlan, UniPCSampler
@@ -232,8 +233,6 @@ def decode(vae01, latents: torch.Tensor) -> np.ndarray:
     half to even). Non-finite pixels are refused (e.g. from hostile embeddings given to a server). The image is
     checked, scaled and rounded where it lies: on a GPU only the uint8 frame, a quarter of the bytes, comes to the
     host; on the host in one fused pass (runtime/fused.py, bit-identical to the torch ops below)."""
-    from runtime import fused
-
     img = vae01(latents)
     img = (img.detach() if torch.is_tensor(img) else torch.from_numpy(np.asarray(img, np.float32)))[0].float()
     done = fused.to_uint8(img)              # on the host: (frame, non-finite count) in one pass, bit-identical

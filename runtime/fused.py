@@ -66,13 +66,12 @@ def _compile():
 
 def warm_up() -> None:
     """Compile (or load from numba's cache) both kernels now, so no request pays for it (the served models call this
-    at load)."""
+    at load). numba compiles once per argument types; the step's case flags are values, so one call each is all."""
     if not enabled():
         return
-    sampler = _TinySampler()
-    x = torch.zeros(1, 1, 2, 2)
-    for i in range(3):
-        x = unipc_step(sampler, torch.zeros(2, 1, 2, 2), 1.0, i, x)
+    a = np.zeros(2, np.float32)
+    _load()["unipc"]((np.zeros(4, np.float32), a, a, a, a, a.copy(), a.copy(), np.zeros(4, np.float32)),
+                     tuple(np.float32(1) for _ in range(15)), True, True, True)
     to_uint8(np.zeros((3, 2, 2), np.float32))
 
 
@@ -118,18 +117,16 @@ def unipc_step(sampler, eps2: torch.Tensor, guidance: float, i: int, x: torch.Te
     if not enabled() or p.solver_order > 2 or eps2.shape[0] != 2 or eps2.numel() != 2 * n or x.shape[0] != 1:
         return None
     corr = i > 0 and sampler.last is not None
-    states = [eps2, x] + sampler.ms[-2:] + ([sampler.last] if corr else [])
-    flats = [_flat(t) for t in states]
-    if any(f is None or f.size != n for f in flats[1:]) or flats[0] is None:
+    e, xf, ms = _flat(eps2), _flat(x), [_flat(m) for m in sampler.ms[-2:]]
+    last = _flat(sampler.last) if corr else xf
+    if e is None or any(a is None or a.size != n for a in (xf, last, *ms)):
         return None
     plan_k = _coefficients(p, i, corr)
-    if plan_k is None or (plan_k[0][2] and not sampler.ms):
+    if plan_k is None or (plan_k[0][2] and not ms):
         return None
-    (case, k), e, xf = plan_k, flats[0], flats[1]
-    ms = flats[2:2 + len(sampler.ms[-2:])]
+    case, k = plan_k
     m1 = ms[-1] if ms else xf               # unused where the case does not read it
     m2 = ms[-2] if len(ms) > 1 else xf
-    last = flats[-1] if corr else xf
     (out_m, fm), (out_last, fl), (pair, fx) = _new(x.shape), _new(x.shape), _new((2, *x.shape[1:]))
     _load()["unipc"]((e, xf, last, m1, m2, fm, fl, fx), (np.float32(guidance), *k), *case)
     sampler.ms = (sampler.ms + [out_m])[-p.solver_order:]
@@ -156,21 +153,3 @@ def to_uint8(img) -> tuple[np.ndarray, int] | None:
     out = np.empty((img.shape[1], img.shape[2], img.shape[0]), np.uint8)
     bad = _load()["uint8"](img, out)
     return out, int(bad)
-
-
-class _TinySampler:
-    """A 3-step plan's sampler state for warm_up (no scheduler config needed)."""
-
-    def __init__(self):
-        from runtime.unipc import Update
-
-        one = Update(1.0, 0.5, 0.25, [], [])
-        two = Update(1.0, 0.5, 0.25, [0.5], [0.5, 0.5])
-
-        class Plan:
-            solver_order = 2
-            convert = [(0.5, 0.5)] * 3
-            pred = [one, two, two]
-            corr = [None, Update(1.0, 0.5, 0.25, [], [0.5]), two]
-
-        self.plan, self.ms, self.last = Plan(), [], None

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime import fused
+
 
 def _alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     alpha = 1 / ((sigma**2 + 1) ** 0.5)
@@ -114,8 +116,6 @@ class UniPCSampler:
     def guided_step(self, eps2: torch.Tensor, guidance: float, i: int, sample: torch.Tensor) -> torch.Tensor:
         """Classifier-free guidance, then `step`: eps2 holds the [uncond, cond] rows. On the host, one fused pass
         (runtime/fused.py, bit-identical); elsewhere the torch ops."""
-        from runtime import fused
-
         out = fused.unipc_step(self, eps2, guidance, i, sample)
         if out is not None:
             return out
