@@ -1,19 +1,13 @@
-"""storymaker-serve as an installed distribution.
+"""storymaker-serve: export, serve and benchmark StoryMaker (consistent-character SDXL) on Triton.
 
-The checkout keeps its top-level layout (`runtime/`, `export/`, `kernels/`, `benchmarks/`, `triton_repo/`;
-`python -m export.build` works from it). Installed, those folders live *inside* this package
-(site-packages/storymaker_serve/runtime, ...), so installing never writes a top-level `kernels/` or
-`runtime/` that another distribution owns (there is a popular `kernels` package on PyPI). Importing
-`storymaker_serve` puts the folder that holds them first on `sys.path` (installed: this package's folder; in
-a checkout: the repository root), so in this process `import runtime` means ours. The console scripts
-(storymaker_serve/cli.py) and the Triton model glue import this first.
+One package, imported as `storymaker_serve.*` everywhere (checkout and installed alike):
+- `storymaker_serve.runtime`: what a server needs to run StoryMaker (models, loaders, the loop, serving);
+- `storymaker_serve.export`: what a build needs (ONNX, TensorRT, parity, the Triton repository);
+- `storymaker_serve.kernels`: the fused dual-stream attention kernel (OpenAI Triton);
+- `storymaker_serve.benchmarks`: latency and throughput harnesses;
+- `storymaker_serve.triton_repo`: the Python-backend glue copied into a build's model repository.
+
+A checkout's top-level `export/`, `runtime/` and `benchmarks/` folders hold only entry modules
+(`python -m export.build` runs `storymaker_serve.export.build`); the console scripts are in `cli.py`.
 """
-import sys
-from pathlib import Path
-
-_HERE = Path(__file__).resolve().parent
-ROOT = _HERE if (_HERE / "runtime").is_dir() else _HERE.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 __version__ = "0.2.0"

@@ -1,41 +1,41 @@
 """Console scripts (`storymaker-build`, `-serve`, `-client`, `-generate`, `-bench`, `-refit`): the same entry
 points as `python -m export.build`, `runtime.serve`, `runtime.client`, `runtime.generate`, `benchmarks.run`,
-`export.refit`."""
-import storymaker_serve  # noqa: F401  (puts runtime/, export/, ... on sys.path)
+`export.refit` in a checkout. Each imports its command only when run (a script's start-up pays for its own
+imports, not for every command's)."""
 
 
 def build() -> int:
-    from export.build import main
+    from storymaker_serve.export.build import main
 
     return main()
 
 
 def serve() -> int:
-    from runtime.serving.launcher import main
+    from storymaker_serve.runtime.serving.launcher import main
 
     return main()
 
 
 def client() -> int:
-    from runtime.serving.client import main
+    from storymaker_serve.runtime.serving.client import main
 
     return main()
 
 
 def generate() -> int:
-    from runtime.generate import main
+    from storymaker_serve.runtime.generate import main
 
     return main()
 
 
 def bench() -> int:
-    from benchmarks.run import main
+    from storymaker_serve.benchmarks.run import main
 
     main()
     return 0
 
 
 def refit() -> int:
-    from export.refit import main
+    from storymaker_serve.export.refit import main
 
     return main()

@@ -24,14 +24,14 @@ DATA = Path(__file__).parent / "data"
 
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory) -> Path:
-    from export.demo_bundle import write_demo_bundle
+    from storymaker_serve.export.demo_bundle import write_demo_bundle
 
     return write_demo_bundle(tmp_path_factory.mktemp("bundle") / "demo")
 
 
 @pytest.fixture(scope="session")
 def layout(bundle):
-    from runtime.loaders import WeightsLayout
+    from storymaker_serve.runtime.loaders import WeightsLayout
 
     return WeightsLayout.from_dir(bundle)
 
@@ -39,7 +39,7 @@ def layout(bundle):
 @pytest.fixture(scope="session")
 def models(layout):
     """Fused StoryMaker models (the production path)."""
-    from runtime.loaders import load_storymaker
+    from storymaker_serve.runtime.loaders import load_storymaker
 
     torch.manual_seed(0)
     return load_storymaker(layout, lora_scale=0.8, ip_scale=0.8, fuse=True)
@@ -47,14 +47,14 @@ def models(layout):
 
 @pytest.fixture(scope="session")
 def pipe(models):
-    from runtime.pipeline import StoryMakerPipeline
+    from storymaker_serve.runtime.pipeline import StoryMakerPipeline
 
     return StoryMakerPipeline(models)
 
 
 @pytest.fixture(scope="session")
 def two_characters():
-    from runtime.characters import Character
+    from storymaker_serve.runtime.characters import Character
 
     return [Character.load(DATA / "ldh.png", DATA / "ldh_mask.png", DATA / "ldh.face.json", name="man"),
             Character.load(DATA / "tsy.png", DATA / "tsy_mask.png", DATA / "tsy.face.json", name="woman")]
@@ -63,7 +63,7 @@ def two_characters():
 @pytest.fixture(scope="session")
 def built(tmp_path_factory) -> Path:
     """`python -m export.build --demo` once per session: ONNX, manifest and Triton repository."""
-    from export.build import main
+    from storymaker_serve.export.build import main
 
     out = tmp_path_factory.mktemp("build") / "demo"
     assert main(["--demo", "--out", str(out)]) == 0
@@ -73,7 +73,7 @@ def built(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def server(built):
     """A real tritonserver on loopback serving the demo build, shared by the serving test modules."""
-    from runtime.serving.launcher import TritonServer
+    from storymaker_serve.runtime.serving.launcher import TritonServer
 
     with TritonServer(built / "triton_repo") as srv:
         yield srv
@@ -81,6 +81,6 @@ def server(built):
 
 @pytest.fixture(scope="session")
 def client(server):
-    from runtime.serving.client import StoryMakerClient
+    from storymaker_serve.runtime.serving.client import StoryMakerClient
 
     return StoryMakerClient(server.url, retries=2)

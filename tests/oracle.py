@@ -4,7 +4,7 @@ Product code runs runtime.denoise.denoise (host-precomputed UniPC); tests compar
 is how the release samples (scheduler.step with its per-step host arithmetic)."""
 import torch
 
-from runtime.denoise import initial_latents
+from storymaker_serve.runtime.denoise import initial_latents
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ import threading
 import numpy as np
 import pytest
 
-from runtime.serving.batcher import StepBatcher
+from storymaker_serve.runtime.serving.batcher import StepBatcher
 
 
 def _engine(log):
@@ -131,7 +131,7 @@ def test_rows_split_from_one_output_are_rebatched_without_a_copy(lib):
     The result equals concatenation in every case."""
     import torch
 
-    from runtime.serving.batcher import _concat
+    from storymaker_serve.runtime.serving.batcher import _concat
 
     base = np.arange(48, dtype=np.float32).reshape(8, 3, 2)
     if lib == "torch":
@@ -215,7 +215,7 @@ def test_a_filled_round_leaves_the_calls_beyond_whole_executions_for_the_next():
     the third loop's call waits for the next round (with the loops still on their way) instead of running alone."""
     import time
 
-    from runtime.serving.batcher import _Call
+    from storymaker_serve.runtime.serving.batcher import _Call
 
     b = StepBatcher({"unet": _engine([])}, {"unet": 4}, max_wait_s=30.0)
     b.active = 6

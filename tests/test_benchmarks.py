@@ -3,8 +3,8 @@ import json
 
 import torch
 
-from benchmarks import plot, run
-from benchmarks.flops import peak_tflops
+from storymaker_serve.benchmarks import plot, run
+from storymaker_serve.benchmarks.flops import peak_tflops
 
 REQUIRED = {"backend", "weights", "size", "steps", "characters", "precision", "dual_attention_kernel", "channels_last",
             "fused_qkv", "offload_encoders", "vae_precision", "cuda_graph", "compile", "flops", "tflops_per_s", "pct_fp16_peak", "device_name", "torch", "git_commit", "median_s", "p90_s", "runs_s",
@@ -45,8 +45,8 @@ def test_quick_flags():
 
 def test_flop_count_of_the_full_size_unet():
     """The random-full UNet counts SDXL's published 6.76 TFLOP per pass at 1024^2 (plus StoryMaker's image branch)."""
-    from benchmarks.flops import image_flops, peak_tflops
-    from export.random_models import random_full_models
+    from storymaker_serve.benchmarks.flops import image_flops, peak_tflops
+    from storymaker_serve.export.random_models import random_full_models
 
     meta = random_full_models("meta")
     one, two = image_flops(meta, 1024, 1, 25), image_flops(meta, 1024, 2, 25)
@@ -62,7 +62,7 @@ def test_flop_count_of_the_full_size_unet():
 def test_gpu_suite_plumbing_on_the_demo_bundle(tmp_path, built, monkeypatch):
     """`benchmarks.gpu_suite --tiny`: the e2e ladder and size sweep write one JSON line per run and a suite line per
     stage; a failing stage is recorded and does not stop the next one."""
-    from benchmarks import gpu_suite
+    from storymaker_serve.benchmarks import gpu_suite
 
     monkeypatch.setattr(run, "_build", lambda a: built)
     rows = gpu_suite.main(["--tiny", "--stages", "e2e,kernel,sizes", "--results", str(tmp_path)])
@@ -83,7 +83,7 @@ def test_gpu_suite_plumbing_on_the_demo_bundle(tmp_path, built, monkeypatch):
 def test_full_size_serve_script_runs_on_the_demo_build(tmp_path, built, capsys):
     """benchmarks.full_size_serve (the full-size serving measurement, README) on the demo build: one storymaker
     frame, per-model stub memory, cold start. Only that it runs and reports; no figure asserted."""
-    from benchmarks.full_size_serve import main
+    from storymaker_serve.benchmarks.full_size_serve import main
 
     main(["--build", str(built), "--models", "text_encoder,clip_vision,ppr,encode_characters,unet,vae_decoder,storymaker",
           "--size", "64", "--steps", "2", "--out", str(tmp_path / "r.json"), "--save", str(tmp_path / "f.png")])
@@ -98,8 +98,8 @@ def test_serving_overhead_standin_build_has_the_released_shapes(tmp_path):
     with correctly shaped zeros, and the bytes a step moves through BLS counted from those shapes."""
     import numpy as np
 
-    from benchmarks.serving_overhead import step_bytes, write_standin_build
-    from runtime.serving.engines import Build, StandInEngine
+    from storymaker_serve.benchmarks.serving_overhead import step_bytes, write_standin_build
+    from storymaker_serve.runtime.serving.engines import Build, StandInEngine
 
     b = Build(write_standin_build(tmp_path / "b", "inprocess"))
     assert (b.cross_attention_dim, b.pooled_dim, b.text_len, b.latent_channels, b.vae_factor) == (2048, 1280, 77, 4, 8)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from runtime.generate import main
+from storymaker_serve.runtime.generate import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,11 +15,11 @@ ENTRY_POINTS = ["export.build", "export.refit", "export.demo_bundle", "export.sc
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
 def test_help_shows_defaults_and_starts_nothing(module, capsys, monkeypatch):
-    import runtime.cli as cli
+    import storymaker_serve.runtime.cli as cli
 
     started = []
     monkeypatch.setattr(cli, "configure_logging", lambda a: started.append(a))   # reached only after parsing
-    mod = importlib.import_module(module)
+    mod = importlib.import_module(f"storymaker_serve.{module}")
     with pytest.raises(SystemExit) as e:
         mod.main(["--help"])
     out = capsys.readouterr().out
@@ -32,7 +32,7 @@ def test_help_shows_defaults_and_starts_nothing(module, capsys, monkeypatch):
 @pytest.mark.parametrize("argv,level", [([], logging.WARNING), (["-v"], logging.INFO), (["-vv"], logging.DEBUG),
                                         (["-v", "--log-level", "error"], logging.ERROR)])
 def test_verbosity_flags(argv, level):
-    from runtime.cli import argument_parser, configure_logging
+    from storymaker_serve.runtime.cli import argument_parser, configure_logging
 
     a = argument_parser("x", "doc").parse_args(argv)
     assert configure_logging(a) == level == logging.getLogger().level
@@ -41,7 +41,7 @@ def test_verbosity_flags(argv, level):
 def test_sampling_shows_per_step_progress_on_a_terminal(monkeypatch):
     import sys
 
-    from runtime.cli import step_progress
+    from storymaker_serve.runtime.cli import step_progress
 
     class Tty(io.StringIO):
         def isatty(self):
@@ -62,9 +62,9 @@ def test_sampling_shows_per_step_progress_on_a_terminal(monkeypatch):
 
 
 def test_generate_and_client_share_the_sampling_flags(monkeypatch):
-    import runtime.cli as cli
-    import runtime.serving.client as client
-    from runtime.generate import parse_args
+    import storymaker_serve.runtime.cli as cli
+    import storymaker_serve.runtime.serving.client as client
+    from storymaker_serve.runtime.generate import parse_args
 
     gen = parse_args(["--weights", "w", "--prompt", "p", "--width", "640", "--negative-prompt", "blurry"])
     assert gen.width == 640 and gen.negative_prompt == "blurry" and gen.precision in ("fp16", "fp32")

@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PY = [p for d in ("runtime", "export", "kernels", "benchmarks", "tests") for p in (ROOT / d).rglob("*.py")]
+PY = [p for d in ("storymaker_serve", "export", "runtime", "benchmarks", "tests") for p in (ROOT / d).rglob("*.py")]
 
 
 def test_every_module_has_a_docstring():

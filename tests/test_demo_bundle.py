@@ -4,7 +4,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from export.demo_bundle import write_demo_bundle
+from storymaker_serve.export.demo_bundle import write_demo_bundle
 
 
 def test_bundle_is_deterministic(bundle, tmp_path):

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from kernels.dual_attention import dual_attention, dual_attention_reference
-from runtime.kernel_attention import KernelAttnProcessor, use_dual_attention_kernel
+from storymaker_serve.kernels.dual_attention import dual_attention, dual_attention_reference
+from storymaker_serve.runtime.kernel_attention import KernelAttnProcessor, use_dual_attention_kernel
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOL = 1e-5
@@ -58,8 +58,8 @@ def test_dual_attention_half_precision_on_gpu(dtype):
 def test_dual_attention_unet_step_matches_reference_processors(bundle, monkeypatch, fused_qkv):
     """Whole UNet step: kernel processors on the fused UNet vs the release's unfused LoRA processors; with
     fused projections the kernel reads K/V as strided halves of one K|V GEMM output."""
-    import kernels.dual_attention as kd
-    from runtime.attention import use_fused_projections
+    import storymaker_serve.kernels.dual_attention as kd
+    from storymaker_serve.runtime.attention import use_fused_projections
     from test_lora_fuse import unet_inputs, unet_with
 
     # model and inputs on the test device: on a GPU the kernel runs natively only on CUDA tensors
@@ -90,7 +90,7 @@ def to_device(x, dev):
 def test_kernel_requested_where_it_cannot_run_fails_loudly(bundle, monkeypatch):
     """A run that asks for the kernel where it cannot run must not measure two SDPA calls while reporting the
     kernel: on CUDA (or strict) it raises with the reason; where a fallback is allowed the reason is logged."""
-    import runtime.kernel_attention as ka
+    import storymaker_serve.runtime.kernel_attention as ka
     from test_lora_fuse import unet_with
 
     monkeypatch.setattr(ka, "kernel_unavailable", lambda device: "needs OpenAI Triton >= 3.4, found 3.1.0")
@@ -110,15 +110,15 @@ def test_kernel_refuses_an_old_triton(monkeypatch):
 
     import triton
 
-    import runtime.kernel_attention as ka
+    import storymaker_serve.runtime.kernel_attention as ka
 
     monkeypatch.setattr(triton, "__version__", "3.1.0")
-    monkeypatch.delitem(sys.modules, "kernels.dual_attention")
+    monkeypatch.delitem(sys.modules, "storymaker_serve.kernels.dual_attention")
     with pytest.raises(ImportError, match=r"Triton >= 3\.4, found 3\.1\.0"):
-        importlib.import_module("kernels.dual_attention")
+        importlib.import_module("storymaker_serve.kernels.dual_attention")
     assert "3.4" in ka.kernel_unavailable("cuda")
     monkeypatch.undo()
-    importlib.import_module("kernels.dual_attention")
+    importlib.import_module("storymaker_serve.kernels.dual_attention")
     assert ka.kernel_unavailable("cuda") is None
 
 
@@ -127,7 +127,7 @@ def test_kernel_benchmark_passes_device_tensors_and_asks_for_the_median(monkeypa
     per call), the wrapper makes no host tensor for a float either, and do_bench is asked for the median."""
     import triton.testing
 
-    from benchmarks import dual_attention as bench
+    from storymaker_serve.benchmarks import dual_attention as bench
 
     seen = []
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: seen.append(kw) or (fn(), 1.0)[1])
@@ -150,7 +150,7 @@ def test_dual_attention_processor_falls_back_with_a_mask():
     ki, vi = torch.randn(1, 40, 64, generator=g), torch.randn(1, 40, 64, generator=g)
     mask = torch.zeros(1, 1, 10, 77)
     got = p.dual_attention(q, k, v, ki, vi, 2, mask, 0.5)
-    from runtime.attention import StoryMakerAttnProcessor
+    from storymaker_serve.runtime.attention import StoryMakerAttnProcessor
 
     want = StoryMakerAttnProcessor.dual_attention(p, q, k, v, ki, vi, 2, mask, 0.5)
     assert torch.equal(got, want)

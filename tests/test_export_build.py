@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.build import main
+from storymaker_serve.export.build import main
 
 COMPONENTS = {"face_detector", "face_recognizer", "clip_vision", "ppr", "text_encoder", "text_encoder_2", "unet",
               "controlnet", "vae_decoder"}
@@ -22,7 +22,7 @@ def test_manifest_records_every_component(built, capsys):
             assert (built / f["path"]).exists() and len(f["sha256"]) == 64
         assert c["profile"] and c["inputs"] and c["outputs"] and "export_seconds" in c
     assert m["components"]["unet"]["opset"] == 17 and m["tools"]["onnxruntime"]
-    from export.tensorrt import availability
+    from storymaker_serve.export.tensorrt import availability
 
     if availability()[0]:           # per device: with TensorRT and a GPU every component gets an engine
         assert sorted(m["engines"]["built"]) == sorted(COMPONENTS) and m["engines"]["tensorrt"]
@@ -48,7 +48,7 @@ def test_second_build_reuses_cache(built, capsys):
 
 def _unet_feeds(built, ip_scale):
     spec = json.loads((built / "manifest.json").read_text())["components"]["unet"]["spec"]
-    from runtime.spec import ComponentSpec, TensorSpec
+    from storymaker_serve.runtime.spec import ComponentSpec, TensorSpec
 
     s = ComponentSpec(spec["name"], tuple(TensorSpec(**{**t, "dims": tuple(t["dims"])}) for t in spec["inputs"]),
                       tuple(TensorSpec(**{**t, "dims": tuple(t["dims"])}) for t in spec["outputs"]),
@@ -63,8 +63,8 @@ def _unet_feeds(built, ip_scale):
 
 def test_ip_scale_is_a_runtime_input_of_the_onnx_unet(built, bundle):
     """Changing ip_scale at run time changes the ONNX output exactly as it changes the reference's."""
-    from runtime.adapter import attach_storymaker
-    from runtime.loaders import load_mask_bin, load_sdxl
+    from storymaker_serve.runtime.adapter import attach_storymaker
+    from storymaker_serve.runtime.loaders import load_mask_bin, load_sdxl
 
     sess = ort.InferenceSession(str(built / "onnx/unet/model.onnx"), providers=["CPUExecutionProvider"])
     ref = load_sdxl(bundle / "sdxl").unet.eval()
@@ -91,8 +91,8 @@ def test_fp16_build_subset(tmp_path, bundle):
     assert c["unet"]["files"][0]["path"].endswith("model.fp16.onnx") and c["unet"]["parity_fp32_export"]["passed"]
     assert c["vae_decoder"]["precision"] == "fp32"   # SDXL's VAE stays fp32 unless --fp16-vae
     # CPU-only sessions serve the fp32 export (recorded and hashed beside the fp16 files), GPU ones the fp16 files
-    from runtime.manifest import Manifest
-    from runtime.serving.engines import Build
+    from storymaker_serve.runtime.manifest import Manifest
+    from storymaker_serve.runtime.serving.engines import Build
 
     unet = Manifest(out).component("unet")
     assert [f.path for f in unet.files_for(["cpu"])] == [f["path"] for f in c["unet"]["fp32_files"]]
@@ -139,8 +139,8 @@ def test_style_lora_is_fused_before_export(tmp_path, bundle, built):
 def test_triton_repositories_are_complete_and_parse(built):
     """Every generated config.pbtxt parses as Triton's ModelConfig; the NGC variant uses native backends
     for the engine models and links the build's files."""
-    from export.triton_config import parse_pbtxt
-    from runtime.serving.launcher import REQUIRED_MODELS, check_repo
+    from storymaker_serve.export.triton_config import parse_pbtxt
+    from storymaker_serve.runtime.serving.launcher import REQUIRED_MODELS, check_repo
 
     check_repo(built / "triton_repo")
     for repo in ("triton_repo", "triton_repo_ngc"):
@@ -195,8 +195,8 @@ def test_weights_as_flags_symlinks_or_hf_cache_give_the_same_build(tmp_path, bui
     capsys.readouterr()
     assert main(["--weights", str(links), "--out", str(a), *comps]) == 0     # the flag-built folder, another layout
     assert capsys.readouterr().out.count(": cached") == 2
-    from runtime.errors import WeightsError
-    from runtime.loaders import WeightsLayout, hf_cache_path
+    from storymaker_serve.runtime.errors import WeightsError
+    from storymaker_serve.runtime.loaders import WeightsLayout, hf_cache_path
 
     assert hf_cache_path(hf) == hf / "snapshots" / "0123abcd"
     with pytest.raises(WeightsError, match="--image-encoder missing"):
@@ -207,7 +207,7 @@ def test_weights_as_flags_symlinks_or_hf_cache_give_the_same_build(tmp_path, bui
 def test_interrupted_build_resumes_from_what_finished(tmp_path, built, monkeypatch, capsys):
     """The manifest is written after every component: a build that dies part-way keeps what finished, and the
     rerun reports those components cached and builds only the rest."""
-    import export.build as eb
+    import storymaker_serve.export.build as eb
 
     real, done = eb._build_one, []
 
@@ -253,7 +253,7 @@ def test_build_loads_one_component_at_a_time(tmp_path, built, monkeypatch):
     """The memory-conscious build never loads the whole SDXL pipeline (a full-size fp32 UNet is 11.6 GB; the old
     build held a fused and an unfused one): each component loads its own part, and the UNet is exported from the
     same model whose unfused processors gave the reference outputs."""
-    import runtime.loaders as L
+    import storymaker_serve.runtime.loaders as L
 
     monkeypatch.setattr(L, "load_sdxl", lambda *a, **k: pytest.fail("whole SDXL pipeline loaded"))
     monkeypatch.setattr(L, "load_storymaker", lambda *a, **k: pytest.fail("all models loaded at once"))
@@ -272,8 +272,8 @@ def test_clip_graph_leaves_the_reference_encoder_whole(layout):
     the whole encoder) must still see every layer."""
     import torch
 
-    from export.components import ClipVisionGraph, ClipVisionReference
-    from runtime.loaders import load_image_encoder
+    from storymaker_serve.export.components import ClipVisionGraph, ClipVisionReference
+    from storymaker_serve.runtime.loaders import load_image_encoder
 
     enc = load_image_encoder(layout.image_encoder)
     n = len(enc.vision_model.encoder.layers)

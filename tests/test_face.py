@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from runtime.errors import InputError, WeightsError
-from runtime.face import FaceAnalyzer, FaceInfo
-from runtime.preprocess import decode_image
+from storymaker_serve.runtime.errors import InputError, WeightsError
+from storymaker_serve.runtime.face import FaceAnalyzer, FaceInfo
+from storymaker_serve.runtime.preprocess import decode_image
 
 from conftest import DATA
 

@@ -11,11 +11,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pathlib import Path
 
-from runtime.fast import FastOptions, FastPipeline, StageTimes
-from runtime.loaders import load_storymaker
+from storymaker_serve.runtime.fast import FastOptions, FastPipeline, StageTimes
+from storymaker_serve.runtime.loaders import load_storymaker
 from oracle import diffusers_sample
-from runtime.denoise import TorchDenoiser, step_inputs
-from runtime.pipeline import GenerateOptions, encode_text
+from storymaker_serve.runtime.denoise import TorchDenoiser, step_inputs
+from storymaker_serve.runtime.pipeline import GenerateOptions, encode_text
 
 DATA = Path(__file__).parent / "data"
 
@@ -23,7 +23,7 @@ DATA = Path(__file__).parent / "data"
 def test_torch_opt_latents_match_reference(layout, two_characters):
     ref_m, fast_m = load_storymaker(layout), load_storymaker(layout)
     fast = FastPipeline(fast_m, FastOptions(precision="fp32", channels_last=True))
-    from runtime.pipeline import StoryMakerPipeline
+    from storymaker_serve.runtime.pipeline import StoryMakerPipeline
 
     tokens = StoryMakerPipeline(ref_m).encode_characters(two_characters)
     opts = GenerateOptions("a man and a woman on a bridge", negative_prompt="blurry", width=64, height=64, steps=25,
@@ -101,7 +101,7 @@ def replay_on_cpu(fn, static: dict):
 def test_graphed_step_buffers_give_the_eager_loop(layout, two_characters):
     """GraphedStep's static buffers (one capture per shape, inputs copied in, output overwritten per replay) give
     the eager latents, for two prompts and two sizes through the same object."""
-    from runtime.fast import GraphedStep
+    from storymaker_serve.runtime.fast import GraphedStep
 
     eager = FastPipeline(load_storymaker(layout), FastOptions(precision="fp32"))
     graphed = FastPipeline(load_storymaker(layout), FastOptions(precision="fp32"))
@@ -121,7 +121,7 @@ def test_graphed_step_buffers_give_the_eager_loop(layout, two_characters):
 def test_low_precision_torch_opt_on_gpu_matches_fp32_reference(layout, two_characters, precision):
     """GPU acceptance: torch-opt in fp16/bf16 with every optimisation (kernel, fused projections, channels_last,
     offloaded encoders, CUDA graph) vs the fp32 reference on the CPU, latents after 25 steps, cosine >= 0.999."""
-    from runtime.pipeline import StoryMakerPipeline
+    from storymaker_serve.runtime.pipeline import StoryMakerPipeline
 
     ref_m = load_storymaker(layout)
     tokens = StoryMakerPipeline(ref_m).encode_characters(two_characters)
@@ -164,7 +164,7 @@ def test_graphed_step_keeps_a_bounded_lru_of_captures():
     """A long-running server meets many shapes: at most max_graphs stay captured (least recently used evicted,
     its buffers dropped), a shape met again after eviction is captured anew, and every result is still the eager
     one. On a GPU the captures share one memory pool (GraphCapture), so evicted memory is reused."""
-    from runtime.fast import GraphedStep
+    from storymaker_serve.runtime.fast import GraphedStep
 
     fn = lambda x, t, inp: x * t + inp["e"].sum()
     step = GraphedStep(fn, capture=replay_on_cpu, max_graphs=2)
@@ -182,7 +182,7 @@ def test_graphed_step_keeps_a_bounded_lru_of_captures():
 def test_bf16_keeps_timesteps_and_time_ids_in_float32(layout, two_characters):
     """In bf16 the 25-step schedule would round (951 -> 952, 913 -> 912): torch-opt hands the UNet float32
     timesteps equal to the plan's, and float32 time_ids, whatever the model precision."""
-    from runtime.unipc import UniPCPlan
+    from storymaker_serve.runtime.unipc import UniPCPlan
 
     m = load_storymaker(layout)
     fast = FastPipeline(m, FastOptions(precision="bf16"))

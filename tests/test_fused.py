@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from runtime import fused
-from runtime.denoise import decode
-from runtime.errors import InputError
-from runtime.unipc import UniPCPlan, UniPCSampler
+from storymaker_serve.runtime import fused
+from storymaker_serve.runtime.denoise import decode
+from storymaker_serve.runtime.errors import InputError
+from storymaker_serve.runtime.unipc import UniPCPlan, UniPCSampler
 from tests.test_unipc import SDXL_SCHEDULER
 
 

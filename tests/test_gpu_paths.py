@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 import pytest
 
-from export.build import main as build_main
-from export.triton_config import parse_pbtxt
-from runtime.errors import StoryMakerError
+from storymaker_serve.export.build import main as build_main
+from storymaker_serve.export.triton_config import parse_pbtxt
+from storymaker_serve.runtime.errors import StoryMakerError
 
 ENGINE_MODELS = ("clip_vision", "ppr", "text_encoder_1", "text_encoder_2", "unet", "controlnet", "vae_decoder")
 
@@ -42,7 +42,7 @@ def test_batched_configs_promise_no_more_rows_than_the_profile(built):
 def test_ngc_repository_is_relocatable(built, tmp_path):
     """No host path in any NGC config, model files are relative links inside the build folder, and a build folder
     moved elsewhere (the original deleted) still resolves every file; the Python models find it as ../.."""
-    from runtime.serving.glue import setup
+    from storymaker_serve.runtime.serving.glue import setup
 
     ngc = built / "triton_repo_ngc"
     for cfg_file in ngc.glob("*/config.pbtxt"):
@@ -64,7 +64,7 @@ def test_ngc_repository_is_relocatable(built, tmp_path):
 
 
 def test_ngc_python_env_is_copied_and_named_relative(built, tmp_path):
-    from export.triton_repo import write_ngc_repo
+    from storymaker_serve.export.triton_repo import write_ngc_repo
 
     b = _copy_build(built, tmp_path)
     env = tmp_path / "env.tar.gz"
@@ -81,7 +81,7 @@ def test_engine_failures_are_recorded_and_survive_a_partial_rebuild(built, tmp_p
     """With TensorRT 'available' (a stand-in builder), one failing engine is recorded for its component, the
     others build, the manifest is written, and the NGC repository uses tensorrt_plan where an engine exists and
     onnxruntime (saying why) where it failed. A later partial build keeps the other components' engines."""
-    import export.tensorrt as trt_mod
+    import storymaker_serve.export.tensorrt as trt_mod
 
     b = _copy_build(built, tmp_path)
     monkeypatch.setattr(trt_mod, "availability", lambda: (True, "ok"))
@@ -122,8 +122,8 @@ def test_engine_failures_are_recorded_and_survive_a_partial_rebuild(built, tmp_p
 
 
 def test_launcher_states_the_tensorrt_an_ngc_container_needs(built, tmp_path):
-    from runtime.serving.launcher import main
-    from runtime.serving.ngc import _trt_loads, ngc_command
+    from storymaker_serve.runtime.serving.launcher import main
+    from storymaker_serve.runtime.serving.ngc import _trt_loads, ngc_command
 
     b = _copy_build(built, tmp_path)
     m = json.loads((b / "manifest.json").read_text())
@@ -147,7 +147,7 @@ def test_launcher_states_the_tensorrt_an_ngc_container_needs(built, tmp_path):
 
 
 def _lora_names(path):
-    from export.refit import lora_weight_names, weight_names
+    from storymaker_serve.export.refit import lora_weight_names, weight_names
 
     return lora_weight_names(weight_names(path))
 
@@ -159,7 +159,7 @@ def test_refit_weights_are_found_by_stable_names(built, tmp_path, capsys):
     runs the same steps up to TensorRT, and without an engine the real run says how to build one."""
     from onnx import numpy_helper
 
-    from export.refit import check_refit_names, main as refit_main
+    from storymaker_serve.export.refit import check_refit_names, main as refit_main
 
     b = _copy_build(built, tmp_path)
     m = json.loads((b / "manifest.json").read_text())
@@ -182,7 +182,7 @@ def test_refit_weights_are_found_by_stable_names(built, tmp_path, capsys):
 
 
 def test_stable_names_survive_fp16_conversion(built, tmp_path):
-    from export.onnx_export import to_fp16
+    from storymaker_serve.export.onnx_export import to_fp16
 
     m = json.loads((built / "manifest.json").read_text())
     src = built / m["components"]["unet"]["files"][0]["path"]
@@ -194,7 +194,7 @@ def test_stable_names_rename_numbered_initializers():
     """The renaming itself: numbered exporter names become '<node path>.input<i>'; inputs are rewired."""
     from onnx import TensorProto, helper
 
-    from export.onnx_export import stable_weight_names
+    from storymaker_serve.export.onnx_export import stable_weight_names
 
     w = helper.make_tensor("onnx::MatMul_4486", TensorProto.FLOAT, [2, 2], [1, 0, 0, 1])
     node = helper.make_node("MatMul", ["x", "onnx::MatMul_4486"], ["y"], name="/unet/mid/attn2/to_k/MatMul")
@@ -210,10 +210,10 @@ def test_zero_residuals_are_not_shipped_per_step(built):
     """Without a pose map no ControlNet residuals travel to the UNet: the Python-backend unet declares them
     optional and its runner feeds zeros made once per shape; with a pose map they are sent. The NGC repository
     (native engines need every input) keeps them required and tells its BLS models to send them."""
-    from export.triton_config import parse_pbtxt
-    from runtime.pipeline import GenerateOptions
-    from runtime.serving.engines import Build
-    from runtime.serving.logic import CharacterRequest, EnginePipeline
+    from storymaker_serve.export.triton_config import parse_pbtxt
+    from storymaker_serve.runtime.pipeline import GenerateOptions
+    from storymaker_serve.runtime.serving.engines import Build
+    from storymaker_serve.runtime.serving.logic import CharacterRequest, EnginePipeline
 
     unet = parse_pbtxt((built / "triton_repo" / "unet" / "config.pbtxt").read_text())
     res = [i for i in unet.input if i.name.startswith(("down_res", "mid_res"))]
@@ -236,7 +236,7 @@ def test_zero_residuals_are_not_shipped_per_step(built):
     assert "down_res_0" in sent[0] and "mid_res" in sent[0]
     ep.denoiser.send_zeros = False
     sent.clear()
-    from runtime.preprocess import decode_image
+    from storymaker_serve.runtime.preprocess import decode_image
 
     pose = decode_image(Path(__file__).parent / "data" / "two_people_pose.jpg")
     ep.generate(GenerateOptions("a man", width=64, height=64, steps=2, pose_image=pose), tokens)
@@ -248,10 +248,10 @@ def test_deployment_sets_providers_instances_and_batch(built, tmp_path, device, 
     """export.build --device/--providers/--gpu-instances: the manifest records the deployment; the engine models'
     configs get KIND_GPU instances per GPU (KIND_CPU on the CPU) with max_batch_size inside the engine profile, and
     their onnxruntime sessions the providers in order with their options (the GPU ones written, not run here)."""
-    from export.triton_config import parse_pbtxt
-    from export.triton_repo import ENGINE_MODELS as COMPONENT_OF
-    from runtime.manifest import Manifest
-    from runtime.serving.engines import session_providers
+    from storymaker_serve.export.triton_config import parse_pbtxt
+    from storymaker_serve.export.triton_repo import ENGINE_MODELS as COMPONENT_OF
+    from storymaker_serve.runtime.manifest import Manifest
+    from storymaker_serve.runtime.serving.engines import session_providers
 
     b = _copy_build(built, tmp_path)
     argv = ["--weights", str(built / "demo_bundle"), "--out", str(b), "--device", device, "--gpu-instances", str(gpus)]

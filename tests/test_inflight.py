@@ -5,9 +5,9 @@ import threading
 import numpy as np
 import pytest
 
-from runtime.errors import InputError
-from runtime.serving.client import StoryMakerClient
-from runtime.serving.launcher import TritonServer
+from storymaker_serve.runtime.errors import InputError
+from storymaker_serve.runtime.serving.client import StoryMakerClient
+from storymaker_serve.runtime.serving.launcher import TritonServer
 
 from test_serving import MAN, POSE, WOMAN
 
@@ -86,7 +86,7 @@ def test_io_binding_gives_the_session_outputs(built):
     engine profile is refused with the input named."""
     import torch
 
-    from runtime.serving.engines import Build
+    from storymaker_serve.runtime.serving.engines import Build
 
     b = Build(built)
     unet, cn, vae = b.engine("unet"), b.engine("controlnet"), b.engine("vae_decoder")
@@ -122,8 +122,8 @@ def test_io_binding_gives_the_session_outputs(built):
 def test_text_encoding_on_many_request_threads(built):
     """The frame models encode prompts on their request threads: concurrent TextEncoding calls give each prompt the
     ids it gets alone (the tokenizers keep padding settings as state; without the lock, calls came back unpadded)."""
-    from runtime.serving.engines import Build
-    from runtime.serving.logic import TextEncoding
+    from storymaker_serve.runtime.serving.engines import Build
+    from storymaker_serve.runtime.serving.logic import TextEncoding
 
     def encoder(f):
         ids = f["input_ids"]

@@ -45,8 +45,8 @@ def test_installed_layout_is_namespaced(installed):
     for name in ("runtime", "export", "kernels", "benchmarks", "triton_repo"):
         assert not (site / name).exists(), name
         assert (site / "storymaker_serve" / name).is_dir(), name
-    assert (site / "storymaker_serve" / "triton_repo" / "storymaker" / "1" / "model.py").is_file()
-    out = subprocess.run([str(py), "-c", "import storymaker_serve, runtime; print(runtime.__file__)"],
+    assert (site / "storymaker_serve" / "triton_repo" / "storymaker.py").is_file()
+    out = subprocess.run([str(py), "-c", "import storymaker_serve.runtime as r; print(r.__file__)"],
                          capture_output=True, text=True, cwd=installed, check=True).stdout
     assert str(site / "storymaker_serve" / "runtime") in out
 
@@ -56,7 +56,7 @@ def test_console_scripts_build_and_serve_the_demo(installed, tmp_path):
     `storymaker-serve` serves it until SIGTERM; `--help` of every script shows defaults and starts nothing."""
     import tritonclient.grpc as grpcclient
 
-    from runtime.serving.ports import free_port
+    from storymaker_serve.runtime.serving.ports import free_port
 
     bin_ = installed / "bin"
     for script in ("build", "serve", "client", "generate", "bench", "refit"):
@@ -67,7 +67,7 @@ def test_console_scripts_build_and_serve_the_demo(installed, tmp_path):
                        text=True, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     glue = (tmp_path / "b" / "triton_repo" / "storymaker" / "1" / "model.py").read_text()
-    assert "import storymaker_serve" in glue
+    assert "from storymaker_serve." in glue
     port = free_port()
     srv = subprocess.Popen([str(bin_ / "storymaker-serve"), "--repo", str(tmp_path / "b" / "triton_repo"),
                             "--grpc-port", str(port), "--http-port", str(free_port()), "--metrics-port", str(free_port())],

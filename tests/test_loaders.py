@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from runtime.errors import WeightsError
-from runtime.loaders import WeightsLayout, fuse_style_loras, load_sdxl, load_storymaker
+from storymaker_serve.runtime.errors import WeightsError
+from storymaker_serve.runtime.loaders import WeightsLayout, fuse_style_loras, load_sdxl, load_storymaker
 
 ATTN = "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
 
@@ -36,7 +36,7 @@ def test_single_file_needs_local_config(tmp_path):
 
 
 def test_adapter_for_another_width_rejected(bundle, tmp_path):
-    from runtime.loaders import load_mask_bin
+    from storymaker_serve.runtime.loaders import load_mask_bin
 
     proj, ip = load_mask_bin(bundle / "mask.bin")
     proj = {k: v for k, v in proj.items()}
@@ -102,7 +102,7 @@ def test_mask_bin_assembled_from_the_documented_key_list(bundle, tmp_path):
     the module the documentation names: the fused to_q of that attention and its image-branch projections."""
     from diffusers import UNet2DConditionModel
 
-    from runtime.loaders import load_mask_bin
+    from storymaker_serve.runtime.loaders import load_mask_bin
 
     base = UNet2DConditionModel.from_pretrained(str(bundle / "sdxl" / "unet")).eval()
     d, rank, ip, names = base.config.cross_attention_dim, 4, {}, list(base.attn_processors)
@@ -137,7 +137,7 @@ def test_fp16_variant_folders_load(bundle, tmp_path):
     from diffusers import ControlNetModel, StableDiffusionXLPipeline
     from transformers import CLIPVisionModelWithProjection
 
-    from runtime.loaders import load_controlnet, load_image_encoder, weights_variant
+    from storymaker_serve.runtime.loaders import load_controlnet, load_image_encoder, weights_variant
 
     StableDiffusionXLPipeline.from_pretrained(str(bundle / "sdxl")).to(torch.float16).save_pretrained(
         str(tmp_path / "sdxl"), variant="fp16")

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from runtime.adapter import attach_storymaker, set_ip_scale
-from runtime.attention import StoryMakerAttnProcessor
-from runtime.loaders import load_mask_bin, load_sdxl
+from storymaker_serve.runtime.adapter import attach_storymaker, set_ip_scale
+from storymaker_serve.runtime.attention import StoryMakerAttnProcessor
+from storymaker_serve.runtime.loaders import load_mask_bin, load_sdxl
 
 TOL = 1e-5
 
@@ -85,7 +85,7 @@ def test_lora_scale_zero_is_base_unet(bundle):
 
 def test_fused_projections_equal_separate_ones(bundle, pair):
     """torch-opt's fused_qkv: one GEMM for Q|K|V, K|V, K_ip|V_ip; same output, no weight stored twice."""
-    from runtime.attention import use_fused_projections
+    from storymaker_serve.runtime.attention import use_fused_projections
 
     (_, _), (fused, _) = pair
     qkv, _ = unet_with(bundle, fuse=True)
@@ -107,7 +107,7 @@ def test_fused_projections_equal_separate_ones(bundle, pair):
 
 
 def test_fused_projections_need_fused_lora(pair):
-    from runtime.attention import use_fused_projections
+    from storymaker_serve.runtime.attention import use_fused_projections
 
     (ref, _), _ = pair
     with pytest.raises(ValueError, match="fuse the LoRA"):

@@ -5,7 +5,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.onnx_export import check_opset, consolidate_external_data, to_fp16
+from storymaker_serve.export.onnx_export import check_opset, consolidate_external_data, to_fp16
 
 
 def _tiny_onnx(path):

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.characters import Character
-from runtime.errors import InputError
-from runtime.pipeline import GenerateOptions, encode_text
+from storymaker_serve.runtime.characters import Character
+from storymaker_serve.runtime.errors import InputError
+from storymaker_serve.runtime.pipeline import GenerateOptions, encode_text
 
 from conftest import DATA
 
@@ -53,7 +53,7 @@ def test_applications_change_the_tokens(pipe, two_characters):
 
 
 def test_ip_scale_and_pose_change_the_image(pipe, tokens):
-    from runtime.preprocess import decode_image
+    from storymaker_serve.runtime.preprocess import decode_image
 
     a = pipe.generate(GenerateOptions("two people", ip_scale=0.8, **SMALL), tokens)
     b = pipe.generate(GenerateOptions("two people", ip_scale=0.0, **SMALL), tokens)
@@ -105,9 +105,9 @@ def test_vae_scale_factor_comes_from_the_vae(layout, two_characters):
     the VAE's config, so the frame still has the requested size."""
     from diffusers import AutoencoderKL
 
-    from export.components import ExportProfile, build_specs
-    from runtime.loaders import load_storymaker
-    from runtime.pipeline import StoryMakerPipeline
+    from storymaker_serve.export.components import ExportProfile, build_specs
+    from storymaker_serve.runtime.loaders import load_storymaker
+    from storymaker_serve.runtime.pipeline import StoryMakerPipeline
 
     m = load_storymaker(layout)
     cfg = dict(m.sdxl.vae.config)
@@ -128,7 +128,7 @@ def test_vae_scale_factor_comes_from_the_vae(layout, two_characters):
 def test_decode_rounds_as_diffusers_and_refuses_non_finite_pixels():
     """The one decode: a numpy or torch image in [0, 1] gives diffusers' uint8 frame, (x * 255).round() in float32 with
     halves to even (exact ties included), HWC; NaN or infinite pixels are refused."""
-    from runtime.denoise import decode
+    from storymaker_serve.runtime.denoise import decode
 
     rng = np.random.default_rng(0)
     img = rng.random((1, 3, 40, 24), dtype=np.float32)

@@ -2,7 +2,7 @@
 import threading
 import time
 
-from runtime.serving.pool import LifoPool
+from storymaker_serve.runtime.serving.pool import LifoPool
 
 
 def _wait(cond, timeout=10.0):
@@ -73,7 +73,7 @@ def test_shutdown_drops_waiting_tasks_and_refuses_new_ones():
 def test_stage_metrics_are_sent_off_the_request_path_once_per_series():
     """StageMetrics: stages and step-batcher executions only add to counters on the request's thread (a metric
     increment is a round trip to the server); flush() has a thread of its own send one increment per series."""
-    from runtime.serving.sampling import StageMetrics
+    from storymaker_serve.runtime.serving.sampling import StageMetrics
 
     sent = []
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime.errors import StoryMakerError
-from runtime.serving import launcher
-from runtime.serving.launcher import TritonServer
-from runtime.serving.ports import ephemeral_range, free_port, is_free, reserve, taken_port
+from storymaker_serve.runtime.errors import StoryMakerError
+from storymaker_serve.runtime.serving import launcher
+from storymaker_serve.runtime.serving.launcher import TritonServer
+from storymaker_serve.runtime.serving.ports import ephemeral_range, free_port, is_free, reserve, taken_port
 
 ECHO_CONFIG = """name: "echo"
 backend: "python"
@@ -133,8 +133,8 @@ def test_an_operator_port_taken_while_the_models_load_is_named(echo_repo, monkey
 def test_the_server_and_its_stubs_get_the_malloc_settings(echo_repo, monkeypatch):
     """runtime/serving/malloc.py: tritonserver and its Python-backend stubs run with the thresholds (an operator's
     own MALLOC_* value is kept); STORYMAKER_MALLOC_TUNING=0 leaves them out."""
-    from runtime.serving import malloc
-    from runtime.serving.launcher import child_pids
+    from storymaker_serve.runtime.serving import malloc
+    from storymaker_serve.runtime.serving.launcher import child_pids
 
     def environ(pid):
         return dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v)
@@ -157,7 +157,7 @@ def test_mallopt_in_a_running_process_unless_turned_off_or_set():
     import subprocess
     import sys
 
-    code = ("from runtime.serving import malloc; import os; "
+    code = ("from storymaker_serve.runtime.serving import malloc; import os; "
             "print(malloc.tune_this_process({}), malloc.tune_this_process({'STORYMAKER_MALLOC_TUNING': '0'}), "
             "malloc.tune_this_process({'MALLOC_MMAP_THRESHOLD_': '1'}))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1],
@@ -166,7 +166,7 @@ def test_mallopt_in_a_running_process_unless_turned_off_or_set():
 
 
 def test_the_client_sets_the_malloc_thresholds_unless_asked_not_to(monkeypatch):
-    from runtime.serving import client as client_mod
+    from storymaker_serve.runtime.serving import client as client_mod
 
     calls = []
     monkeypatch.setattr(client_mod.malloc, "tune_this_process", lambda: calls.append(1) or True)

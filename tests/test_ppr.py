@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.loaders import load_mask_bin, load_ppr
+from storymaker_serve.runtime.loaders import load_mask_bin, load_ppr
 
 
 def ln(x, sd, p):

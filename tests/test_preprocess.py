@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.errors import InputError
-from runtime.face import FaceInfo
-from runtime.preprocess import aligned_face, character_image, clip_pixels, decode_image, mask_bbox
+from storymaker_serve.runtime.errors import InputError
+from storymaker_serve.runtime.face import FaceInfo
+from storymaker_serve.runtime.preprocess import aligned_face, character_image, clip_pixels, decode_image, mask_bbox
 
 from conftest import DATA
 
@@ -18,7 +18,7 @@ PAIRS = [("ldh.png", "ldh_mask.png", 0), ("tsy.png", "tsy_mask.png", 0),
 
 @pytest.mark.parametrize("photo,mask,channel", PAIRS)
 def test_crop_box_equals_numpy_bbox(photo, mask, channel):
-    from runtime.characters import Character
+    from storymaker_serve.runtime.characters import Character
 
     m = Character.load(DATA / photo, DATA / mask, mask_channel=channel).mask
     ys, xs = np.nonzero(np.asarray(Image.open(DATA / mask).convert("RGB"))[:, :, channel] > 0)  # non-black pixels
@@ -84,8 +84,8 @@ def test_resize_filter_is_the_releases():
     Pillow's default for RGB, bicubic. Ours equals that computation, which differs from bilinear."""
     import cv2
 
-    from runtime.characters import Character
-    from runtime.preprocess import cloth_image
+    from storymaker_serve.runtime.characters import Character
+    from storymaker_serve.runtime.preprocess import cloth_image
 
     c = Character.load(DATA / "ldh.png", DATA / "ldh_mask.png")
     x0, y0, x1, y1 = mask_bbox(c.mask)
@@ -116,7 +116,7 @@ def _jpeg(arr, orientation=None) -> bytes:
 def test_exif_orientation_is_applied():
     """A phone JPEG stored sideways with EXIF orientation 6 decodes upright: with the mask drawn as displayed it
     gives the same character crop as the upright photo (same box, pixels within JPEG noise)."""
-    from runtime.characters import Character
+    from storymaker_serve.runtime.characters import Character
 
     upright = decode_image(DATA / "ldh.png")
     mask = decode_image(DATA / "ldh_mask.png")

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _server_pids(parent: int) -> list[int]:
-    from runtime.serving.launcher import child_pids
+    from storymaker_serve.runtime.serving.launcher import child_pids
 
     return child_pids(parent, "tritonserver")
 
@@ -29,7 +29,7 @@ def _alive(pid: int) -> bool:
 
 
 def _launch(built):
-    from runtime.serving.ports import free_port
+    from storymaker_serve.runtime.serving.ports import free_port
 
     port = free_port()
     out = tempfile.NamedTemporaryFile("w+", prefix="launcher-", suffix=".log", delete=False)
@@ -68,7 +68,7 @@ def test_sigterm_while_starting_stops_the_server(built):
 
 
 def test_sigkill_while_serving_leaves_no_server(built):
-    from runtime.serving.launcher import wait_until_ready
+    from storymaker_serve.runtime.serving.launcher import wait_until_ready
 
     proc, server, port = _launch(built)
     assert wait_until_ready(f"127.0.0.1:{port}", 240, proc), f"server not ready: {proc.output.read_text()[-3000:]}"
@@ -154,7 +154,7 @@ def test_request_budget_is_checked_before_anything_is_decoded(server):
 
 def _tree_rss_mb(pid: int) -> float:
     """RSS of tritonserver and its Python-backend stubs (its children), in MB."""
-    from runtime.serving.launcher import child_pids, rss_kib
+    from storymaker_serve.runtime.serving.launcher import child_pids, rss_kib
 
     return sum(rss_kib(p) for p in [pid, *child_pids(pid)]) / 1024
 
@@ -197,8 +197,8 @@ def test_gateway_limit_follows_the_repository_budgets(tmp_path, built):
     """The gateway's limit is the models' max_request_bytes + both prompts + headroom, read from config.pbtxt."""
     import shutil
 
-    from runtime.serving.contract import LIMITS
-    from runtime.serving.gateway import HEADROOM, repo_message_limit
+    from storymaker_serve.runtime.serving.contract import LIMITS
+    from storymaker_serve.runtime.serving.gateway import HEADROOM, repo_message_limit
 
     assert repo_message_limit(built / "triton_repo") == LIMITS["max_request_bytes"] + 2 * LIMITS["max_prompt_bytes"] + HEADROOM
     repo = tmp_path / "repo"
@@ -285,9 +285,9 @@ class _Req:
 def test_error_codes_say_whose_fault_it_is(caplog):
     """Client mistakes: INVALID_ARG with the input named; our faults: INTERNAL with the request id (traceback in
     the server log under that id, not in the answer); a called model's error keeps its code."""
-    from runtime.errors import InputError
-    from runtime.serving.glue import CalleeError, Glue
-    from runtime.serving.logic import Cancelled
+    from storymaker_serve.runtime.errors import InputError
+    from storymaker_serve.runtime.serving.glue import CalleeError, Glue
+    from storymaker_serve.runtime.serving.logic import Cancelled
 
     g = Glue(_FakePb)
     e = g.error(InputError("PROMPT is empty"), _Req()).error
@@ -310,8 +310,8 @@ def test_launcher_refuses_a_repository_whose_backends_the_server_lacks(built):
     """The NGC repository needs the onnxruntime backend (tensorrt where engines exist); the bundled wheel server
     has only the Python backend: the launcher says which backend is missing, for which models, and the fix.
     Both repositories are complete."""
-    from runtime.errors import StoryMakerError
-    from runtime.serving.launcher import REQUIRED_MODELS, TritonServer, check_repo, repo_backends, server_backends
+    from storymaker_serve.runtime.errors import StoryMakerError
+    from storymaker_serve.runtime.serving.launcher import REQUIRED_MODELS, TritonServer, check_repo, repo_backends, server_backends
 
     available, where = server_backends()
     ngc = built / "triton_repo_ngc"
@@ -335,9 +335,9 @@ def test_cancellation_is_checked_at_most_every_cancel_check_s(monkeypatch):
 
     import torch
 
-    from export.demo_bundle import SDXL_SCHEDULER
-    from runtime.pipeline import GenerateOptions, TextEmbeds
-    from runtime.serving import logic
+    from storymaker_serve.export.demo_bundle import SDXL_SCHEDULER
+    from storymaker_serve.runtime.pipeline import GenerateOptions, TextEmbeds
+    from storymaker_serve.runtime.serving import logic
 
     class Zeros:                        # eps = 0 for the CFG batch, on the host
         device = None

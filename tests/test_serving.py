@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.serving.client import StoryMakerClient
-from runtime.errors import StoryMakerError
-from runtime.serving.launcher import TritonServer
+from storymaker_serve.runtime.serving.client import StoryMakerClient
+from storymaker_serve.runtime.errors import StoryMakerError
+from storymaker_serve.runtime.serving.launcher import TritonServer
 
 from conftest import DATA
 
@@ -29,21 +29,21 @@ STORY = [("one character", [MAN], {}), ("two characters", [MAN, WOMAN], {}), ("t
 @pytest.fixture(scope="module")
 def reference(built):
     """The reference: the release's unfused LoRA processors, eager, fp32."""
-    from runtime.loaders import WeightsLayout, load_storymaker
-    from runtime.pipeline import StoryMakerPipeline
+    from storymaker_serve.runtime.loaders import WeightsLayout, load_storymaker
+    from storymaker_serve.runtime.pipeline import StoryMakerPipeline
 
     return StoryMakerPipeline(load_storymaker(WeightsLayout.from_dir(built / "demo_bundle"), fuse=False))
 
 
 def _chars(spec):
-    from runtime.characters import Character
+    from storymaker_serve.runtime.characters import Character
 
     return [Character.load(c["photo"], c["mask"], c.get("face"), c.get("cloth"), mask_channel=c.get("mask_channel", 0))
             for c in spec]
 
 
 def _request(spec):
-    from runtime.serving.logic import CharacterRequest
+    from storymaker_serve.runtime.serving.logic import CharacterRequest
 
     raw = lambda key: [c[key].read_bytes() if c.get(key) else None for c in spec]
     return CharacterRequest(raw("photo"), raw("mask"), raw("cloth"), [c["face"].read_text() if c.get("face") else None
@@ -55,12 +55,12 @@ def test_four_paths_agree_with_the_reference(built, client, reference, case, cha
     """One frame through every path: the reference (unfused release processors), torch-opt (fused, fp32),
     the build's engines in process (onnxruntime) and the real tritonserver; each within 1 uint8 level of the
     reference, for 1, 2 and 3 characters, a clothing swap and a pose map."""
-    from runtime.fast import FastOptions, FastPipeline
-    from runtime.loaders import WeightsLayout, load_storymaker
-    from runtime.pipeline import GenerateOptions
-    from runtime.preprocess import decode_image
-    from runtime.serving.engines import Build
-    from runtime.serving.logic import EnginePipeline
+    from storymaker_serve.runtime.fast import FastOptions, FastPipeline
+    from storymaker_serve.runtime.loaders import WeightsLayout, load_storymaker
+    from storymaker_serve.runtime.pipeline import GenerateOptions
+    from storymaker_serve.runtime.preprocess import decode_image
+    from storymaker_serve.runtime.serving.engines import Build
+    from storymaker_serve.runtime.serving.logic import EnginePipeline
 
     prompt = f"{case}: friends in a park"
     pose = decode_image(extra["pose"]) if "pose" in extra else None
@@ -82,9 +82,9 @@ def test_served_loop_never_reads_back_to_the_host(built):
     no host read per step: the dispatch probe of tests/test_fast.py sees no .item()/nonzero/device-to-host copy."""
     from test_fast import HostSyncs
 
-    from runtime.pipeline import GenerateOptions
-    from runtime.serving.engines import Build
-    from runtime.serving.logic import EnginePipeline
+    from storymaker_serve.runtime.pipeline import GenerateOptions
+    from storymaker_serve.runtime.serving.engines import Build
+    from storymaker_serve.runtime.serving.logic import EnginePipeline
 
     ep = EnginePipeline(Build(built))
     tokens = ep.encode_characters(_request([MAN]))
@@ -213,7 +213,7 @@ def test_cancelling_a_stream_stops_the_loop(server, client):
 
 def test_client_cli_streams_and_saves_previews(server, tmp_path, capsys):
     """runtime.client --previews DIR: each frame streams, its previews are saved and printed, the frames are written."""
-    from runtime.serving.client import main
+    from storymaker_serve.runtime.serving.client import main
 
     root = Path(__file__).resolve().parents[1]
     assert main([str(root / "examples" / "demo_story.yaml"), "--url", server.url, "--previews", str(tmp_path / "pv"),
@@ -228,7 +228,7 @@ def test_latent_preview_fit_recovers_a_linear_decoder():
     """The preview map is a least-squares fit to the decoder: exact when the decoder is itself linear per pixel."""
     import torch
 
-    from runtime.serving.frame import LatentPreview
+    from storymaker_serve.runtime.serving.frame import LatentPreview
 
     w, b = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32) * 0.1, np.array([0.5, 0.4, 0.6], np.float32)
     vae01 = lambda lat: np.repeat(np.repeat(np.einsum("nchw,cr->nrhw", lat, w) + b[None, :, None, None], 8, 2), 8, 3)
@@ -277,7 +277,7 @@ def test_security_defaults(server, built):
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    from runtime.serving.launcher import server_command
+    from storymaker_serve.runtime.serving.launcher import server_command
 
     cmd, _ = server_command(built / "triton_repo", 1, 2, 3, "127.0.0.1", "k", built)
     assert {"--model-control-mode=none", "--grpc-address=127.0.0.1", "--http-address=127.0.0.1",
@@ -325,7 +325,7 @@ def test_server_listens_on_loopback_only(server):
 def test_launcher_rejects_incomplete_repository(tmp_path, built, capsys):
     import shutil
 
-    from runtime.serving.launcher import main as serve_main
+    from storymaker_serve.runtime.serving.launcher import main as serve_main
 
     repo = tmp_path / "repo"
     shutil.copytree(built / "triton_repo", repo)

@@ -3,9 +3,9 @@ import dataclasses
 
 import pytest
 
-from runtime.spec import ComponentSpec, TensorSpec, dim_name, eval_dim
-from export.tensorrt import EngineOptions, EnginePlan, availability, build_engines, plan_engines
-from export.triton_config import model_config, parse_pbtxt, to_pbtxt
+from storymaker_serve.runtime.spec import ComponentSpec, TensorSpec, dim_name, eval_dim
+from storymaker_serve.export.tensorrt import EngineOptions, EnginePlan, availability, build_engines, plan_engines
+from storymaker_serve.export.triton_config import model_config, parse_pbtxt, to_pbtxt
 
 UNET_LIKE = ComponentSpec(
     "unet", (TensorSpec("sample", "float32", ("N", 4, "h", "w")), TensorSpec("res", "float32", ("N", 64, "h/2", "w/2")),
@@ -84,7 +84,7 @@ def test_max_batch_comes_from_the_profile():
 def test_build_engines_per_component_records_failures(tmp_path, monkeypatch):
     """One engine failing does not stop the others; each gets a record (status, TensorRT version, flags, error);
     an unchanged engine whose file exists is reused."""
-    import export.tensorrt as trt_mod
+    import storymaker_serve.export.tensorrt as trt_mod
 
     monkeypatch.setattr(trt_mod, "availability", lambda: (True, "ok"))
     monkeypatch.setattr(trt_mod, "tensorrt_version", lambda: "10.8.0")
@@ -120,7 +120,7 @@ def test_trt_flags_reach_the_builder_config(tmp_path, monkeypatch):
     import sys
     import types
 
-    import export.tensorrt as trt_mod
+    import storymaker_serve.export.tensorrt as trt_mod
 
     calls = []
 
@@ -164,16 +164,16 @@ def test_trt_flags_reach_the_builder_config(tmp_path, monkeypatch):
 
 
 def test_bls_io_is_declared_once():
-    """The BLS models' I/O lives in runtime/serving/contract.py: the README's table is generated from it, the glue's
+    """The BLS models' I/O lives in runtime/serving/contract.py: the table in docs/serving.md is generated from it, the glue's
     defaults are GenerateOptions' (the release's 960 wide x 1280 high portrait frame), and every sampling input
     the client can send maps to a declared port."""
     from pathlib import Path
 
-    from runtime.pipeline import GenerateOptions
-    from runtime.serving.client import OPTIONS
-    from runtime.serving.contract import MODELS, SAMPLING, markdown_table
+    from storymaker_serve.runtime.pipeline import GenerateOptions
+    from storymaker_serve.runtime.serving.client import OPTIONS
+    from storymaker_serve.runtime.serving.contract import MODELS, SAMPLING, markdown_table
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[1] / "docs" / "serving.md").read_text()
     assert markdown_table() in readme
     defaults = {p.name: p.default for p in SAMPLING}
     assert defaults["WIDTH"] == GenerateOptions("x").width == 960 and defaults["HEIGHT"] == GenerateOptions("x").height == 1280
@@ -184,9 +184,9 @@ def test_bls_io_is_declared_once():
 def test_bls_configs_derive_from_the_declaration(built):
     """Each BLS config.pbtxt lists exactly the declared inputs/outputs, types and optionality, with the build's
     sizes (token width D, text length L) filled in."""
-    from export.triton_config import parse_pbtxt
-    from runtime.manifest import Manifest
-    from runtime.serving.contract import MODELS
+    from storymaker_serve.export.triton_config import parse_pbtxt
+    from storymaker_serve.runtime.manifest import Manifest
+    from storymaker_serve.runtime.serving.contract import MODELS
 
     m = Manifest(built)
     sizes = {"D": m.cross_attention_dim, "P": m.pooled_dim, "L": m.text_len, "C": m.latent_channels}

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import UniPCMultistepScheduler
 
-from runtime.unipc import UniPCPlan, UniPCSampler
+from storymaker_serve.runtime.unipc import UniPCPlan, UniPCSampler
 
 SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
                   "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",

@@ -1,0 +1,229 @@
+"""Helpers shared by the Triton Python-backend models; `pb_utils` is passed in, never imported here.
+
+Every model.py in triton_repo/ is thin: it parses its config once, then hands
+each request to a function from runtime/ through `Glue.run_each`, which turns
+`InputError`/`WeightsError` into an INVALID_ARG error for that request only,
+`Cancelled` into CANCELLED, a called model's error into that model's own code,
+and anything else into INTERNAL with a request id (the traceback goes to the
+server log under that id, never to the client). Budgets (contract.LIMITS, config
+parameters) are checked from input sizes before anything is decoded or forwarded.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+
+from storymaker_serve.runtime.errors import InputError, StoryMakerError
+
+log = logging.getLogger("storymaker.triton")
+
+
+INVALID = "invalid input: "      # leads every client-mistake message our models send
+
+
+class CalleeError(Exception):
+    """A model called through BLS answered with an error: passed on with the callee's own code. Where the server
+    reports every BLS error as INTERNAL (tritonserver 2.51 does), our models' client-mistake messages carry the
+    INVALID prefix and cancellations their own wording, which restores the code."""
+
+    def __init__(self, model: str, message: str, code, pb):
+        super().__init__(f"{model}: {message}")
+        E = pb.TritonError
+        if code is None or code == E.INTERNAL:
+            code = E.INVALID_ARG if message.startswith(INVALID) else \
+                E.CANCELLED if message.startswith("request cancelled") else E.INTERNAL
+        self.code = code
+
+
+def setup(args: dict) -> tuple[dict, dict]:
+    """(model config, parameters) from Triton's initialize() args.
+
+    A relative `build_dir` (the NGC repository writes "../..") is resolved against the model's own folder
+    (`args["model_repository"]`), so a build folder can be moved or mounted anywhere as a whole."""
+    cfg = json.loads(args["model_config"])
+    params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+    bd = params.get("build_dir")
+    if bd and not os.path.isabs(bd):
+        params["build_dir"] = os.path.normpath(os.path.join(args["model_repository"], bd))
+    return cfg, params
+
+
+class Glue:
+    def __init__(self, pb, params: dict | None = None):
+        from storymaker_serve.runtime.serving.contract import LIMITS
+
+        self.pb = pb
+        self.limits = {k: int((params or {}).get(k, v)) for k, v in LIMITS.items()}
+
+    # ---- inputs ----
+    def array(self, request, name: str, required: bool = False):
+        t = self.pb.get_input_tensor_by_name(request, name)
+        if t is None:
+            if required:
+                raise InputError(f"missing required input {name}")
+            return None
+        return t.as_numpy()
+
+    def texts(self, request, name: str, required: bool = False, max_bytes: int | None = None) -> list[str] | None:
+        raw = self.blobs(request, name, required, max_bytes)
+        if raw is None:
+            return None
+        try:
+            return [b.decode("utf-8") for b in raw]
+        except UnicodeDecodeError:
+            raise InputError(f"{name} must be UTF-8 text") from None
+
+    def blobs(self, request, name: str, required: bool = False, max_bytes: int | None = None) -> list[bytes] | None:
+        a = self.array(request, name, required)
+        if a is None:
+            return None
+        cap = max_bytes or self.limits["max_element_bytes"]
+        for x in a.reshape(-1):
+            if len(x) > cap:
+                raise InputError(f"{name}: an element of {len(x)} bytes exceeds the limit of {cap} bytes "
+                                 f"(config parameter max_{'prompt' if max_bytes else 'element'}_bytes)")
+        return [bytes(x) for x in a.reshape(-1)]
+
+    def prompt(self, request, name: str = "PROMPT", required: bool = True) -> str | None:
+        """A prompt within the byte budget, checked before it is decoded or tokenised."""
+        t = self.texts(request, name, required, self.limits["max_prompt_bytes"])
+        return t[0] if t else None
+
+    def check_request_budget(self, request, max_characters: int) -> None:
+        """Before anything is decoded or forwarded: the character count first, then every element's size and the
+        total size of the images (PHOTOS, MASKS, CLOTHS, FACE_INFO, POSE)."""
+        from storymaker_serve.runtime.serving.contract import IMAGE_INPUTS
+
+        photos = self.array(request, "PHOTOS")
+        if photos is not None and not 1 <= photos.size <= max_characters:
+            raise InputError(f"{photos.size} characters given; this deployment supports 1 to {max_characters} per image")
+        total, cap, each = 0, self.limits["max_request_bytes"], self.limits["max_element_bytes"]
+        for name in IMAGE_INPUTS:
+            a = self.array(request, name)
+            for x in (() if a is None else a.reshape(-1)):
+                if len(x) > each:
+                    raise InputError(f"{name}: an element of {len(x)} bytes exceeds the limit of {each} bytes "
+                                     "(config parameter max_element_bytes)")
+                total += len(x)
+        if total > cap:
+            raise InputError(f"the request's images total {total} bytes, over the limit of {cap} bytes (config "
+                             "parameter max_request_bytes); send smaller images (e.g. JPEG at the size you need)")
+
+    def scalar(self, request, name: str, default, cast=float):
+        a = self.array(request, name)
+        if a is None:
+            return default
+        if a.size != 1:
+            raise InputError(f"{name} must hold one value, got shape {list(a.shape)}")
+        v = a.reshape(-1)[0]
+        return cast(v.decode() if isinstance(v, bytes) else v)
+
+    # ---- outputs ----
+    def respond(self, outputs: dict[str, np.ndarray]):
+        return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(k, np.ascontiguousarray(v)) for k, v in outputs.items()])
+
+    def error(self, exc: Exception, request=None):
+        """The error response for one request: CANCELLED for a cancelled one; INVALID_ARG for a client mistake
+        (the message names the input and the fix); a called model's own code for its errors; INTERNAL with a
+        request id for our own faults (the traceback goes to the server log under that id, never to the client)."""
+        from storymaker_serve.runtime.serving.logic import Cancelled
+
+        E = self.pb.TritonError
+        if isinstance(exc, Cancelled):
+            return self.pb.InferenceResponse(error=E(str(exc), E.CANCELLED))
+        if isinstance(exc, CalleeError):
+            return self.pb.InferenceResponse(error=E(str(exc), exc.code))
+        if isinstance(exc, StoryMakerError):
+            return self.pb.InferenceResponse(error=E(INVALID + str(exc), E.INVALID_ARG))
+        rid = _request_id(request)
+        log.exception("internal error in request %s", rid)
+        return self.pb.InferenceResponse(error=E(f"internal error (request {rid}): {type(exc).__name__}; the server "
+                                                 "log has the details under this id", E.INTERNAL))
+
+    def run_each(self, requests, fn) -> list:
+        """One response per request; a failing request never affects the others."""
+        responses = []
+        for r in requests:
+            try:
+                responses.append(self.respond(fn(r)))
+            except Exception as e:  # noqa: BLE001 - every error becomes this request's error response
+                responses.append(self.error(e, r))
+        return responses
+
+    # ---- BLS ----
+    def bls(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        req = self.pb.InferenceRequest(model_name=model, requested_output_names=outputs,
+                                       inputs=[self.pb.Tensor(k, np.ascontiguousarray(v)) for k, v in inputs.items()])
+        resp = req.exec()
+        if resp.has_error():
+            err = resp.error()
+            raise CalleeError(model, err.message(), err.code() if hasattr(err, "code") else None, self.pb)
+        return {k: self.pb.get_output_tensor_by_name(resp, k).as_numpy() for k in outputs}
+
+    def engine(self, model: str, feeds: dict[str, np.ndarray], outputs: list[str], batched: bool = False):
+        """BLS call to an engine model. In a dynamically batched model (unet, controlnet) a per-sample (N,)
+        vector is declared [1] per request, so it travels as [N, 1]; Triton's reshape hands it back as (N,)."""
+        if batched:
+            feeds = {k: v.reshape(-1, 1) if v.ndim == 1 else v for k, v in feeds.items()}
+        return self.bls(model, feeds, outputs)
+
+
+
+
+def _request_id(request) -> str:
+    import uuid
+
+    try:
+        rid = request.request_id() if request is not None else ""
+    except Exception:  # noqa: BLE001 - older stubs
+        rid = ""
+    return rid or uuid.uuid4().hex[:12]
+
+
+def character_request(glue: Glue, r):
+    """PHOTOS, MASKS [n] BYTES; optional CLOTHS, FACE_INFO [n] BYTES (empty element = none), MASK_CHANNELS [n]
+    INT32, IDENTITY_ONLY BOOL, INTERPOLATION FP32 -> runtime.serving.logic.CharacterRequest."""
+    from storymaker_serve.runtime.serving.logic import CharacterRequest
+
+    photos, masks = glue.blobs(r, "PHOTOS", True), glue.blobs(r, "MASKS", True)
+    n = len(photos)
+    cloths = glue.blobs(r, "CLOTHS") or [b""] * n
+    faces = glue.texts(r, "FACE_INFO") or [""] * n
+    ch = glue.array(r, "MASK_CHANNELS")
+    channels = [int(c) for c in ch.reshape(-1)] if ch is not None else [0] * n
+    if not (len(cloths) == len(faces) == len(channels) == n):
+        raise InputError(f"{n} photos: CLOTHS, FACE_INFO and MASK_CHANNELS need one entry per photo")
+    interp = glue.scalar(r, "INTERPOLATION", None)
+    return CharacterRequest(photos, masks, [c or None for c in cloths], [f or None for f in faces], channels,
+                            bool(glue.scalar(r, "IDENTITY_ONLY", False, bool)), interp)
+
+
+def generate_options(glue: Glue, r, prompt: str = "(embeddings given)", build=None):
+    """Sampling options of a request: every input of contract.SAMPLING that sets a GenerateOptions field, its
+    default where the request leaves it out (validated later against the build). A missing WIDTH/HEIGHT takes
+    the release's 960x1280 where the build's engines accept it, else the engines' optimal size."""
+    from storymaker_serve.runtime.pipeline import GenerateOptions
+    from storymaker_serve.runtime.preprocess import decode_image
+    from storymaker_serve.runtime.serving.contract import NUMPY, SAMPLING
+
+    cast = lambda p: int if NUMPY[p.dtype].startswith("int") else float
+    defaults = {p.option: p.default for p in SAMPLING if p.option}
+    if build is not None:
+        lo, opt, hi = build.size_range
+        if not (lo <= defaults["width"] <= hi and lo <= defaults["height"] <= hi):
+            defaults["width"] = defaults["height"] = opt
+    values = {p.option: glue.scalar(r, p.name, defaults[p.option], cast(p)) for p in SAMPLING if p.option}
+    pose = glue.blobs(r, "POSE")
+    return GenerateOptions(prompt=prompt, pose_image=decode_image(pose[0], "pose map") if pose and pose[0] else None,
+                           **values)
+
+
+def text_engine_fns(glue: Glue, build) -> dict:
+    """runtime.serving.logic.TextEncoding's encoders as BLS calls to the engine models `text_encoder_1` (the
+    component text_encoder) and `text_encoder_2`."""
+    outs = {n: build.component(n).output_names for n in ("text_encoder", "text_encoder_2")}
+    return {"text_encoder": lambda f: glue.engine("text_encoder_1", f, outs["text_encoder"]),
+            "text_encoder_2": lambda f: glue.engine("text_encoder_2", f, outs["text_encoder_2"])}
