@@ -1,23 +1,26 @@
-# Two entry points (see README): `make demo` and `make test`.
+# Two entry points (see README): `make demo` and `make test`. Installs come from the lock, never a fresh resolution.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+LOCK   := requirements/lock.txt
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test test-fast lint lock check-latest clean
 
 venv: $(STAMP)
 
-# torch is pinned and installed first (CPU wheel); every later install is constrained.
-$(STAMP): requirements/constraints.txt requirements/core.txt pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c requirements/constraints.txt -r requirements/core.txt
-	$(PIP) install -q -c requirements/constraints.txt --no-deps -e .
+# A fresh venv holds exactly the lock (every package at an exact version and hash; torch is its CPU build), then
+# this checkout as an editable install built with the lock's setuptools. The stamp is written only after an
+# import of every entry point succeeds, so a failed or broken install is redone from scratch on the next run.
+$(STAMP): $(LOCK) pyproject.toml
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --no-deps --require-hashes -r $(LOCK)
+	$(PIP) install -q --no-deps --no-build-isolation -e . 2>&1 | { grep -v -E "^\s*$$" || true; }
+	$(PY) -m storymaker_serve.envcheck
 	touch $(STAMP)
 
 # demo bundle -> export (ONNX, parity, Triton repository) -> real tritonserver -> story over gRPC -> stop
@@ -28,5 +31,30 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
 clean:
 	rm -rf $(VENV) out build demo_bundle
+
+# Regenerate the locks from pyproject.toml's ranges (newest versions that fit), with uv. Run the suite after it.
+# lock.txt: this machine's CPU install (Python 3.11, Linux x86_64, torch's CPU wheel; the dev and CI venv).
+# lock-gpu.txt: the serving image (deploy/Dockerfile: Python 3.12, CUDA torch, onnxruntime-gpu only).
+UV_VERSION   := 0.13.9
+TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
+UV_COMPILE    = $(VENV)/bin/uv pip compile pyproject.toml --generate-hashes --python-platform x86_64-manylinux_2_35 \
+                --custom-compile-command "make lock" --quiet
+lock: $(STAMP)
+	$(PIP) install -q uv==$(UV_VERSION)
+	$(UV_COMPILE) --python-version 3.11 --extra cpu --extra serve --extra kernel --extra test $(TORCH_SOURCE) \
+	    -c requirements/lock-constraints.txt --override requirements/lock-overrides.txt -o $(LOCK)
+	$(UV_COMPILE) --python-version 3.12 --extra gpu --extra kernel \
+	    -c requirements/lock-gpu-constraints.txt --override requirements/lock-gpu-overrides.txt -o requirements/lock-gpu.txt
+
+# Drift seen before users see it: the newest versions pyproject.toml allows, without the lock, in a throwaway
+# venv; a demo build and a served frame; prints what differs from the lock and which package a failure came from.
+check-latest: $(STAMP)
+	$(PY) tools/check_latest.py

@@ -168,7 +168,7 @@ def load_sdxl(path: Path, config_dir: Path | None = None) -> SDXLParts:
             _require(path / sub, f"SDXL component '{sub}'", "The SDXL diffusers folder is incomplete; re-download it.")
         try:
             pipe = StableDiffusionXLPipeline.from_pretrained(str(path), local_files_only=True,
-                                                             variant=weights_variant(path), torch_dtype=torch.float32)
+                                                             variant=weights_variant(path), dtype=torch.float32)
         except (OSError, ValueError, EnvironmentError) as e:
             raise WeightsError(f"{path}: SDXL diffusers folder could not be loaded: {e}") from None
     return SDXLParts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
@@ -249,7 +249,7 @@ def _from_pretrained(cls, path: Path, what: str, fix: str):
     path = _require(Path(path), what, fix)
     try:
         return cls.from_pretrained(str(path), local_files_only=True, variant=weights_variant(path),
-                                   torch_dtype=torch.float32).eval()
+                                   dtype=torch.float32).eval()
     except (OSError, ValueError) as e:
         raise WeightsError(f"{path}: {what} could not be loaded: {e}") from None
 
