@@ -81,7 +81,7 @@ def test_gpu_suite_plumbing_on_the_demo_bundle(tmp_path, built, monkeypatch):
 
 
 def test_full_size_serve_script_runs_on_the_demo_build(tmp_path, built, capsys):
-    """benchmarks.full_size_serve (the full-size serving measurement, README) on the demo build: one storymaker
+    """benchmarks.full_size_serve (the full-size serving measurement, docs/export.md) on the demo build: one storymaker
     frame, per-model stub memory, cold start. Only that it runs and reports; no figure asserted."""
     from storymaker_serve.benchmarks.full_size_serve import main
 

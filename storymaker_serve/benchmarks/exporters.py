@@ -4,7 +4,7 @@
 with the TorchScript-based exporter (dynamo=False) and the dynamo exporter
 (dynamo=True), runs both files through the same parity check as the build, and
 prints one JSON line per (component, exporter). The figures behind the
-exporter choice in the README come from this script.
+exporter choice in docs/export.md come from this script.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ the CUDA-only flags dropped when there is no GPU (how the CPU test checks it).
 
 On the lent GPU machine (no internet; PyTorch and Triton are there): carry the
 project's pure-Python requirements as wheels (recipe: the device tool's README;
-`requirements/core.txt` minus torch), then
+requirements/lock-gpu.txt minus what the image has), then
 `python -m benchmarks.gpu_suite --stages tests,kernel,e2e --results $OUT`.
 """
 from __future__ import annotations

@@ -241,7 +241,7 @@ def run_case(server, client, admin, characters: int, pose: bool, concurrency: in
 
 
 def markdown(records: list[dict]) -> str:
-    """The README's table of a run's records."""
+    """The docs/performance.md table of a run's records."""
     rows = ["| engines | chars | pose | PNG | concurrency | steps | ms/image | ms/step | p50 latency ms | server stages "
             f"ms/image ({', '.join(STAGES)}) | UNet rows/exec | BLS MB/image (counted) | CPU ms/image (client, gateway, "
             "tritonserver, stubs) |", "| ---" * 13 + " |"]

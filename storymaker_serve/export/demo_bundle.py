@@ -17,7 +17,7 @@ ViT-H/14), seeded random weights, as a user's download looks: the SDXL folder ho
 only the `fp16` variant files (`*.fp16.safetensors`; `--fp32` adds the default fp32
 files), mask.bin is fp16, the image encoder fp32 (as h94/IP-Adapter ships it);
 `--controlnet` adds a full-size SDXL ControlNet (fp16 variant). One model is in
-memory at a time. Not part of CI; disk and time are in the README.
+memory at a time. Not part of CI; disk and time are in docs/export.md.
 
 Tiny bundle sizes are shrunk except where code or formats hard-code them: 224x224 CLIP input
 with patch 14 (257 tokens), ArcFace 512-d, 77 text tokens, 4 + 16 = 20 tokens per

@@ -4,7 +4,7 @@ The engine models' I/O comes from their component specs in the manifest; the BLS
 here, and everything else derives from it: their `config.pbtxt` (export/triton_repo.py), the defaults the glue
 applies to missing optional inputs (runtime/serving/glue.py: a sampling input's default is the
 `GenerateOptions` field it sets, so the server and in-process runs share one set of defaults), the tensor
-types the client sends (runtime/serving/client.py) and the README's table (`markdown_table`, checked by a
+types the client sends (runtime/serving/client.py) and the table in docs/serving.md (`markdown_table`, checked by a
 test). Dims are ints, -1 (any), or the build's symbols: "D" image-token/text width, "P" pooled width,
 "L" text length, "C" latent channels.
 """
@@ -128,7 +128,7 @@ MODELS = {m.name: m for m in (
 
 
 def markdown_table() -> str:
-    """The README rows of the BLS models: model | does | inputs (optional ones with ?) -> outputs."""
+    """The docs/serving.md rows of the BLS models: model | does | inputs (optional ones with ?) -> outputs."""
     rows = []
     for m in MODELS.values():
         ins = ", ".join(p.name + ("?" if p.optional else "") + (f"={p.default}" if p.default is not None else "")

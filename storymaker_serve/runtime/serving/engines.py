@@ -55,7 +55,7 @@ class OrtEngine:
             # Weights stay in the page-aligned external data file, mapped, instead of packed copies on the heap:
             # the full-size UNet loads with 1.5 GiB resident instead of 11 GiB, and its weights are clean file pages
             # the kernel can drop under pressure (GEMMs about 13% slower here). A whole full-size repository then
-            # fits a 24 GiB host (README).
+            # fits a 24 GiB host (docs/export.md).
             opts.add_session_config_entry("session.disable_prepacking", "1")
         names, options = session_providers(providers, device_id, cache_dir)
         self.sess = ort.InferenceSession(str(path), opts, providers=names, provider_options=options)

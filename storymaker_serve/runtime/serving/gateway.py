@@ -3,7 +3,7 @@
 tritonserver 2.51 has no message-size limit on either protocol: a 480 MB request
 is read, parsed and copied into the Python backend's shared memory before our
 budgets can refuse it, and neither the server's heap nor /dev/shm gives that
-memory back (README, "Memory after oversized requests"). `runtime.serve` therefore
+memory back (docs/robustness.md, "Known limits of the bundled server"). `runtime.serve` therefore
 binds tritonserver to loopback ports and serves the public gRPC and HTTP ports
 from this gateway, which forwards every call byte for byte and refuses a request
 larger than `max_message_bytes` before reading it:

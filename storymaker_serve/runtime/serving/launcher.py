@@ -345,7 +345,7 @@ def main(argv=None) -> int:
     ap.add_argument("--address", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 exposes it)")
     ap.add_argument("--no-gateway", action="store_true",
                     help="serve tritonserver's own ports directly, without the size-limiting gateway (then a huge "
-                         "request is copied into the server before it is refused; README)")
+                         "request is copied into the server before it is refused; docs/robustness.md)")
     ap.add_argument("--max-message-bytes", type=int, help="gateway: largest request accepted (default: the models' "
                                                           "max_request_bytes + 2 prompts + 8 MiB)")
     ap.add_argument("--admin-key", help="value of the admin-key header for admin protocols (default: "
