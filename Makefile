@@ -15,7 +15,8 @@ venv: $(STAMP)
 # A fresh venv holds exactly the lock (every package at an exact version and hash; torch is its CPU build), then
 # this checkout as an editable install built with the lock's setuptools. The stamp is written only after an
 # import of every entry point succeeds, so a failed or broken install is redone from scratch on the next run.
-$(STAMP): $(LOCK) pyproject.toml
+# Rebuilt when the lock changes: after editing pyproject.toml's dependencies, run `make lock`.
+$(STAMP): $(LOCK)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --no-deps --require-hashes -r $(LOCK)
@@ -29,6 +30,7 @@ demo: $(STAMP)
 	$(PY) -m runtime.client examples/demo_story.yaml --serve build/demo/triton_repo --out out/demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP)
@@ -56,5 +58,5 @@ lock: $(STAMP)
 
 # Drift seen before users see it: the newest versions pyproject.toml allows, without the lock, in a throwaway
 # venv; a demo build and a served frame; prints what differs from the lock and which package a failure came from.
-check-latest: $(STAMP)
-	$(PY) tools/check_latest.py
+check-latest:
+	$(PYTHON) tools/check_latest.py

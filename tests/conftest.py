@@ -18,8 +18,17 @@ if not torch.cuda.is_available():
 from pathlib import Path
 
 import pytest
+from helpers import DATA
 
-DATA = Path(__file__).parent / "data"
+# Fixtures that start a real tritonserver or install the package into a fresh venv: a test that uses one is slow
+# (`pytest -m "not slow"` is the inner loop; `make test` runs everything).
+SLOW_FIXTURES = {"server", "client", "echo_repo", "from_lock", "borrowed"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

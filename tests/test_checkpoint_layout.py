@@ -5,11 +5,11 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from storymaker_serve.export.sdxl_config import SDXL_UNET
 from storymaker_serve.runtime.adapter import attach_storymaker, check_state_dict, expected_layout
 from storymaker_serve.runtime.errors import WeightsError
 from storymaker_serve.runtime.loaders import load_mask_bin
-from storymaker_serve.runtime.ppr import PPRConfig, PositionalPerceiverResampler
-from storymaker_serve.export.sdxl_config import SDXL_UNET
+from storymaker_serve.runtime.ppr import PositionalPerceiverResampler, PPRConfig
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ def _merge(base, patch):
             else:
                 out[k] = _merge(base.get(k), v) if k in base else v
         return out
-    if isinstance(base, list) and isinstance(patch, list) and all(isinstance(x, dict) and "name" in x for x in base + patch):
+    if isinstance(base, list) and isinstance(patch,
+                                             list) and all(isinstance(x, dict) and "name" in x for x in base + patch):
         out, index = [copy.deepcopy(x) for x in base], {x["name"]: i for i, x in enumerate(base)}
         for item in patch:
             if item["name"] in index:
@@ -81,7 +82,8 @@ def test_manifests_validate_against_the_kubernetes_schemas(folder):
     pod = dep["spec"]["template"]
     assert dep["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     c = pod["spec"]["containers"][0]
-    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready" and c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and "--model-control-mode=none" in c["args"]
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == "8002"
     hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")

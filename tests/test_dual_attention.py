@@ -1,6 +1,7 @@
 """Fused dual-stream attention kernel vs the two-SDPA reference (Triton interpreter on CPU, native on a GPU)."""
 import pytest
 import torch
+from helpers import unet_inputs, unet_with
 
 from storymaker_serve.kernels.dual_attention import dual_attention, dual_attention_reference
 from storymaker_serve.runtime.kernel_attention import KernelAttnProcessor, use_dual_attention_kernel
@@ -54,13 +55,14 @@ def test_dual_attention_half_precision_on_gpu(dtype):
     assert (got - want).abs().max().item() <= (2e-2 if dtype == torch.bfloat16 else 4e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused_qkv", [False, True])
 def test_dual_attention_unet_step_matches_reference_processors(bundle, monkeypatch, fused_qkv):
     """Whole UNet step: kernel processors on the fused UNet vs the release's unfused LoRA processors; with
     fused projections the kernel reads K/V as strided halves of one K|V GEMM output."""
+
     import storymaker_serve.kernels.dual_attention as kd
     from storymaker_serve.runtime.attention import use_fused_projections
-    from test_lora_fuse import unet_inputs, unet_with
 
     # model and inputs on the test device: on a GPU the kernel runs natively only on CUDA tensors
     (ref, _), (fused, _) = unet_with(bundle, fuse=False), unet_with(bundle, fuse=True)
@@ -90,8 +92,8 @@ def to_device(x, dev):
 def test_kernel_requested_where_it_cannot_run_fails_loudly(bundle, monkeypatch):
     """A run that asks for the kernel where it cannot run must not measure two SDPA calls while reporting the
     kernel: on CUDA (or strict) it raises with the reason; where a fallback is allowed the reason is logged."""
+
     import storymaker_serve.runtime.kernel_attention as ka
-    from test_lora_fuse import unet_with
 
     monkeypatch.setattr(ka, "kernel_unavailable", lambda device: "needs OpenAI Triton >= 3.4, found 3.1.0")
     unet, _ = unet_with(bundle, fuse=True)
@@ -146,7 +148,8 @@ def test_kernel_benchmark_passes_device_tensors_and_asks_for_the_median(monkeypa
 def test_dual_attention_processor_falls_back_with_a_mask():
     p = KernelAttnProcessor(64, 128, rank=0, ip=True)
     g = torch.Generator().manual_seed(2)
-    q, k, v = torch.randn(1, 10, 64, generator=g), torch.randn(1, 77, 64, generator=g), torch.randn(1, 77, 64, generator=g)
+    q = torch.randn(1, 10, 64, generator=g)
+    k, v = torch.randn(1, 77, 64, generator=g), torch.randn(1, 77, 64, generator=g)
     ki, vi = torch.randn(1, 40, 64, generator=g), torch.randn(1, 40, 64, generator=g)
     mask = torch.zeros(1, 1, 10, 77)
     got = p.dual_attention(q, k, v, ki, vi, 2, mask, 0.5)

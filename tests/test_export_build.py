@@ -68,7 +68,8 @@ def test_ip_scale_is_a_runtime_input_of_the_onnx_unet(built, bundle):
 
     sess = ort.InferenceSession(str(built / "onnx/unet/model.onnx"), providers=["CPUExecutionProvider"])
     ref = load_sdxl(bundle / "sdxl").unet.eval()
-    attach_storymaker(ref, load_mask_bin(bundle / "mask.bin")[1], lora_scale=0.8, fuse=False)  # the release's processors
+    # the release's processors
+    attach_storymaker(ref, load_mask_bin(bundle / "mask.bin")[1], lora_scale=0.8, fuse=False)
     outs = {}
     for s in (0.0, 0.8):
         f = _unet_feeds(built, s)
@@ -83,6 +84,7 @@ def test_ip_scale_is_a_runtime_input_of_the_onnx_unet(built, bundle):
     assert np.abs(outs[0.8] - outs[0.0]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_fp16_build_subset(tmp_path, bundle):
     out = tmp_path / "b16"
     assert main(["--weights", str(bundle), "--fp16", "--out", str(out), "--components", "ppr,unet,vae_decoder"]) == 0
@@ -116,6 +118,7 @@ def test_bad_build_inputs(tmp_path, capsys, args, msg):
     assert re.search(msg, capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_style_lora_is_fused_before_export(tmp_path, bundle, built):
     """--lora FILE:SCALE changes the exported UNet (new cache key) and parity still holds against a
     reference that has the same style LoRA fused."""
@@ -157,7 +160,8 @@ def test_triton_repositories_are_complete_and_parse(built):
 
 
 def _hf_cache(src, dst):
-    """A Hugging Face hub cache entry for folder `src`: blobs by sha256, snapshots/REV of relative symlinks, refs/main."""
+    """A Hugging Face hub cache entry for folder `src`: blobs by sha256, snapshots/REV of relative symlinks,
+    refs/main."""
     import hashlib
     import os
 
@@ -238,17 +242,21 @@ def test_parity_modes(tmp_path, built, capsys):
     args = ["--weights", str(built / "demo_bundle"), "--components", "ppr,vae_decoder"]
     assert main([*args, "--out", str(tmp_path / "q"), "--parity", "quick"]) == 0
     c = json.loads((tmp_path / "q" / "manifest.json").read_text())["components"]
-    assert all(len(r["parity"]["shapes"]) == 1 and r["parity"]["passed"] and r["parity_mode"] == "quick" for r in c.values())
+    assert all(len(r["parity"]["shapes"]) == 1 and r["parity"]["passed"] and r["parity_mode"] == "quick"
+               for r in c.values())
     assert c["ppr"]["parity"]["shapes"] == [{"n": 1}] and c["vae_decoder"]["parity"]["rel_err"] is not None
     assert "x max(1, max|ref|)" in c["vae_decoder"]["parity"]["tolerance"]
     assert main([*args, "--out", str(tmp_path / "o"), "--parity", "off"]) == 0
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
-    assert all(r["parity"]["status"] == "not run: --parity off" and not r["parity"]["passed"] for r in m["components"].values())
+    assert all(r["parity"]["status"] == "not run: --parity off" and not r["parity"]["passed"]
+               for r in m["components"].values())
     full = json.loads((built / "manifest.json").read_text())
-    assert len(full["components"]["ppr"]["parity"]["shapes"]) == 3 and full["components"]["ppr"]["parity_mode"] == "full"
+    ppr = full["components"]["ppr"]
+    assert len(ppr["parity"]["shapes"]) == 3 and ppr["parity_mode"] == "full"
     assert 0 < full["peak_rss_gib"] < 20 and all(r["peak_rss_gib"] > 0 for r in full["components"].values())
 
 
+@pytest.mark.slow
 def test_build_loads_one_component_at_a_time(tmp_path, built, monkeypatch):
     """The memory-conscious build never loads the whole SDXL pipeline (a full-size fp32 UNet is 11.6 GB; the old
     build held a fused and an unfused one): each component loads its own part, and the UNet is exported from the

@@ -1,12 +1,11 @@
 """buffalo_l path through the real insightface FaceAnalysis (demo ONNX files with the real I/O signature)."""
 import numpy as np
 import pytest
+from helpers import DATA
 
 from storymaker_serve.runtime.errors import InputError, WeightsError
 from storymaker_serve.runtime.face import FaceAnalyzer, FaceInfo
 from storymaker_serve.runtime.preprocess import decode_image
-
-from conftest import DATA
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +25,7 @@ def test_detects_largest_face_and_embeds(analyzer, bundle, photo):
     boxes, kpss = analyzer.det.detect(bgr, max_num=0)
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     assert np.array_equal(info.kps, kpss[np.argmax(areas)])
-    from insightface.app import FaceAnalysis   # insightface's own app over the same folder
+    from insightface.app import FaceAnalysis  # insightface's own app over the same folder
 
     app = FaceAnalysis(name=str(analyzer_folder), allowed_modules=["detection", "recognition"],
                        providers=["CPUExecutionProvider"])

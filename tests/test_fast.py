@@ -4,17 +4,17 @@ The dual-attention kernel inside a UNet step is checked in tests/test_dual_atten
 would make 25 steps slow); here: host-precomputed UniPC, device-resident loop, channels_last, fused projections,
 no host reads inside the loop, and the torch.compile path (run on the CPU through inductor).
 """
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import HostSyncs
+from oracle import diffusers_sample
 
-from pathlib import Path
-
+from storymaker_serve.runtime.denoise import TorchDenoiser, step_inputs
 from storymaker_serve.runtime.fast import FastOptions, FastPipeline, StageTimes
 from storymaker_serve.runtime.loaders import load_storymaker
-from oracle import diffusers_sample
-from storymaker_serve.runtime.denoise import TorchDenoiser, step_inputs
 from storymaker_serve.runtime.pipeline import GenerateOptions, encode_text
 
 DATA = Path(__file__).parent / "data"
@@ -29,7 +29,8 @@ def test_torch_opt_latents_match_reference(layout, two_characters):
     opts = GenerateOptions("a man and a woman on a bridge", negative_prompt="blurry", width=64, height=64, steps=25,
                            seed=5, guidance=7.5, ip_scale=0.8)
     text = encode_text(ref_m.sdxl, opts.prompt, opts.negative_prompt)
-    want = diffusers_sample(TorchDenoiser(ref_m.sdxl.unet), step_inputs(text, tokens, opts), opts, ref_m.sdxl.scheduler_config)
+    want = diffusers_sample(TorchDenoiser(ref_m.sdxl.unet), step_inputs(text, tokens, opts), opts,
+                            ref_m.sdxl.scheduler_config)
     times = StageTimes()
     got = fast.latents(opts, encode_text(fast_m.sdxl, opts.prompt, opts.negative_prompt), tokens, times).cpu()
     a, b = want.flatten().double(), got.flatten().double()
@@ -39,23 +40,6 @@ def test_torch_opt_latents_match_reference(layout, two_characters):
     assert times.seconds["denoise"] > 0
     img = fast.decode(got.to(fast.dev))
     assert img.shape == (64, 64, 3) and img.dtype == np.uint8
-
-
-class HostSyncs(TorchDispatchMode):
-    """Records every op that makes the host wait for a tensor's value (.item(), bool(t), nonzero, .cpu())."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = str(func)
-        to_host = name.startswith("aten._to_copy") and str(kwargs.get("device", "")) == "cpu" and \
-            args[0].device.type != "cpu"
-        if to_host or any(s in name for s in ("_local_scalar_dense", "nonzero", "aten.equal")):
-            self.ops.append(name)
-        return func(*args, **kwargs)
 
 
 def test_denoising_loop_never_waits_on_the_host(layout, two_characters):
@@ -76,6 +60,7 @@ def test_denoising_loop_never_waits_on_the_host(layout, two_characters):
     assert len(probe.ops) >= 2, probe.ops
 
 
+@pytest.mark.slow
 def test_compiled_unet_matches_eager(layout, two_characters):
     """`--compile` (torch.compile, max-autotune; inductor's C++ backend on a CPU) with fused projections and
     channels_last gives the eager latents. Slow-ish (~30 s of compilation on 2 cores)."""
@@ -128,7 +113,8 @@ def test_low_precision_torch_opt_on_gpu_matches_fp32_reference(layout, two_chara
     opts = GenerateOptions("a man and a woman on a bridge", negative_prompt="blurry", width=64, height=64, steps=25,
                            seed=5, guidance=7.5, ip_scale=0.8)
     text = encode_text(ref_m.sdxl, opts.prompt, opts.negative_prompt)
-    want = diffusers_sample(TorchDenoiser(ref_m.sdxl.unet), step_inputs(text, tokens, opts), opts, ref_m.sdxl.scheduler_config)
+    want = diffusers_sample(TorchDenoiser(ref_m.sdxl.unet), step_inputs(text, tokens, opts), opts,
+                            ref_m.sdxl.scheduler_config)
     fast = FastPipeline(load_storymaker(layout, device="cuda"),
                         FastOptions(precision=precision, dual_attention_kernel=True, fused_qkv=True, channels_last=True,
                                     offload_encoders=True, cuda_graph=True))

@@ -4,12 +4,12 @@ sampling runs and every decode rounding case, and are actually in use on the hos
 import numpy as np
 import pytest
 import torch
+from helpers import SDXL_SCHEDULER
 
 from storymaker_serve.runtime import fused
 from storymaker_serve.runtime.denoise import decode
 from storymaker_serve.runtime.errors import InputError
 from storymaker_serve.runtime.unipc import UniPCPlan, UniPCSampler
-from tests.test_unipc import SDXL_SCHEDULER
 
 
 def test_kernels_are_in_use():
@@ -110,9 +110,20 @@ def test_decode_refuses_non_finite_pixels(bad):
         _torch_decode(img)
 
 
-def test_warm_up_compiles_both_kernels():
+def test_warm_up_compiles_what_real_steps_use():
+    """warm_up (called when a served model loads) compiles each kernel for the argument types real steps and
+    decodes pass: after it, a whole sampling run and a decode compile nothing more (a request would pay for it)."""
     fused.warm_up()
-    assert fused._load() is not None
+    kernels = fused._load()
+    compiled = {name: list(k.signatures) for name, k in kernels.items()}
+    assert set(compiled) == {"unipc", "uint8"} and all(len(sigs) == 1 for sigs in compiled.values()), compiled
+    s = UniPCSampler(UniPCPlan(SDXL_SCHEDULER, 4))
+    x = torch.randn(1, 4, 8, 8)
+    for i in range(4):
+        x = fused.unipc_step(s, torch.randn(2, 4, 8, 8), 5.0, i, x)
+        assert x is not None                                   # the kernel ran, not the torch fallback
+    assert fused.to_uint8(torch.rand(3, 16, 16)) is not None
+    assert {name: list(k.signatures) for name, k in kernels.items()} == compiled
 
 
 def test_kernels_that_cannot_load_fall_back_to_torch_ops(monkeypatch, caplog):

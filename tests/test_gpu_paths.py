@@ -57,7 +57,8 @@ def test_ngc_repository_is_relocatable(built, tmp_path):
         if p.is_symlink():
             assert p.resolve().is_file() and str(p.resolve()).startswith(str(moved)), p
     cfg = parse_pbtxt((moved / "triton_repo_ngc" / "storymaker" / "config.pbtxt").read_text())
-    args = {"model_config": json.dumps({"parameters": {k: {"string_value": v.string_value} for k, v in cfg.parameters.items()}}),
+    params = {k: {"string_value": v.string_value} for k, v in cfg.parameters.items()}
+    args = {"model_config": json.dumps({"parameters": params}),
             "model_repository": str(moved / "triton_repo_ngc" / "storymaker")}
     _, params = setup(args)
     assert params["build_dir"] == str(moved) and (moved / "manifest.json").exists()
@@ -72,7 +73,8 @@ def test_ngc_python_env_is_copied_and_named_relative(built, tmp_path):
     out, _ = write_ngc_repo(b, python_env=env)
     assert (out / "storymaker" / "python_env.tar.gz").read_bytes() == b"packed"
     cfg = parse_pbtxt((out / "sampler" / "config.pbtxt").read_text())
-    assert cfg.parameters["EXECUTION_ENV_PATH"].string_value == "$$TRITON_MODEL_DIRECTORY/../storymaker/python_env.tar.gz"
+    env_path = cfg.parameters["EXECUTION_ENV_PATH"].string_value
+    assert env_path == "$$TRITON_MODEL_DIRECTORY/../storymaker/python_env.tar.gz"
     with pytest.raises(FileNotFoundError, match="conda-pack"):
         write_ngc_repo(b, python_env=tmp_path / "missing.tar.gz")
 
@@ -152,6 +154,7 @@ def _lora_names(path):
     return lora_weight_names(weight_names(path))
 
 
+@pytest.mark.slow
 def test_refit_weights_are_found_by_stable_names(built, tmp_path, capsys):
     """TensorRT refit matches weights by initializer name. The UNet re-exported with another lora_scale names
     every weight as the build did, every LoRA-affected projection (to_q/to_k/to_v/to_out.0 of each attn1/attn2)
@@ -159,7 +162,8 @@ def test_refit_weights_are_found_by_stable_names(built, tmp_path, capsys):
     runs the same steps up to TensorRT, and without an engine the real run says how to build one."""
     from onnx import numpy_helper
 
-    from storymaker_serve.export.refit import check_refit_names, main as refit_main
+    from storymaker_serve.export.refit import check_refit_names
+    from storymaker_serve.export.refit import main as refit_main
 
     b = _copy_build(built, tmp_path)
     m = json.loads((b / "manifest.json").read_text())
@@ -243,7 +247,8 @@ def test_zero_residuals_are_not_shipped_per_step(built):
     assert "down_res_0" in sent[0] and "mid_res" in sent[0]
 
 
-@pytest.mark.parametrize("device,providers,gpus", [("cpu", None, 1), ("cuda", None, 1), ("cuda", "tensorrt,cuda,cpu", 2)])
+@pytest.mark.parametrize("device,providers,gpus",
+                         [("cpu", None, 1), ("cuda", None, 1), ("cuda", "tensorrt,cuda,cpu", 2)])
 def test_deployment_sets_providers_instances_and_batch(built, tmp_path, device, providers, gpus):
     """export.build --device/--providers/--gpu-instances: the manifest records the deployment; the engine models'
     configs get KIND_GPU instances per GPU (KIND_CPU on the CPU) with max_batch_size inside the engine profile, and
@@ -273,7 +278,8 @@ def test_deployment_sets_providers_instances_and_batch(built, tmp_path, device, 
     assert names[-1] == "CPUExecutionProvider" and len(names) == len(want)
     if "tensorrt" in want:
         trt = options[names.index("TensorrtExecutionProvider")]
-        assert trt["trt_engine_cache_enable"] == "1" and trt["trt_engine_cache_path"] == "/c" and trt["device_id"] == "1"
+        assert trt["trt_engine_cache_enable"] == "1" and trt["trt_engine_cache_path"] == "/c"
+        assert trt["device_id"] == "1"
     if "cuda" in want:
         assert options[names.index("CUDAExecutionProvider")]["device_id"] == "1"
 

@@ -4,12 +4,11 @@ import threading
 
 import numpy as np
 import pytest
+from helpers import MAN, POSE, WOMAN
 
 from storymaker_serve.runtime.errors import InputError
 from storymaker_serve.runtime.serving.client import StoryMakerClient
 from storymaker_serve.runtime.serving.launcher import TritonServer
-
-from test_serving import MAN, POSE, WOMAN
 
 
 def test_concurrent_requests_share_unet_executions(server, client):
@@ -45,6 +44,7 @@ def test_concurrent_requests_share_unet_executions(server, client):
     assert len({frames[k].tobytes() for k in range(8)}) == 8        # each request kept its own rows
 
 
+@pytest.mark.slow
 def test_inprocess_engines_give_the_same_frames(built, client, tmp_path):
     """denoise_engines=inprocess (export.build --denoise-engines): storymaker runs the UNet/ControlNet/VAE sessions
     itself; its frames equal the BLS layout's (within 1 uint8 level) for 2 characters with a pose map, also when
@@ -94,8 +94,10 @@ def test_io_binding_gives_the_session_outputs(built):
     f32 = lambda *s: rng.standard_normal(s).astype(np.float32)
     h = w = 8
     feeds = {"sample": f32(2, 4, h, w), "timestep": np.array([500.0, 500.0], np.float32),
-             "encoder_hidden_states": f32(2, b.text_len + 40, b.cross_attention_dim), "text_embeds": f32(2, b.pooled_dim),
-             "time_ids": np.tile(np.array([64, 64, 0, 0, 64, 64], np.float32), (2, 1)), "ip_scale": np.ones(2, np.float32)}
+             "encoder_hidden_states": f32(2, b.text_len + 40, b.cross_attention_dim),
+             "text_embeds": f32(2, b.pooled_dim),
+             "time_ids": np.tile(np.array([64, 64, 0, 0, 64, 64], np.float32), (2, 1)),
+             "ip_scale": np.ones(2, np.float32)}
     cn_feeds = {**{k: feeds[k] for k in ("sample", "timestep", "text_embeds", "time_ids")},
                 "encoder_hidden_states": feeds["encoder_hidden_states"][:, :b.text_len], "conditioning_scale":
                 np.ones(2, np.float32), "controlnet_cond": rng.random((2, 3, 8 * h, 8 * w)).astype(np.float32)}
@@ -109,7 +111,8 @@ def test_io_binding_gives_the_session_outputs(built):
         assert isinstance(got, torch.Tensor) and np.array_equal(got.numpy(), want)
     assert not np.array_equal(unet.run(feeds)["noise_pred"], unet.run({**feeds, **res_np})["noise_pred"])
     lat = f32(1, 4, h, w)
-    assert np.array_equal(vae.run_bound({"latent": torch.from_numpy(lat)})["image"].numpy(), vae.run({"latent": lat})["image"])
+    assert np.array_equal(vae.run_bound({"latent": torch.from_numpy(lat)})["image"].numpy(),
+                          vae.run({"latent": lat})["image"])
     second = {**feeds, "sample": f32(2, 4, h, w)}                   # two requests' CFG pairs as one batch of 4
     both = unet.run_bound(tt({k: np.concatenate([feeds[k], second[k]]) for k in feeds}))["noise_pred"]
     alone = [unet.run_bound(tt(f))["noise_pred"] for f in (feeds, second)]

@@ -111,7 +111,8 @@ def test_lock_install_builds_and_serves_the_demo(from_lock, tmp_path):
     assert "from storymaker_serve." in glue
     port = free_port()
     srv = subprocess.Popen([str(bin_ / "storymaker-serve"), "--repo", str(tmp_path / "b" / "triton_repo"),
-                            "--grpc-port", str(port), "--http-port", str(free_port()), "--metrics-port", str(free_port())],
+                            "--grpc-port", str(port), "--http-port", str(free_port()),
+                            "--metrics-port", str(free_port())],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env)
     try:
         client, deadline = grpcclient.InferenceServerClient(f"127.0.0.1:{port}"), time.time() + 300

@@ -124,7 +124,8 @@ def test_mask_bin_assembled_from_the_documented_key_list(bundle, tmp_path):
     assert len(names) == len(m.sdxl.unet.attn_processors)
     for i, name in enumerate(names):
         path = name.rsplit(".processor", 1)[0]
-        want = base.get_submodule(path).to_q.weight + 0.5 * ip[f"{i}.to_q_lora.up.weight"] @ ip[f"{i}.to_q_lora.down.weight"]
+        lora = ip[f"{i}.to_q_lora.up.weight"] @ ip[f"{i}.to_q_lora.down.weight"]
+        want = base.get_submodule(path).to_q.weight + 0.5 * lora
         assert (m.sdxl.unet.get_submodule(path).to_q.weight - want).abs().max() < 1e-5, name
         proc = m.sdxl.unet.attn_processors[name]
         if name.endswith("attn2.processor"):

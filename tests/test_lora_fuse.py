@@ -1,28 +1,13 @@
 """(b) The LoRA-fused UNet equals the release's unfused LoRA processors (<= 1e-5 max abs)."""
 import pytest
 import torch
+from helpers import unet_inputs, unet_with
 
-from storymaker_serve.runtime.adapter import attach_storymaker, set_ip_scale
+from storymaker_serve.runtime.adapter import set_ip_scale
 from storymaker_serve.runtime.attention import StoryMakerAttnProcessor
-from storymaker_serve.runtime.loaders import load_mask_bin, load_sdxl
+from storymaker_serve.runtime.loaders import load_sdxl
 
 TOL = 1e-5
-
-
-def unet_with(bundle, fuse, lora_scale=0.8):
-    _, ip = load_mask_bin(bundle / "mask.bin")
-    unet = load_sdxl(bundle / "sdxl").unet.eval()
-    return attach_storymaker(unet, ip, lora_scale=lora_scale, ip_scale=0.8, fuse=fuse), ip
-
-
-def unet_inputs(unet, t_img=60, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    d = unet.config.cross_attention_dim
-    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-    return dict(sample=torch.randn(2, 4, 24, 32, generator=g), timestep=torch.tensor(500),
-                encoder_hidden_states=torch.randn(2, 77 + t_img, d, generator=g),
-                added_cond_kwargs={"text_embeds": torch.randn(2, pooled, generator=g),
-                                   "time_ids": torch.tensor([[192., 256, 0, 0, 192, 256]] * 2)})
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +79,8 @@ def test_fused_projections_equal_separate_ones(bundle, pair):
     procs = list(qkv.attn_processors.values())
     assert all((p.qkv is not None) != (p.kv is not None) for p in procs)
     assert sum(p.kv_ip is not None for p in procs) == len(procs) // 2
-    attn = qkv.get_submodule(next(n for n in qkv.attn_processors if n.endswith("attn1.processor"))[: -len(".processor")])
+    name = next(n for n in qkv.attn_processors if n.endswith("attn1.processor"))
+    attn = qkv.get_submodule(name[: -len(".processor")])
     p = attn.processor
     assert attn.to_k.weight.data_ptr() == p.qkv.weight[attn.to_q.weight.shape[0]:].data_ptr()   # a view, not a copy
     storages = {t.untyped_storage().data_ptr() for t in qkv.parameters()}

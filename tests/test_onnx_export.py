@@ -9,7 +9,8 @@ from storymaker_serve.export.onnx_export import check_opset, consolidate_externa
 
 
 def _tiny_onnx(path):
-    net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.LayerNorm(128), torch.nn.Linear(128, 8))
+    net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.LayerNorm(128),
+                              torch.nn.Linear(128, 8))
     torch.onnx.export(net.eval(), (torch.zeros(2, 64),), str(path), input_names=["x"], output_names=["y"],
                       dynamic_axes={"x": {0: "B"}, "y": {0: "B"}}, opset_version=17, dynamo=False)
     return net
@@ -30,7 +31,8 @@ def test_consolidate_many_external_files_into_one(tmp_path):
     out = tmp_path / "out" / "model.onnx"
     out.parent.mkdir()
     files = consolidate_external_data(src / "raw.onnx", out)
-    assert [f.name for f in files] == ["model.onnx", "model.onnx.data"] and sorted(p.name for p in out.parent.iterdir()) == \
+    assert [f.name for f in files] == ["model.onnx",
+                                       "model.onnx.data"] and sorted(p.name for p in out.parent.iterdir()) == \
         ["model.onnx", "model.onnx.data"]
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
     assert np.array_equal(_run(src / "m.onnx", x), _run(out, x))

@@ -37,7 +37,8 @@ def test_pypi_kernels_is_importable_from_the_checkout_root():
     """`python -m export.build` puts the checkout root first on sys.path; `kernels` must still be the PyPI
     package that transformers imports (it is in the lock), not a folder of ours."""
     pytest.importorskip("kernels")
-    code = "import kernels, json; from transformers.integrations import hub_kernels; print(json.dumps(kernels.__file__))"
+    code = ("import kernels, json; from transformers.integrations import hub_kernels; "
+            "print(json.dumps(kernels.__file__))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "site-packages" in json.loads(out)
 
@@ -100,3 +101,27 @@ def test_lock_pins_every_package_with_hashes():
         names = {r.split("==")[0].lower() for r in reqs}
         assert ort in names and absent not in names and "opencv-python" not in names, lock
     assert "torch==2.13.0+cpu" in (ROOT / "requirements" / "lock.txt").read_text()
+
+
+def _check_latest():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_latest", ROOT / "tools" / "check_latest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_check_latest_names_what_moved_and_what_broke():
+    """`make check-latest` reports versions that differ from the lock and the distributions a failure's traceback
+    passes through (run in full by hand: it installs the newest versions)."""
+    cl = _check_latest()
+    locked = cl.locked_versions()
+    assert locked["torch"] == "2.13.0+cpu" and "transformers" in locked and "pip" not in locked
+    moved = cl.differences({"transformers": "5.24.0", "numpy": "1.26.4"},
+                           {"transformers": "5.25.0", "numpy": "1.26.4", "kernels": "0.19.1"})
+    assert moved == ["kernels: (not in lock) -> 0.19.1", "transformers: 5.24.0 -> 5.25.0"]
+    site = Path(metadata.distribution("transformers").locate_file("")) / "transformers"
+    trace = (f'Traceback (most recent call last):\n  File "{site}/integrations/hub_kernels.py", line 3, in <module>\n'
+             "ImportError: cannot import name 'CUDAProperties' from 'kernels'")
+    assert cl.culprits(trace, Path(sys.executable)) == ["transformers"]

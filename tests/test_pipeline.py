@@ -2,12 +2,11 @@
 import numpy as np
 import pytest
 import torch
+from helpers import DATA
 
 from storymaker_serve.runtime.characters import Character
 from storymaker_serve.runtime.errors import InputError
 from storymaker_serve.runtime.pipeline import GenerateOptions, encode_text
-
-from conftest import DATA
 
 SMALL = dict(width=64, height=48, steps=4)
 
@@ -135,7 +134,7 @@ def test_decode_rounds_as_diffusers_and_refuses_non_finite_pixels():
     img[0, 0, 0, :4] = np.array([0.5, 1.5, 2.5, 254.5], np.float32) / 255     # ties where float32 keeps them exact
     want = (np.transpose(img[0], (1, 2, 0)) * 255).round().astype(np.uint8)
     for given in (img, torch.from_numpy(img)):
-        got = decode(lambda _: given, None)
+        got = decode(lambda _, given=given: given, None)
         assert got.dtype == np.uint8 and got.flags.c_contiguous and np.array_equal(got, want)
     bad = img.copy()
     bad[0, 1, 5, 5] = np.nan

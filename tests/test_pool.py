@@ -30,7 +30,7 @@ def test_the_most_recently_idle_thread_takes_the_next_task():
     _wait(lambda: len(pool.idle) == 2)
     for k in range(2, 6):                     # one after another: always the thread of task 0, no new threads
         pool.submit(task, k)
-        _wait(lambda: len(names) == k + 1 and len(pool.idle) == 2)
+        _wait(lambda k=k: len(names) == k + 1 and len(pool.idle) == 2)
     first = dict(names)[0]
     assert [n for k, n in names[2:]] == [first] * 4 and len(pool.workers) == 2
     pool.shutdown()
@@ -100,8 +100,10 @@ def test_stage_metrics_are_sent_off_the_request_path_once_per_series():
     m.flush()
     _wait(lambda: len(sent) == 4)
     got = {(name, dict(labels).get("engine") or dict(labels)["stage"]): amount for name, labels, amount, _ in sent}
-    assert got[("storymaker_engine_rows_total", "unet")] == 14 and got[("storymaker_engine_executions_total", "unet")] == 3
-    assert got[("storymaker_stage_count_total", "denoise")] == 1 and got[("storymaker_stage_seconds_total", "denoise")] >= 0
+    assert got[("storymaker_engine_rows_total", "unet")] == 14
+    assert got[("storymaker_engine_executions_total", "unet")] == 3
+    assert got[("storymaker_stage_count_total", "denoise")] == 1
+    assert got[("storymaker_stage_seconds_total", "denoise")] >= 0
     assert {t for *_, t in sent} == {"metrics"}
     m.flush()
     time.sleep(0.05)

@@ -1,4 +1,5 @@
-"""Ports and malloc settings of the launched server (and the client's malloc settings). Ports: drawn outside the kernel's ephemeral range and never twice; a port the operator
+"""Ports and malloc settings of the launched server (and the client's malloc settings). Ports: drawn outside the
+kernel's ephemeral range and never twice; a port the operator
 chose that is taken fails at once with its flag named; a port the launcher drew that was taken before
 tritonserver bound it is drawn again. The starts run the real tritonserver on a one-model repository."""
 import random
@@ -83,6 +84,7 @@ def test_taken_port_is_read_from_the_server_log():
     assert taken_port("E1124 failed to load model 'unet'") is None
 
 
+@pytest.mark.slow
 def test_an_operator_port_that_is_taken_fails_before_any_server_starts(echo_repo, monkeypatch):
     started = []
     monkeypatch.setattr(launcher.subprocess, "Popen", lambda *a, **k: started.append(a) or pytest.fail("started"))
@@ -99,6 +101,7 @@ def test_an_operator_port_that_is_taken_fails_before_any_server_starts(echo_repo
     assert not started
 
 
+@pytest.mark.slow
 def test_a_drawn_port_taken_before_the_server_binds_it_is_drawn_again(echo_repo, capfd):
     import tritonclient.grpc as g
 
@@ -117,6 +120,7 @@ def test_a_drawn_port_taken_before_the_server_binds_it_is_drawn_again(echo_repo,
     assert f"port {taken} was taken before tritonserver bound it" in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_an_operator_port_taken_while_the_models_load_is_named(echo_repo, monkeypatch):
     held = _listen(free_port())
     port = held.getsockname()[1]
@@ -130,11 +134,12 @@ def test_an_operator_port_taken_while_the_models_load_is_named(echo_repo, monkey
         held.close()
 
 
+@pytest.mark.slow
 def test_the_server_and_its_stubs_get_the_malloc_settings(echo_repo, monkeypatch):
     """runtime/serving/malloc.py: tritonserver and its Python-backend stubs run with the thresholds (an operator's
     own MALLOC_* value is kept); STORYMAKER_MALLOC_TUNING=0 leaves them out."""
+    from storymaker_serve.benchmarks.processes import child_pids
     from storymaker_serve.runtime.serving import malloc
-    from storymaker_serve.runtime.serving.launcher import child_pids
 
     def environ(pid):
         return dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v)
@@ -176,6 +181,7 @@ def test_the_client_sets_the_malloc_thresholds_unless_asked_not_to(monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.slow
 def test_without_the_gateway_on_a_specific_address_the_server_becomes_ready(echo_repo):
     """Readiness asks tritonserver's own HTTP port where it listens: on `address` itself without the gateway
     (127.0.0.2 is a loopback address other than 127.0.0.1, so asking 127.0.0.1 finds nothing there)."""

@@ -64,7 +64,8 @@ def test_resampler_matches_formulas(ppr_and_sd, n):
     ppr, sd = ppr_and_sd
     g = torch.Generator().manual_seed(n)
     c = ppr.cfg.clip_dim
-    idv, clip, face = torch.randn(n, 512, generator=g), torch.randn(n, 257, c, generator=g), torch.randn(n, 257, c, generator=g)
+    idv = torch.randn(n, 512, generator=g)
+    clip, face = torch.randn(n, 257, c, generator=g), torch.randn(n, 257, c, generator=g)
     with torch.no_grad():
         got = ppr(idv, clip, face)
     want = formulas(sd, idv, clip, face)

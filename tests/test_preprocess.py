@@ -3,13 +3,12 @@ import io
 
 import numpy as np
 import pytest
+from helpers import DATA
 from PIL import Image
 
 from storymaker_serve.runtime.errors import InputError
 from storymaker_serve.runtime.face import FaceInfo
 from storymaker_serve.runtime.preprocess import aligned_face, character_image, clip_pixels, decode_image, mask_bbox
-
-from conftest import DATA
 
 # the two-person mask is colour-coded: person 1 in the blue channel, person 2 in the green one
 PAIRS = [("ldh.png", "ldh_mask.png", 0), ("tsy.png", "tsy_mask.png", 0),
@@ -119,7 +118,6 @@ def test_exif_orientation_is_applied():
     from storymaker_serve.runtime.characters import Character
 
     upright = decode_image(DATA / "ldh.png")
-    mask = decode_image(DATA / "ldh_mask.png")
     stored_sideways = np.rot90(upright, 1).copy()            # what the sensor wrote; orientation 6 turns it back
     phone = decode_image(_jpeg(stored_sideways, orientation=6))
     assert phone.shape == upright.shape

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _server_pids(parent: int) -> list[int]:
-    from storymaker_serve.runtime.serving.launcher import child_pids
+    from storymaker_serve.benchmarks.processes import child_pids
 
     return child_pids(parent, "tritonserver")
 
@@ -34,7 +34,8 @@ def _launch(built):
     port = free_port()
     out = tempfile.NamedTemporaryFile("w+", prefix="launcher-", suffix=".log", delete=False)
     proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--repo", str(built / "triton_repo"),
-                             "--grpc-port", str(port), "--http-port", str(free_port()), "--metrics-port", str(free_port())],
+                             "--grpc-port", str(port), "--http-port", str(free_port()),
+                             "--metrics-port", str(free_port())],
                             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     proc.output = Path(out.name)            # what the launcher printed: the reason when it exits early
     deadline, pids = time.time() + 60, []
@@ -54,6 +55,7 @@ def _gone(pid: int, within: float = 40.0) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_sigterm_while_starting_stops_the_server(built):
     proc, server, port = _launch(built)
     import tritonclient.grpc as grpcclient
@@ -67,6 +69,7 @@ def test_sigterm_while_starting_stops_the_server(built):
     assert _gone(server), f"tritonserver {server} outlived its launcher (ready when signalled: {ready})"
 
 
+@pytest.mark.slow
 def test_sigkill_while_serving_leaves_no_server(built):
     from storymaker_serve.runtime.serving.launcher import wait_until_ready
 
@@ -78,12 +81,10 @@ def test_sigkill_while_serving_leaves_no_server(built):
 
 
 # ---- hostile and malformed requests against the real server ----
-import io  # noqa: E402
 import json  # noqa: E402
 
 import numpy as np  # noqa: E402
-
-from conftest import DATA  # noqa: E402
+from helpers import DATA  # noqa: E402
 
 MAN = {"photo": DATA / "ldh.png", "mask": DATA / "ldh_mask.png", "face": DATA / "ldh.face.json"}
 SMALL = dict(width=64, height=64, steps=2, seed=3)
@@ -154,7 +155,7 @@ def test_request_budget_is_checked_before_anything_is_decoded(server):
 
 def _tree_rss_mb(pid: int) -> float:
     """RSS of tritonserver and its Python-backend stubs (its children), in MB."""
-    from storymaker_serve.runtime.serving.launcher import child_pids, rss_kib
+    from storymaker_serve.benchmarks.processes import child_pids, rss_kib
 
     return sum(rss_kib(p) for p in [pid, *child_pids(pid)]) / 1024
 
@@ -193,6 +194,7 @@ def test_oversized_requests_never_reach_the_server_and_memory_stays(server, clie
     assert np.array_equal(img, again)
 
 
+@pytest.mark.slow
 def test_gateway_limit_follows_the_repository_budgets(tmp_path, built):
     """The gateway's limit is the models' max_request_bytes + both prompts + headroom, read from config.pbtxt."""
     import shutil
@@ -200,7 +202,8 @@ def test_gateway_limit_follows_the_repository_budgets(tmp_path, built):
     from storymaker_serve.runtime.serving.contract import LIMITS
     from storymaker_serve.runtime.serving.gateway import HEADROOM, repo_message_limit
 
-    assert repo_message_limit(built / "triton_repo") == LIMITS["max_request_bytes"] + 2 * LIMITS["max_prompt_bytes"] + HEADROOM
+    want = LIMITS["max_request_bytes"] + 2 * LIMITS["max_prompt_bytes"] + HEADROOM
+    assert repo_message_limit(built / "triton_repo") == want
     repo = tmp_path / "repo"
     shutil.copytree(built / "triton_repo", repo, symlinks=True)
     cfg = repo / "storymaker" / "config.pbtxt"
@@ -214,7 +217,8 @@ def test_gateway_limit_follows_the_repository_budgets(tmp_path, built):
     ("keypoints as strings", {"FACE_INFO": '{"kps": [["a","b"]], "embedding": []}'}, "INVALID_ARGUMENT", "face info"),
     ("keypoints off the photo", {"FACE_INFO": json.dumps({"kps": [[9000, 10]] * 5, "embedding": [1.0] * 512})},
      "INVALID_ARGUMENT", "outside the 448x640 photo"),
-    ("EPS photo", {"PHOTOS": b"%!PS-Adobe-3.0 EPSF-3.0\n"}, "INVALID_ARGUMENT", "EPS/PostScript images are not accepted"),
+    ("EPS photo", {"PHOTOS": b"%!PS-Adobe-3.0 EPSF-3.0\n"}, "INVALID_ARGUMENT",
+     "EPS/PostScript images are not accepted"),
     ("seed beyond 32 bits", {"SEED": 2**40}, "INVALID_ARGUMENT", "seed=1099511627776 must be 0..4294967295"),
 ])
 def test_client_mistakes_are_invalid_argument_and_name_the_input(server, client, case, inputs, code, text):
@@ -300,18 +304,26 @@ def test_error_codes_say_whose_fault_it_is(caplog):
     assert e.c == "INTERNAL" and "request req-42" in e.msg and "boom" not in e.msg
     assert "req-42" in caplog.text and "Traceback" in caplog.text
     assert g.error(Cancelled("request cancelled before step 3/8")).error.c == "CANCELLED"
-    for code, msg, want in (("UNAVAILABLE", "queue full", "UNAVAILABLE"), ("INTERNAL", "invalid input: x", "INVALID_ARG"),
+    for code, msg, want in (("UNAVAILABLE", "queue full", "UNAVAILABLE"),
+                            ("INTERNAL", "invalid input: x", "INVALID_ARG"),
                             ("INTERNAL", "internal error (request 1): KeyError", "INTERNAL"),
                             ("INTERNAL", "request cancelled before step 2/8", "CANCELLED")):
         assert g.error(CalleeError("encode_characters", msg, code, _FakePb)).error.c == want, msg
 
 
+@pytest.mark.slow
 def test_launcher_refuses_a_repository_whose_backends_the_server_lacks(built):
     """The NGC repository needs the onnxruntime backend (tensorrt where engines exist); the bundled wheel server
     has only the Python backend: the launcher says which backend is missing, for which models, and the fix.
     Both repositories are complete."""
     from storymaker_serve.runtime.errors import StoryMakerError
-    from storymaker_serve.runtime.serving.launcher import REQUIRED_MODELS, TritonServer, check_repo, repo_backends, server_backends
+    from storymaker_serve.runtime.serving.launcher import (
+        REQUIRED_MODELS,
+        TritonServer,
+        check_repo,
+        repo_backends,
+        server_backends,
+    )
 
     available, where = server_backends()
     ngc = built / "triton_repo_ngc"
@@ -324,7 +336,8 @@ def test_launcher_refuses_a_repository_whose_backends_the_server_lacks(built):
     if "onnxruntime" in available:
         pytest.skip("this tritonserver has the onnxruntime backend")
     with pytest.raises(StoryMakerError, match=r"has no backend 'onnxruntime' \(for clip_vision, controlnet, ppr, "
-                                              r"text_encoder_1, text_encoder_2, unet, vae_decoder\).*NGC tritonserver container"):
+                                              r"text_encoder_1, text_encoder_2, unet, vae_decoder\)"
+                                              r".*NGC tritonserver container"):
         TritonServer(ngc)
 
 

@@ -1,28 +1,22 @@
 """A real tritonserver on loopback serving the demo build: parity with the in-process pipeline, bad requests,
 cancellation, a bounded load test and the security defaults."""
 import io
-from pathlib import Path
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import CLOTH, MAN, POSE, THIRD, WOMAN, HostSyncs
 from PIL import Image
 
-from storymaker_serve.runtime.serving.client import StoryMakerClient
 from storymaker_serve.runtime.errors import StoryMakerError
+from storymaker_serve.runtime.serving.client import StoryMakerClient
 from storymaker_serve.runtime.serving.launcher import TritonServer
 
-from conftest import DATA
-
 SMALL = dict(width=64, height=64, steps=3, seed=11)
-MAN = {"photo": DATA / "ldh.png", "mask": DATA / "ldh_mask.png", "face": DATA / "ldh.face.json"}
-WOMAN = {"photo": DATA / "tsy.png", "mask": DATA / "tsy_mask.png"}          # face detected by buffalo_l
-
-
-THIRD = {"photo": DATA / "two_people.jpg", "mask": DATA / "two_people_mask.png", "mask_channel": 2}
-CLOTH, POSE = DATA / "cloth1.png", DATA / "two_people_pose.jpg"
-STORY = [("one character", [MAN], {}), ("two characters", [MAN, WOMAN], {}), ("three characters", [MAN, WOMAN, THIRD], {}),
+STORY = [("one character", [MAN], {}), ("two characters", [MAN, WOMAN], {}),
+         ("three characters", [MAN, WOMAN, THIRD], {}),
          ("cloth", [{**MAN, "cloth": CLOTH}, WOMAN], {}), ("pose", [MAN, WOMAN], {"pose": POSE})]
 
 
@@ -46,8 +40,8 @@ def _request(spec):
     from storymaker_serve.runtime.serving.logic import CharacterRequest
 
     raw = lambda key: [c[key].read_bytes() if c.get(key) else None for c in spec]
-    return CharacterRequest(raw("photo"), raw("mask"), raw("cloth"), [c["face"].read_text() if c.get("face") else None
-                                                                       for c in spec], [c.get("mask_channel", 0) for c in spec])
+    faces = [c["face"].read_text() if c.get("face") else None for c in spec]
+    return CharacterRequest(raw("photo"), raw("mask"), raw("cloth"), faces, [c.get("mask_channel", 0) for c in spec])
 
 
 @pytest.mark.parametrize("case,chars,extra", STORY, ids=[s[0] for s in STORY])
@@ -80,7 +74,6 @@ def test_four_paths_agree_with_the_reference(built, client, reference, case, cha
 def test_served_loop_never_reads_back_to_the_host(built):
     """The served loop (runtime.denoise.denoise with the engine denoiser, as in the sampler/storymaker models) makes
     no host read per step: the dispatch probe of tests/test_fast.py sees no .item()/nonzero/device-to-host copy."""
-    from test_fast import HostSyncs
 
     from storymaker_serve.runtime.pipeline import GenerateOptions
     from storymaker_serve.runtime.serving.engines import Build
@@ -230,7 +223,8 @@ def test_latent_preview_fit_recovers_a_linear_decoder():
 
     from storymaker_serve.runtime.serving.frame import LatentPreview
 
-    w, b = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32) * 0.1, np.array([0.5, 0.4, 0.6], np.float32)
+    w = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32) * 0.1
+    b = np.array([0.5, 0.4, 0.6], np.float32)
     vae01 = lambda lat: np.repeat(np.repeat(np.einsum("nchw,cr->nrhw", lat, w) + b[None, :, None, None], 8, 2), 8, 3)
     p = LatentPreview.fit(vae01, 4, (6, 5), 8)
     assert np.allclose(p.weight, w, atol=1e-5) and np.allclose(p.bias, b, atol=1e-5)
@@ -318,10 +312,12 @@ def test_server_listens_on_loopback_only(server):
             if state == "0A" and int(port, 16) in ports:            # LISTEN
                 seen[int(port, 16)] = addr
     assert set(seen) == ports
-    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1 and ::ffff:127.0.0.1 (hex, as the kernel writes)
+    # 127.0.0.1 and ::ffff:127.0.0.1 (hex, as the kernel writes)
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}
     assert set(seen.values()) <= loopback, seen
 
 
+@pytest.mark.slow
 def test_launcher_rejects_incomplete_repository(tmp_path, built, capsys):
     import shutil
 
@@ -357,7 +353,8 @@ def test_stage_timings_are_exposed_as_metrics(server, client):
     assert events[-1]["final"]
     deadline = time.time() + 10
     while True:                       # sent by the models just after the response (off the request's path)
-        text = urllib.request.urlopen(f"http://{server.address}:{server.metrics_port}/metrics", timeout=10).read().decode()
+        text = urllib.request.urlopen(f"http://{server.address}:{server.metrics_port}/metrics",
+                                      timeout=10).read().decode()
         stages, stream = {}, {}
         for line in text.splitlines():
             if line.startswith("storymaker_stage_seconds_total{"):
@@ -369,4 +366,4 @@ def test_stage_timings_are_exposed_as_metrics(server, client):
     assert {"denoise", "vae", "respond"} <= set(stream), text[-2000:]     # the stream model sends its own too
     assert set(stages) >= {"characters", "text", "denoise", "vae", "png", "respond"}, text[-2000:]
     assert stages["denoise"] > 0 and all(v >= 0 for v in stages.values())
-    assert any(l.startswith("storymaker_stage_count_total{") for l in text.splitlines())
+    assert any(line.startswith("storymaker_stage_count_total{") for line in text.splitlines())

@@ -3,9 +3,9 @@ import dataclasses
 
 import pytest
 
-from storymaker_serve.runtime.spec import ComponentSpec, TensorSpec, dim_name, eval_dim
 from storymaker_serve.export.tensorrt import EngineOptions, EnginePlan, availability, build_engines, plan_engines
 from storymaker_serve.export.triton_config import model_config, parse_pbtxt, to_pbtxt
+from storymaker_serve.runtime.spec import ComponentSpec, TensorSpec, dim_name, eval_dim
 
 UNET_LIKE = ComponentSpec(
     "unet", (TensorSpec("sample", "float32", ("N", 4, "h", "w")), TensorSpec("res", "float32", ("N", 64, "h/2", "w/2")),
@@ -76,7 +76,8 @@ def test_max_batch_comes_from_the_profile():
     assert UNET_LIKE.max_batch() == 4 == max(p["max"][0] for p in UNET_LIKE.profile().values())
     wide = dataclasses.replace(UNET_LIKE, symbols={**UNET_LIKE.symbols, "N": (2, 2, 8)})
     assert wide.max_batch() == 8
-    mixed = ComponentSpec("ppr", (TensorSpec("a", "float32", ("n", 4)), TensorSpec("s", "float32", (1,))), (), {"n": (1, 2, 3)})
+    mixed = ComponentSpec("ppr", (TensorSpec("a", "float32", ("n", 4)), TensorSpec("s", "float32", (1,))), (),
+                          {"n": (1, 2, 3)})
     with pytest.raises(ValueError, match="batch axis"):
         mixed.max_batch()
 
@@ -102,7 +103,8 @@ def test_build_engines_per_component_records_failures(tmp_path, monkeypatch):
     rec = lambda key: {"files": [{"path": "x.onnx"}], "profile": UNET_LIKE.profile(), "key": key}
     records = {"unet": rec("u"), "controlnet": rec("c"), "vae_decoder": rec("v")}
     seen = []
-    res = build_engines(records, tmp_path, EngineOptions(version_compatible=True), on_record=lambda n, r: seen.append(n))
+    res = build_engines(records, tmp_path, EngineOptions(version_compatible=True), on_record=lambda n,
+                        r: seen.append(n))
     assert seen == ["unet", "controlnet", "vae_decoder"] and built == ["unet", "vae_decoder"]
     assert res["controlnet"]["status"] == "failed" and "out of memory" in res["controlnet"]["error"]
     assert res["unet"] == {**res["unet"], "status": "built", "path": "engines/unet.plan", "tensorrt": "10.8.0",
@@ -110,7 +112,8 @@ def test_build_engines_per_component_records_failures(tmp_path, monkeypatch):
     records["unet"]["engine"] = res["unet"]
     again = build_engines({"unet": records["unet"]}, tmp_path, EngineOptions(version_compatible=True))
     assert again["unet"]["cached"] and built == ["unet", "vae_decoder"]
-    rebuilt = build_engines({"unet": {**records["unet"], "key": "u2"}}, tmp_path, EngineOptions(version_compatible=True))
+    rebuilt = build_engines({"unet": {**records["unet"], "key": "u2"}}, tmp_path,
+                            EngineOptions(version_compatible=True))
     assert not rebuilt["unet"].get("cached") and built[-1] == "unet"
 
 
@@ -151,7 +154,7 @@ def test_trt_flags_reach_the_builder_config(tmp_path, monkeypatch):
 
     fake = Obj("trt")
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(
-        Logger=Obj("Logger"), Builder=lambda logger: fake, OnnxParser=lambda n, l: Obj("parser"),
+        Logger=Obj("Logger"), Builder=lambda logger: fake, OnnxParser=lambda network, logger: Obj("parser"),
         NetworkDefinitionCreationFlag=Obj("NDCF"), OnnxParserFlag=Obj("OPF"), MemoryPoolType=Obj("MPT"),
         BuilderFlag=types.SimpleNamespace(REFIT="REFIT", VERSION_COMPATIBLE="VERSION_COMPATIBLE"),
         HardwareCompatibilityLevel=types.SimpleNamespace(AMPERE_PLUS="AMPERE_PLUS")))
@@ -164,7 +167,8 @@ def test_trt_flags_reach_the_builder_config(tmp_path, monkeypatch):
 
 
 def test_bls_io_is_declared_once():
-    """The BLS models' I/O lives in runtime/serving/contract.py: the table in docs/serving.md is generated from it, the glue's
+    """The BLS models' I/O lives in runtime/serving/contract.py: the table in docs/serving.md is generated from it, the
+    glue's
     defaults are GenerateOptions' (the release's 960 wide x 1280 high portrait frame), and every sampling input
     the client can send maps to a declared port."""
     from pathlib import Path
@@ -176,7 +180,8 @@ def test_bls_io_is_declared_once():
     readme = (Path(__file__).parents[1] / "docs" / "serving.md").read_text()
     assert markdown_table() in readme
     defaults = {p.name: p.default for p in SAMPLING}
-    assert defaults["WIDTH"] == GenerateOptions("x").width == 960 and defaults["HEIGHT"] == GenerateOptions("x").height == 1280
+    assert defaults["WIDTH"] == GenerateOptions("x").width == 960
+    assert defaults["HEIGHT"] == GenerateOptions("x").height == 1280
     assert set(OPTIONS) == {p.option for p in SAMPLING if p.option}
     assert [p.name for p in MODELS["storymaker"].inputs if p.optional][:2] == ["NEGATIVE_PROMPT", "IMAGE_TOKENS"]
 

@@ -3,12 +3,9 @@
 import pytest
 import torch
 from diffusers import UniPCMultistepScheduler
+from helpers import SDXL_SCHEDULER
 
 from storymaker_serve.runtime.unipc import UniPCPlan, UniPCSampler
-
-SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
-                  "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
-                  "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear"}
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 8, 25])

@@ -34,16 +34,18 @@ def locked_versions(lock: Path = LOCK) -> dict[str, str]:
 
 
 def installed_versions(py: Path) -> dict[str, str]:
-    code = "import importlib.metadata as m, json; print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))"
+    code = ("import importlib.metadata as m, json; "
+            "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))")
     out = subprocess.run([str(py), "-c", code], capture_output=True, text=True, check=True).stdout
     return {canonical(n): v for n, v in json.loads(out).items()}
 
 
 def differences(locked: dict[str, str], now: dict[str, str]) -> list[str]:
-    """'name lock -> now' lines for every distribution whose version moved, appeared or disappeared."""
+    """'name lock -> now' lines for every installed distribution whose version moved or that the lock lacks
+    (the lock's test tools, which this check does not install, are left out)."""
     lines = []
-    for name in sorted(set(locked) | set(now)):
-        if name == "storymaker-serve" or locked.get(name) == now.get(name):
+    for name in sorted(now):
+        if name in ("storymaker-serve", "pip") or locked.get(name) == now[name]:
             continue
         lines.append(f"{name}: {locked.get(name, '(not in lock)')} -> {now.get(name, '(not installed)')}")
     return lines

@@ -4,7 +4,8 @@
 cross-attention shapes at 1024^2 (batch 2 = one CFG pair; query lengths 4096
 and 1024 with 10 and 20 heads; head dim 64; 77 text + 40/60/80 image tokens),
 fp16, in one run, with explicit warm-up and triton's `do_bench` (asked for the
-median of repeated launches; its default is the mean), `ip_scale` a device tensor, and appends one JSON line per shape to
+median of repeated launches; its default is the mean), `ip_scale` a device tensor, and appends one JSON line per shape
+to
 `benchmarks/results/dual_attention.jsonl` with the ratio, device and versions.
 """
 from __future__ import annotations
@@ -40,8 +41,8 @@ def measure(shapes, device, bench, n_imgs=(40, 60, 80), dtype=torch.float16) -> 
         for n_img in n_imgs:
             x = inputs(b, h, m, d, n_img, device, dtype)
             err = (dual_attention(**x).float() - dual_attention_reference(**x).float()).abs().max().item()
-            t_ref = bench(lambda: dual_attention_reference(**x))
-            t_ker = bench(lambda: dual_attention(**x))
+            t_ref = bench(lambda x=x: dual_attention_reference(**x))
+            t_ker = bench(lambda x=x: dual_attention(**x))
             rows.append({"shape": [b, h, m, d], "n_text": 77, "n_img": n_img, "dtype": str(dtype).split(".")[-1],
                          "sdpa_x2_ms": t_ref, "kernel_ms": t_ker, "speedup": t_ref / t_ker, "max_abs_err": err,
                          "timing": "median"})

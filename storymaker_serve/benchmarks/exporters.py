@@ -21,11 +21,11 @@ def main(argv=None) -> None:
     from storymaker_serve.runtime.cli import argument_parser
 
     argument_parser("python -m benchmarks.exporters", __doc__).parse_args(argv)   # --help, -v; starts nothing
-    from storymaker_serve.export.build import parse_args, _profile
-    from storymaker_serve.export.stage import Stage
+    from storymaker_serve.export.build import _profile, parse_args
     from storymaker_serve.export.demo_bundle import write_demo_bundle
     from storymaker_serve.export.onnx_export import torch_inputs
     from storymaker_serve.export.parity import check
+    from storymaker_serve.export.stage import Stage
     from storymaker_serve.runtime.loaders import WeightsLayout
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -40,7 +40,8 @@ def main(argv=None) -> None:
                 try:
                     torch.onnx.export(c.graph, torch_inputs(c.spec, c.spec.assignment("opt")), str(path),
                                       input_names=[t.name for t in c.spec.inputs],
-                                      output_names=[t.name for t in c.spec.outputs], opset_version=17 if not dynamo else 20,
+                                      output_names=[t.name for t in c.spec.outputs],
+                                      opset_version=17 if not dynamo else 20,
                                       dynamo=dynamo, dynamic_axes=c.spec.dynamic_axes())
                     secs = time.perf_counter() - t0
                     p = check(c.spec, path, c.reference)

@@ -143,7 +143,8 @@ def main(argv=None) -> dict:
                       "weight_bytes": w}))
     for k, v in f.items():
         print(f"{k:>10}: {v / 1e9:12.2f} GFLOP")
-    print(", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in w.items()) + f" of weights ({a.precision}, VAE {a.vae_precision})")
+    print(", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in w.items())
+          + f" of weights ({a.precision}, VAE {a.vae_precision})")
     return {**f, "weight_bytes": w}
 
 

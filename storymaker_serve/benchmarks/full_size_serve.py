@@ -26,29 +26,24 @@ from pathlib import Path
 import numpy as np
 
 from storymaker_serve.benchmarks import TEST_DATA
+from storymaker_serve.benchmarks.processes import child_pids, command_line, rss_kib
 
 
 def tree_rss_gib(pid: int) -> float:
     """RSS of process `pid` and its children (tritonserver and its stubs), GiB."""
-    from storymaker_serve.runtime.serving.launcher import child_pids, rss_kib
-
     return round(sum(rss_kib(p) for p in [pid, *child_pids(pid)]) / 2**20, 2)
 
 
-def stub_rss_gib(pid: int, field: str = "VmRSS") -> dict[str, float]:
-    """RSS of each Python-backend stub under tritonserver `pid`, by the model folder in its command line; `field`
-    RssAnon for the anonymous part only (RssFile: weights mapped from the build's files, pages the kernel can drop
-    and re-read)."""
-    from storymaker_serve.runtime.serving.launcher import child_pids, rss_kib
-
+def stub_rss_gib(pid: int, part: str = "all") -> dict[str, float]:
+    """RSS of each Python-backend stub under tritonserver `pid`, by the model folder in its command line; `part`
+    "anon" for the stub's own memory only (processes.rss_kib)."""
     out = {}
     for child in child_pids(pid):
-        try:
-            cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
+        cmd = command_line(child)
+        if not cmd:
             continue
-        name = next((part.split("/")[-3] for part in cmd.split() if part.endswith("/1/model.py")), cmd[:40])
-        out[name] = round(out.get(name, 0.0) + rss_kib(child, field) / 2**20, 2)
+        name = next((arg.split("/")[-3] for arg in cmd if arg.endswith("/1/model.py")), " ".join(cmd)[:40])
+        out[name] = round(out.get(name, 0.0) + rss_kib(child, part) / 2**20, 2)
     return out
 
 
@@ -57,7 +52,8 @@ def _infer(c, model, feeds: dict, outputs: list[str]):
 
     ins = []
     for k, v in feeds.items():
-        dt = {np.float32: "FP32", np.int64: "INT64", np.int32: "INT32", np.object_: "BYTES", np.bool_: "BOOL"}[v.dtype.type]
+        dt = {np.float32: "FP32", np.int64: "INT64", np.int32: "INT32", np.object_: "BYTES",
+              np.bool_: "BOOL"}[v.dtype.type]
         i = grpcclient.InferInput(k, list(v.shape), dt)
         i.set_data_from_numpy(v)
         ins.append(i)
@@ -93,7 +89,7 @@ def main(argv=None) -> None:
         srv.start(timeout=1800)
         report = {"build": str(a.build), "models": names, "cold_start_s": round(time.perf_counter() - t0, 1),
                   "server_rss_ready_gib": tree_rss_gib(srv.proc.pid), "model_rss_ready_gib": stub_rss_gib(srv.proc.pid),
-                  "model_anon_ready_gib": stub_rss_gib(srv.proc.pid, "RssAnon"),
+                  "model_anon_ready_gib": stub_rss_gib(srv.proc.pid, "anon"),
                   "requests": {}}
         try:
             c = grpcclient.InferenceServerClient(srv.url, channel_args=[("grpc.max_receive_message_length", -1)])
@@ -111,8 +107,8 @@ def main(argv=None) -> None:
                                                     "image": list(out["IMAGE"].shape), "png_bytes": len(out["PNG"][0])}
                 if a.save:
                     a.save.write_bytes(out["PNG"][0])
-                done |= {"storymaker", "encode_characters", "text_encoder_1", "text_encoder_2", "clip_vision", "ppr", "unet",
-                         "vae_decoder"}
+                done |= {"storymaker", "encode_characters", "text_encoder_1", "text_encoder_2", "clip_vision", "ppr",
+                         "unet", "vae_decoder"}
             if "encode_characters" in names and "encode_characters" not in done:
                 enc = {"PHOTOS": np.array([(data / "ldh.png").read_bytes()], dtype=object),
                        "MASKS": np.array([(data / "ldh_mask.png").read_bytes()], dtype=object)}
@@ -121,7 +117,8 @@ def main(argv=None) -> None:
                                                            "finite": bool(np.isfinite(out["IMAGE_TOKENS"]).all())}
                 done |= {"encode_characters", "clip_vision", "ppr"}
             if "text_encoder" in names and "text_encoder" not in done:
-                out, secs = _infer(c, "text_encoder", {"PROMPT": np.array([b"a man reading a book in a library"], dtype=object)},
+                out, secs = _infer(c, "text_encoder",
+                                   {"PROMPT": np.array([b"a man reading a book in a library"], dtype=object)},
                                    ["PROMPT_EMBEDS", "POOLED"])
                 report["requests"]["text_encoder"] = {"seconds": secs, "embeds": list(out["PROMPT_EMBEDS"].shape),
                                                       "finite": bool(np.isfinite(out["PROMPT_EMBEDS"]).all())}
@@ -145,7 +142,8 @@ def main(argv=None) -> None:
                 out, secs = _infer(c, "sampler", feeds, ["LATENTS"])
                 lat = out["LATENTS"]
                 report["requests"]["sampler"] = {"size": a.size, "steps": a.steps, "seconds": secs,
-                                                 "seconds_per_step": round(secs / a.steps, 2), "latents": list(lat.shape),
+                                                 "seconds_per_step": round(secs / a.steps, 2),
+                                                 "latents": list(lat.shape),
                                                  "finite": bool(np.isfinite(lat).all())}
                 done |= {"sampler", "unet"}
                 if "vae_decoder" in names:
@@ -175,7 +173,7 @@ def main(argv=None) -> None:
                                          "finite": bool(all(np.isfinite(v).all() for v in outs.values()))}
             report["server_rss_after_gib"] = tree_rss_gib(srv.proc.pid)
             report["model_rss_after_gib"] = stub_rss_gib(srv.proc.pid)
-            report["model_anon_after_gib"] = stub_rss_gib(srv.proc.pid, "RssAnon")
+            report["model_anon_after_gib"] = stub_rss_gib(srv.proc.pid, "anon")
             report["host_available_gib_after"] = round(int(Path("/proc/meminfo").read_text().split("MemAvailable:")[1]
                                                            .split()[0]) / 2**20, 2)
         finally:

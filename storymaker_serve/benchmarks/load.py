@@ -25,7 +25,6 @@ import numpy as np
 from storymaker_serve.benchmarks import CHECKOUT, RESULTS, TEST_DATA
 
 
-
 def unet_stats(admin) -> tuple[int, int]:
     s = admin.get_inference_statistics("unet", as_json=True)["model_stats"][0]
     return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
@@ -82,10 +81,9 @@ def _without_unet_batching(repo: Path) -> Path:
 def main(argv=None) -> None:
     import tritonclient.grpc as grpcclient
 
+    from storymaker_serve.runtime.cli import argument_parser
     from storymaker_serve.runtime.serving.client import StoryMakerClient
     from storymaker_serve.runtime.serving.launcher import TritonServer
-
-    from storymaker_serve.runtime.cli import argument_parser
 
     ap = argument_parser("python -m benchmarks.load", __doc__)
     ap.add_argument("--build", type=Path, default=CHECKOUT / "build/demo")
@@ -106,7 +104,8 @@ def main(argv=None) -> None:
                                             "face": data / "ldh.face.json"}])
         client.generate("warm-up", tokens=tokens, **opts)                       # explicit warm-up
         for c in (int(x) for x in a.concurrency.split(",")):
-            row = {"bench": "load", "unet_batching": a.unet_batching, **run_level(client, admin, tokens, c, a.per_client, opts), **opts,
+            row = {"bench": "load", "unet_batching": a.unet_batching,
+                   **run_level(client, admin, tokens, c, a.per_client, opts), **opts,
                    "host": platform.node(), "cpus": __import__("os").cpu_count(), "backend": "triton (onnxruntime CPU)",
                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
             print(json.dumps(row), flush=True)

@@ -25,18 +25,21 @@ FLAGS = {"channels_last": "cl", "fused_qkv": "qkv", "dual_attention_kernel": "ke
 
 
 def load(path: Path) -> list[dict]:
-    lines = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     latest: dict = {}
     for r in lines:                              # later lines win: the newest run of each configuration
-        key = (r["backend"], r["device_name"], r["weights"], r["size"], r["steps"], r["characters"], r.get("concurrency"),
-               r["precision"], r.get("vae_precision") or "fp32", *(bool(r.get(k)) for k in FLAGS))   # older lines lack new flags
+        key = (r["backend"], r["device_name"], r["weights"], r["size"], r["steps"], r["characters"],
+               r.get("concurrency"),
+               # older lines lack new flags
+               r["precision"], r.get("vae_precision") or "fp32", *(bool(r.get(k)) for k in FLAGS))
         latest[key] = r
     return list(latest.values())
 
 
 def _label(r: dict) -> str:
     opts = [short for k, short in FLAGS.items() if r.get(k)]
-    return r["backend"] + (f" c={r['concurrency']}" if r.get("concurrency") else "") + ("\n+" + "+".join(opts) if opts else "")
+    concurrency = f" c={r['concurrency']}" if r.get("concurrency") else ""
+    return r["backend"] + concurrency + ("\n+" + "+".join(opts) if opts else "")
 
 
 def bars(rows: list[dict], out: Path) -> list[Path]:
@@ -44,7 +47,8 @@ def bars(rows: list[dict], out: Path) -> list[Path]:
     rows = [r for r in rows if r.get("concurrency") in (None, 1)]
     if not rows:
         return written
-    ref = {(r["device_name"], r["size"], r["steps"], r["characters"]): r["median_s"] for r in rows if r["backend"] == "reference"}
+    ref = {(r["device_name"], r["size"], r["steps"],
+            r["characters"]): r["median_s"] for r in rows if r["backend"] == "reference"}
     fig, ax = plt.subplots(figsize=(max(8.0, 1.7 * len(rows)), 4.5))
     labels = [f"{_label(r)}\n{r['device_name'][:18]} {r['size']}px" for r in rows]
     stages = sorted({s for r in rows for s in r.get("stages_median_s", {})})
@@ -111,7 +115,8 @@ def main(argv=None) -> list[Path]:
     written = bars(rows, a.out)
     written += curve(rows, "concurrency", a.out, "latency_vs_concurrency.png", lambda r: r["backend"] == "triton")
     written += curve(rows, "size", a.out, "latency_vs_resolution.png", lambda r: r.get("concurrency") in (None, 1))
-    written += curve(rows, "characters", a.out, "latency_vs_characters.png", lambda r: r.get("concurrency") in (None, 1))
+    written += curve(rows, "characters", a.out, "latency_vs_characters.png",
+                     lambda r: r.get("concurrency") in (None, 1))
     for p in written:
         print(p)
     return written

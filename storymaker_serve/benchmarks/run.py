@@ -44,7 +44,8 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: demo weights, 128 px, 8 steps, all backends")
     ap.add_argument("--backends", default="reference,torch-opt")
     ap.add_argument("--weights", default="demo", help="demo | random-full | a weights folder")
-    ap.add_argument("--build", type=Path, help="ONNX build folder for onnxruntime/triton (default: build/bench_<weights>)")
+    ap.add_argument("--build", type=Path,
+                    help="ONNX build folder for onnxruntime/triton (default: build/bench_<weights>)")
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--characters", type=int, default=1, choices=(1, 2))
@@ -61,7 +62,8 @@ def parse_args(argv=None):
                     help="torch-opt: CLIP vision + resampler on the host between character encodings")
     ap.add_argument("--vae-precision", choices=("fp32", "bf16"), default="fp32",
                     help="torch-opt VAE precision (fp16 overflows in SDXL's VAE)")
-    ap.add_argument("--cuda-graph", action="store_true", help="torch-opt: capture the UNet step as a CUDA graph per shape")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="torch-opt: capture the UNet step as a CUDA graph per shape")
     ap.add_argument("--compile", action="store_true", help="torch-opt: torch.compile the UNet (max-autotune)")
     ap.add_argument("--concurrency", default="1,2,4", help="triton backend: client concurrency levels")
     ap.add_argument("--out", type=Path, default=RESULTS / "runs.jsonl")
@@ -74,7 +76,8 @@ def parse_args(argv=None):
 
 
 def environment() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=CHECKOUT, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=CHECKOUT, capture_output=True,
+                            text=True).stdout.strip()
     env = {"host": platform.node(), "cpu_count": __import__("os").cpu_count(), "torch": torch.__version__,
            "cuda": torch.version.cuda, "git_commit": commit, "device_name": "cpu", "driver": None}
     if torch.cuda.is_available():
@@ -86,7 +89,8 @@ def environment() -> dict:
 
 
 def _stats(xs: list[float]) -> dict:
-    return {"median_s": float(np.median(xs)), "p90_s": float(np.percentile(xs, 90)), "runs_s": [round(x, 4) for x in xs]}
+    return {"median_s": float(np.median(xs)), "p90_s": float(np.percentile(xs, 90)),
+            "runs_s": [round(x, 4) for x in xs]}
 
 
 def _sync():
@@ -182,15 +186,16 @@ def _timed_encode(a, models, chars, st: dict):
 
 
 def bench_torch(a, backend: str) -> dict:
-    from storymaker_serve.runtime.fast import DTYPES, FastOptions, FastPipeline
     from storymaker_serve.runtime.denoise import VAEDecode, decode
+    from storymaker_serve.runtime.fast import DTYPES, FastOptions, FastPipeline
     from storymaker_serve.runtime.pipeline import StoryMakerPipeline, encode_text
 
     models = load_weights(a.weights, a.device, a.precision, fuse=backend != "reference")
     if _flops_key(a) not in _FLOPS:                  # counted once per configuration, not once per backend
         _FLOPS[_flops_key(a)] = _image_flops(a, models)
     if backend == "reference":     # the release: eager, unfused LoRA processors, everything but the VAE in a.precision
-        for mod in (models.sdxl.unet, models.sdxl.text_encoder, models.sdxl.text_encoder_2, models.ppr, models.image_encoder):
+        for mod in (models.sdxl.unet, models.sdxl.text_encoder, models.sdxl.text_encoder_2, models.ppr,
+                    models.image_encoder):
             mod.to(a.device, DTYPES[a.precision])
         pipe = StoryMakerPipeline(models)
     else:
@@ -274,7 +279,7 @@ def _tree_rss_bytes(pid: int) -> int:
     while todo:
         p = todo.pop()
         try:
-            total += int(next(l for l in open(f"/proc/{p}/status") if l.startswith("VmRSS")).split()[1]) * 1024
+            total += int(next(line for line in open(f"/proc/{p}/status") if line.startswith("VmRSS")).split()[1]) * 1024
             todo += [int(c) for c in open(f"/proc/{p}/task/{p}/children").read().split()]
         except (OSError, StopIteration):
             pass
@@ -305,7 +310,8 @@ def main(argv=None) -> list[dict]:
     a = parse_args(argv)
     env = environment()
     flags = {k: getattr(a, k) for k in ("weights", "size", "steps", "characters", "guidance", "repeats", "warmup",
-                                        "device", "precision", "dual_attention_kernel", "channels_last", "fused_qkv", "offload_encoders",
+                                        "device", "precision", "dual_attention_kernel", "channels_last", "fused_qkv",
+                                        "offload_encoders",
                                         "cuda_graph", "compile", "vae_precision")}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -314,7 +320,8 @@ def main(argv=None) -> list[dict]:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        print(f"[{backend}] {a.weights}, {a.size}x{a.size}, {a.steps} steps, {a.characters} character(s) ...", flush=True)
+        print(f"[{backend}] {a.weights}, {a.size}x{a.size}, {a.steps} steps, {a.characters} character(s) ...",
+              flush=True)
         if backend in ("reference", "torch-opt"):
             results = [bench_torch(a, backend)]
         elif backend == "onnxruntime":
@@ -324,7 +331,8 @@ def main(argv=None) -> list[dict]:
         else:
             raise SystemExit(f"unknown backend {backend}; use reference, torch-opt, onnxruntime, triton")
         if _flops_key(a) not in _FLOPS and a.weights in ("demo", "random-full"):
-            _FLOPS[_flops_key(a)] = _image_flops(a, load_weights(a.weights, "meta" if a.weights == "random-full" else "cpu"))
+            weights = load_weights(a.weights, "meta" if a.weights == "random-full" else "cpu")
+            _FLOPS[_flops_key(a)] = _image_flops(a, weights)
         flops = _FLOPS.get(_flops_key(a))
         for res in results:
             perf = {}

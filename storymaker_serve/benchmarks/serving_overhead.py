@@ -3,7 +3,7 @@
 The whole served path runs as deployed: `python -m runtime.serve` in its own process (the launcher, its gateway and
 the real tritonserver), the BLS models (`storymaker`,
 `text_encoder`), the engine glue, the in-flight step batcher and the gRPC client, on a repository whose engines
-answer at once with correctly shaped zeros (runtime.serving.engines.StandInEngine; the specs are the released
+answer at once with correctly shaped zeros (benchmarks/standin.py; the specs are the released
 SDXL/StoryMaker ones, built from the configs on no device). So a frame's wall time here is serving overhead only:
 BLS calls, copies, the UniPC arithmetic, decode post-processing, PNG, gRPC. Stand-ins say nothing about an engine's
 speed or correctness; the engines' own time on a GPU is not in these figures.
@@ -31,6 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from storymaker_serve.benchmarks import CHECKOUT, RESULTS
+from storymaker_serve.benchmarks.processes import child_pids
+from storymaker_serve.benchmarks.processes import cpu_seconds as process_cpu
+from storymaker_serve.benchmarks.standin import FACTORY
 
 GOAL_MS = 30.0
 STAGES = ("characters", "text", "denoise", "vae", "png", "respond")
@@ -38,7 +41,8 @@ STAGES = ("characters", "text", "denoise", "vae", "png", "respond")
 
 def write_standin_build(out: Path, engines: str = "bls", with_controlnet: bool = True) -> Path:
     """A build folder whose manifest holds the released component specs (SDXL UNet with StoryMaker's image
-    tokens, both text encoders, CLIP-H, resampler, VAE, ControlNet) and `deployment.stand_in`, plus its
+    tokens, both text encoders, CLIP-H, resampler, VAE, ControlNet) and stand-in engines
+    (`deployment.engine_factory`, benchmarks/standin.py), plus its
     Python-backend Triton repository. No weights: the specs come from the released configs."""
     from types import SimpleNamespace as NS
 
@@ -61,12 +65,13 @@ def write_standin_build(out: Path, engines: str = "bls", with_controlnet: bool =
     (out / "assets" / "scheduler_config.json").write_text(json.dumps({"_class_name": "EulerDiscreteScheduler",
                                                                       **SDXL_SCHEDULER}))
     comps = {n: {"spec": s.to_json(), "files": [{"path": f"stand-in/{n}", "sha256": "", "bytes": 0}],
-                 "precision": "stand-in", "profile": {k: {w: list(v) for w, v in p.items()} for k, p in s.profile().items()},
+                 "precision": "stand-in",
+                 "profile": {k: {w: list(v) for w, v in p.items()} for k, p in s.profile().items()},
                  "engine": {}} for n, s in specs.items()}
     manifest = {"format": 1, "precision": "stand-in", "profile": vars(prof), "components": comps,
                 "assets": {"tokenizer": "assets/tokenizer", "tokenizer_2": "assets/tokenizer_2",
                            "scheduler_config": "assets/scheduler_config.json"},
-                "deployment": {"device": "cpu", "providers": ["cpu"], "gpu_instances": 1, "stand_in": True,
+                "deployment": {"device": "cpu", "providers": ["cpu"], "gpu_instances": 1, "engine_factory": FACTORY,
                                "denoise_engines": engines}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     write_repo(out)
@@ -86,7 +91,7 @@ class DeployedServer:
         self.url = f"127.0.0.1:{self.grpc_port}"
         self.log_file = self.repo.parent / "serve.log"
 
-    def __enter__(self) -> "DeployedServer":
+    def __enter__(self) -> DeployedServer:
         import subprocess
         import sys
 
@@ -104,8 +109,6 @@ class DeployedServer:
 
     def processes(self) -> dict[str, list[int]]:
         """pids per role: the launcher with its gateway, tritonserver, the Python-backend stubs."""
-        from storymaker_serve.runtime.serving.launcher import child_pids
-
         server = child_pids(self.proc.pid, "tritonserver")
         return {"launcher_gateway": [self.proc.pid], "tritonserver": server,
                 "stubs": [c for pid in server for c in child_pids(pid)]}
@@ -125,8 +128,6 @@ class DeployedServer:
 
 def cpu_seconds(roles: dict[str, list[int]]) -> dict[str, float]:
     """User + system CPU seconds per role, summed over its processes."""
-    from storymaker_serve.runtime.serving.launcher import cpu_seconds as process_cpu
-
     return {role: sum(process_cpu(pid) for pid in pids) for role, pids in roles.items()}
 
 
@@ -234,7 +235,8 @@ def run_case(server, client, admin, characters: int, pose: bool, concurrency: in
            "cpu_ms_per_image": {k: round(1000 * (cpu1[k] - cpu0[k]) / n, 1) for k in roles}}
     if pose:
         c1 = _model_stats(admin, "controlnet")
-        rec["controlnet_rows_per_execution"] = round((c1["rows"] - c0["rows"]) / max(1, c1["executions"] - c0["executions"]), 2)
+        executions = max(1, c1["executions"] - c0["executions"])
+        rec["controlnet_rows_per_execution"] = round((c1["rows"] - c0["rows"]) / executions, 2)
     if errors:
         rec["first_error"] = errors[0][:300]
     return rec
@@ -242,8 +244,9 @@ def run_case(server, client, admin, characters: int, pose: bool, concurrency: in
 
 def markdown(records: list[dict]) -> str:
     """The docs/performance.md table of a run's records."""
-    rows = ["| engines | chars | pose | PNG | concurrency | steps | ms/image | ms/step | p50 latency ms | server stages "
-            f"ms/image ({', '.join(STAGES)}) | UNet rows/exec | BLS MB/image (counted) | CPU ms/image (client, gateway, "
+    rows = ["| engines | chars | pose | PNG | concurrency | steps | ms/image | ms/step | p50 latency ms "
+            f"| server stages ms/image ({', '.join(STAGES)}) | UNet rows/exec | BLS MB/image (counted) "
+            "| CPU ms/image (client, gateway, "
             "tritonserver, stubs) |", "| ---" * 13 + " |"]
     yn = lambda b: "yes" if b else "no"
     for r in records:
@@ -251,9 +254,11 @@ def markdown(records: list[dict]) -> str:
         stages = ", ".join(f"{st[s]:.1f}" if s in st else "-" for s in STAGES)
         mb = 0 if r.get("denoise_engines") == "inprocess" else r["bls_mb_per_image"]
         c = r.get("cpu_ms_per_image", {})
-        cpu = ", ".join(f"{c[k]:.0f}" if k in c else "-" for k in ("client", "launcher_gateway", "tritonserver", "stubs"))
+        processes = ("client", "launcher_gateway", "tritonserver", "stubs")
+        cpu = ", ".join(f"{c[k]:.0f}" if k in c else "-" for k in processes)
         rows.append(f"| {r.get('denoise_engines', 'bls')} | {r['characters']} | {yn(r['pose'])} | {yn(r['png'])} | "
-                    f"{r['concurrency']} | {r['steps']} | {r['ms_per_image']:.0f} | {r['ms_per_step']:.2f} | {r['p50_latency_ms']:.0f} | "
+                    f"{r['concurrency']} | {r['steps']} | {r['ms_per_image']:.0f} | {r['ms_per_step']:.2f} | "
+                    f"{r['p50_latency_ms']:.0f} | "
                     f"{stages} | {r['unet_rows_per_execution']} | {mb} | {cpu} |")
     return "\n".join(rows)
 
@@ -305,7 +310,8 @@ def main(argv=None) -> list[dict]:
                     "x10 at concurrency 1)")
     ap.add_argument("--no-gateway", action="store_true", help="the client talks to tritonserver's own port")
     ap.add_argument("--engines", default="inprocess,bls",
-                    help="where the frame model's UNet/ControlNet/VAE run (export.build --denoise-engines), each measured")
+                    help="where the frame model's UNet/ControlNet/VAE run (export.build --denoise-engines), "
+                         "each measured")
     a = ap.parse_args(argv)
     # 5 per client (was 2): a case at concurrency 4-8 runs 20-40 images, 1-2 s, instead of a few hundred ms
     per_client = a.per_client or (1 if a.quick else 5)
@@ -315,7 +321,8 @@ def main(argv=None) -> list[dict]:
                 "bls": [(1, False, False, 1), (1, False, False, 8)]}
     else:
         plan = {"inprocess": [(ch, False, False, c) for ch in (1, 2) for c in (1, 4, 8)]
-                + [(1, True, False, 1), (2, True, False, 1), (1, True, False, 4), (1, False, True, 1), (1, False, True, 8)],
+                + [(1, True, False, 1), (2, True, False, 1), (1, True, False, 4), (1, False, True, 1),
+                   (1, False, True, 8)],
                 "bls": [(1, False, False, c) for c in (1, 4, 8)] + [(2, False, False, 1), (1, True, False, 1)]}
     buf = io.BytesIO()
     Image.fromarray(np.zeros((a.height, a.width, 3), np.uint8)).save(buf, format="PNG")

@@ -69,7 +69,6 @@ def main(argv=None) -> dict:
     from storymaker_serve.export.onnx_export import export_onnx
     from storymaker_serve.export.parity import session
     from storymaker_serve.runtime.adapter import build_processors
-
     from storymaker_serve.runtime.cli import argument_parser
 
     ap = argument_parser("python -m benchmarks.unet_step", __doc__)

@@ -35,26 +35,32 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     ap = argument_parser("python -m export.build", __doc__.split("\n\n", 1)[1])
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--weights", type=Path, help="weights folder (sdxl/, mask.bin, image_encoder/, buffalo_l/, controlnet/)")
+    src.add_argument("--weights", type=Path,
+                     help="weights folder (sdxl/, mask.bin, image_encoder/, buffalo_l/, controlnet/)")
     src.add_argument("--demo", action="store_true", help="write and build the tiny random demo bundle (CPU, offline)")
     add_component_args(ap)
     ap.add_argument("--out", type=Path, required=True, help="build folder (manifest.json, onnx/, engines/)")
-    ap.add_argument("--fp16", action="store_true", help="fp16 ONNX (float32 I/O, sensitive ops in fp32); VAE stays fp32")
+    ap.add_argument("--fp16", action="store_true",
+                    help="fp16 ONNX (float32 I/O, sensitive ops in fp32); VAE stays fp32")
     ap.add_argument("--fp16-vae", action="store_true", help="also the VAE in fp16 (only for an fp16-fixed VAE)")
     ap.add_argument("--opset", type=int, default=17)
-    ap.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="style LoRA fused before export")
+    ap.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                    help="style LoRA fused before export")
     ap.add_argument("--lora-scale", type=float, default=0.8, help="StoryMaker LoRA scale fused into the UNet")
     ap.add_argument("--max-characters", type=int, default=3)
     ap.add_argument("--min-size", type=int, help="smallest image side in pixels (default 768; demo 64)")
     ap.add_argument("--opt-size", type=int, help="TensorRT optimisation size (default 1024; demo 128)")
     ap.add_argument("--max-size", type=int, help="largest image side (default 1536; demo 256)")
-    ap.add_argument("--max-batch", type=int, help="images per UNet call (CFG doubles it; default 4: the steps of 4 requests in flight share one execution)")
+    ap.add_argument("--max-batch", type=int,
+                    help="images per UNet call (CFG doubles it; default 4: the steps of 4 requests in flight "
+                         "share one execution)")
     ap.add_argument("--components", help="comma-separated subset to build (default: all available)")
     ap.add_argument("--parity", choices=("auto", "full", "quick", "off"), default="auto",
                     help="parity vs PyTorch: full = min/opt/max shapes, quick = the minimum shapes only, off = none "
                          "(recorded as not run); auto = full on the demo bundle, quick at full size")
     ap.add_argument("--engines", choices=("auto", "off"), default="auto",
-                    help="TensorRT engines: auto = build where TensorRT and a CUDA GPU exist (default), off = ONNX only")
+                    help="TensorRT engines: auto = build where TensorRT and a CUDA GPU exist (default), "
+                         "off = ONNX only")
     ap.add_argument("--refittable", action="store_true",
                     help="TensorRT: refittable UNet engine (another lora_scale/style LoRA via python -m export.refit)")
     ap.add_argument("--trt-version-compatible", action="store_true",
@@ -74,7 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                           "engines per model)")
     ap.add_argument("--ngc-python-env", type=Path, metavar="TAR_GZ",
                     help="a conda-pack'ed Python environment with this project installed, copied into the NGC "
-                         "repository for its Python-backend models (EXECUTION_ENV_PATH); default: the container's Python")
+                         "repository for its Python-backend models (EXECUTION_ENV_PATH); default: the "
+                         "container's Python")
     a = ap.parse_args(argv)
     if not (a.demo or a.weights or a.sdxl or a.mask_bin or a.image_encoder):
         ap.error("give --weights DIR, the components (--sdxl, --mask-bin, --image-encoder, ...), or --demo")
@@ -120,8 +127,10 @@ def _sources(layout, hasher) -> dict[str, dict[str, str]]:
     t = lambda p, label: hasher.tree(p, label)            # keyed by role, not location: any layout, same key
     src = {
         "clip_vision": t(layout.image_encoder, "image_encoder"), "ppr": t(layout.mask_bin, "mask.bin"),
-        "text_encoder": {**t(sub("text_encoder"), "sdxl/text_encoder"), **t(sub("tokenizer"), "sdxl/tokenizer"), **loras},
-        "text_encoder_2": {**t(sub("text_encoder_2"), "sdxl/text_encoder_2"), **t(sub("tokenizer_2"), "sdxl/tokenizer_2"),
+        "text_encoder": {**t(sub("text_encoder"), "sdxl/text_encoder"), **t(sub("tokenizer"), "sdxl/tokenizer"),
+                         **loras},
+        "text_encoder_2": {**t(sub("text_encoder_2"), "sdxl/text_encoder_2"),
+                           **t(sub("tokenizer_2"), "sdxl/tokenizer_2"),
                            **loras},
         "unet": {**t(sub("unet"), "sdxl/unet"), **t(layout.mask_bin, "mask.bin"), **loras},
         "vae_decoder": t(sub("vae"), "sdxl/vae"),
@@ -150,7 +159,8 @@ def _parity_mode(a, weights) -> str:
 
 def _build_one(name, stage, a, out, hasher) -> dict:
     """Export/copy, convert, check one component; returns its manifest record. Order bounds memory: load, compute
-    the reference outputs, export, drop the torch model, then run onnxruntime (fp32, then fp16) one session at a time."""
+    the reference outputs, export, drop the torch model, then run onnxruntime (fp32, then fp16) one session at a
+    time."""
     from storymaker_serve.export import parity as P
     from storymaker_serve.export.faces import OnnxReference, build_face_model
     from storymaker_serve.export.onnx_export import export_onnx, to_fp16
@@ -195,7 +205,8 @@ def _build_one(name, stage, a, out, hasher) -> dict:
     else:
         parity = fp32_parity
     rec = {"files": mf.file_records(files, out, hasher), "precision": prec, "opset": info.pop("opset") or None,
-           "spec": spec.to_json(), "inputs": [asdict(t) for t in spec.inputs], "outputs": [asdict(t) for t in spec.outputs],
+           "spec": spec.to_json(), "inputs": [asdict(t) for t in spec.inputs],
+           "outputs": [asdict(t) for t in spec.outputs],
            "profile": spec.profile(), "parity": parity.to_json(), "export_seconds": round(time.perf_counter() - t0, 2),
            "parity_mode": a.parity_mode, "timings": timings, "peak_rss_gib": mf.peak_rss_gib(), **info}
     if fp32_parity is not None and prec == "fp16":
@@ -210,7 +221,8 @@ def _assets(layout, out: Path) -> dict[str, str]:
 
     base = layout.sdxl if layout.sdxl.is_dir() else layout.sdxl_config
     if base is None:
-        raise StoryMakerError(f"{layout.sdxl}: a single-file SDXL needs its config folder (tokenizers) at WEIGHTS/sdxl_config/")
+        raise StoryMakerError(f"{layout.sdxl}: a single-file SDXL needs its config folder (tokenizers) at "
+                              "WEIGHTS/sdxl_config/")
     assets = {}
     for name in ("tokenizer", "tokenizer_2"):
         dst = out / "assets" / name
@@ -257,7 +269,8 @@ def build(a) -> int:
     wanted = a.components.split(",") if a.components else [c for c in (*FACE_FILES, *TORCH_COMPONENTS) if c in sources]
     unknown = [c for c in wanted if c not in sources]
     if unknown:
-        raise StoryMakerError(f"cannot build {unknown}: unknown component or its weights are absent; available: {sorted(sources)}")
+        raise StoryMakerError(f"cannot build {unknown}: unknown component or its weights are absent; available: "
+                              f"{sorted(sources)}")
     old = mf.load(out).get("components", {})
     stage, records = Stage(layout, a, prof), {}
 
@@ -270,11 +283,13 @@ def build(a) -> int:
         """Written after every component and engine: an interrupted build keeps what finished."""
         hasher.save()
         return mf.write(out, {"format": 1, "assets": assets, "precision": "fp16" if a.fp16 else "fp32",
-                              "tools": mf.tool_versions(), "weights": {k: v for s in sources.values() for k, v in s.items()},
+                              "tools": mf.tool_versions(),
+                              "weights": {k: v for s in sources.values() for k, v in s.items()},
                               "profile": asdict(prof), "lora_scale": a.lora_scale,
                               "style_loras": [f"{p}:{s}" for p, s in loras], "components": {**old, **records},
                               "deployment": deploy, "peak_rss_gib": max(
-                                  [mf.peak_rss_gib()] + [r.get("peak_rss_gib", 0.0) for r in {**old, **records}.values()]),
+                                  [mf.peak_rss_gib()]
+                                  + [r.get("peak_rss_gib", 0.0) for r in {**old, **records}.values()]),
                               "weights_layout": {k: str(v) for k, v in asdict(layout).items()
                                                  if v is not None and k != "style_loras"}, **extra})
 
@@ -301,7 +316,8 @@ def build(a) -> int:
             write_manifest()
             if rec["status"] != "skipped":
                 state = "cached" if rec.get("cached") else rec["status"]
-                print(f"  TensorRT engine {name}: {state}" + (f" ({rec['error']})" if rec.get("error") else ""), flush=True)
+                print(f"  TensorRT engine {name}: {state}" + (f" ({rec['error']})" if rec.get("error") else ""),
+                      flush=True)
 
         done = trt_build.build_engines(records, out, opts, on_record=engine_done)
         skipped = {r["reason"] for r in done.values() if r["status"] == "skipped"}
@@ -322,7 +338,8 @@ def build(a) -> int:
         write_manifest()
         engine_failed = {n: b["why"] for n, b in backends.items() if "failed" in b["why"]}   # skips: said above
         print(f"Triton model repository: {repo} (bundled server); {ngc} (NGC container), engine models: "
-              + ", ".join(f"{n} {b['backend']}" + (f" ({engine_failed[n]})" if n in engine_failed else "") for n, b in backends.items()))
+              + ", ".join(f"{n} {b['backend']}" + (f" ({engine_failed[n]})" if n in engine_failed else "")
+                          for n, b in backends.items()))
     failed = [n for n, r in records.items() if r["parity"]["status"] == "failed"]
     print(f"\nmanifest: {out / 'manifest.json'}")
     if failed:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from storymaker_serve.runtime.attention import TEXT_TOKENS
-from storymaker_serve.runtime.denoise import VAEDecode, vae_scale_factor
+from storymaker_serve.runtime.denoise import vae_scale_factor
 from storymaker_serve.runtime.spec import ComponentSpec, TensorSpec
 
 
@@ -36,7 +36,7 @@ class ExportProfile:
     max_characters: int = 3
 
     @classmethod
-    def demo(cls) -> "ExportProfile":
+    def demo(cls) -> ExportProfile:
         return cls(min_size=64, opt_size=128, max_size=256, max_batch=4, max_characters=3)
 
 
@@ -45,7 +45,7 @@ class Component:
     spec: ComponentSpec
     graph: nn.Module
     reference: nn.Module
-    prepare_export: "object | None" = None   # called after the reference outputs, before export (the UNet's LoRA fuse)
+    prepare_export: object | None = None   # called after the reference outputs, before export (the UNet's LoRA fuse)
 
 
 def _shallow(module: nn.Module) -> nn.Module:
@@ -114,9 +114,11 @@ class ControlNetGraph(nn.Module):
         super().__init__()
         self.cn = controlnet
 
-    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, text_embeds, time_ids):
-        down, mid = self.cn(sample, timestep, encoder_hidden_states=encoder_hidden_states, controlnet_cond=controlnet_cond,
-                            conditioning_scale=1.0, added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, text_embeds,
+                time_ids):
+        down, mid = self.cn(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                            controlnet_cond=controlnet_cond, conditioning_scale=1.0,
+                            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
                             return_dict=False)
         s = conditioning_scale.view(-1, 1, 1, 1)
         return (*[d * s for d in down], mid * s)
@@ -164,29 +166,37 @@ def build_specs(m, prof: ExportProfile) -> dict[str, ComponentSpec]:
     specs = [
         ComponentSpec("clip_vision", (_f("pixel_values", ("N", 3, 224, 224), -1.8, 2.1),),
                       (_f("hidden_states", ("N", 257, c)),), {"N": (1, 2, 2 * prof.max_characters)}, 1e-3,
-                      "CLIP ViT-H/14 vision tower up to hidden_states[-2]: last layer, post-LayerNorm and projection dropped"),
-        ComponentSpec("ppr", (_f("id_embeds", ("n", 512)), _f("clip_embeds", ("n", 257, c)), _f("face_embeds", ("n", 257, c)),
-                              _f("clip_token_scale", (1,), 1.0, 1.0)),
-                      (_f("image_tokens", (1, "T_img", d)),), {"n": (1, min(2, prof.max_characters), prof.max_characters)},
-                      1e-4, "T_img = 20(n+1); negative tokens: the same graph on all-zero inputs; clip_token_scale 0 = identity-only"),
+                      "CLIP ViT-H/14 vision tower up to hidden_states[-2]: last layer, post-LayerNorm and "
+                      "projection dropped"),
+        ComponentSpec("ppr",
+                      (_f("id_embeds", ("n", 512)), _f("clip_embeds", ("n", 257, c)), _f("face_embeds", ("n", 257, c)),
+                       _f("clip_token_scale", (1,), 1.0, 1.0)),
+                      (_f("image_tokens", (1, "T_img", d)),),
+                      {"n": (1, min(2, prof.max_characters), prof.max_characters)}, 1e-4,
+                      "T_img = 20(n+1); negative tokens: the same graph on all-zero inputs; clip_token_scale 0 = "
+                      "identity-only"),
         ComponentSpec("text_encoder", (TensorSpec("input_ids", "int64", ("B", L), 0, vocab(m.sdxl.tokenizer)),),
                       (_f("hidden_states", ("B", L, te(m.sdxl.text_encoder))),), {"B": (1, 2, 2)}, 1e-4),
         ComponentSpec("text_encoder_2", (TensorSpec("input_ids", "int64", ("B", L), 0, vocab(m.sdxl.tokenizer_2)),),
                       (_f("hidden_states", ("B", L, te(m.sdxl.text_encoder_2))), _f("text_embeds", ("B", pooled))),
                       {"B": (1, 2, 2)}, 1e-4),
-        ComponentSpec("unet", (_f("sample", ("N", 4, "h", "w")), _f("timestep", ("N",), 0.0, 999.0),
-                               _f("encoder_hidden_states", ("N", "S", d)), *cond, _f("ip_scale", ("N",), 0.0, 1.0), *res),
+        ComponentSpec("unet",
+                      (_f("sample", ("N", 4, "h", "w")), _f("timestep", ("N",), 0.0, 999.0),
+                       _f("encoder_hidden_states", ("N", "S", d)), *cond, _f("ip_scale", ("N",), 0.0, 1.0), *res),
                       (_f("noise_pred", ("N", 4, "h", "w")),), {**n2, **hw, **s_rng}, 1e-4,
                       f"LoRA fused; S = {L} + T_img; ControlNet residual inputs are zeros when no pose map is given"),
-        ComponentSpec("vae_decoder", (_f("latent", ("B", 4, "h", "w"), -4.0, 4.0),), (_f("image", ("B", 3, f"{f}*h", f"{f}*w")),),
-                      {"B": (1, 1, prof.max_batch), **hw}, 3e-4, "float32 by default (SDXL's VAE overflows in fp16); output in [0, 1]"),
+        ComponentSpec("vae_decoder", (_f("latent", ("B", 4, "h", "w"), -4.0, 4.0),),
+                      (_f("image", ("B", 3, f"{f}*h", f"{f}*w")),), {"B": (1, 1, prof.max_batch), **hw}, 3e-4,
+                      "float32 by default (SDXL's VAE overflows in fp16); output in [0, 1]"),
     ]
     if m.controlnet is not None:
         specs.append(ComponentSpec(
-            "controlnet", (_f("sample", ("N", 4, "h", "w")), _f("timestep", ("N",), 0.0, 999.0),
-                           _f("encoder_hidden_states", ("N", L, d)), _f("controlnet_cond", ("N", 3, f"{f}*h", f"{f}*w"), 0.0, 1.0),
-                           _f("conditioning_scale", ("N",), 0.0, 1.0), *cond),
-            tuple(TensorSpec(r.name, r.dtype, r.dims, r.low, r.high) for r in res), {**n2, **hw}, 1e-4, "text tokens only as context; residuals feed the unet's residual inputs"))
+            "controlnet",
+            (_f("sample", ("N", 4, "h", "w")), _f("timestep", ("N",), 0.0, 999.0),
+             _f("encoder_hidden_states", ("N", L, d)), _f("controlnet_cond", ("N", 3, f"{f}*h", f"{f}*w"), 0.0, 1.0),
+             _f("conditioning_scale", ("N",), 0.0, 1.0), *cond),
+            tuple(TensorSpec(r.name, r.dtype, r.dims, r.low, r.high) for r in res), {**n2, **hw}, 1e-4,
+            "text tokens only as context; residuals feed the unet's residual inputs"))
     return {s.name: s for s in specs}
 
 
@@ -201,7 +211,9 @@ def models_view(unet, text_widths: tuple[int, int], cross_attention_dim: int, vo
         model_max_length = TEXT_TOKENS
 
     sdxl = NS(unet=unet, tokenizer=Tok([0] * vocab), tokenizer_2=Tok([0] * vocab),
-              text_encoder=NS(config=NS(hidden_size=text_widths[0])), text_encoder_2=NS(config=NS(hidden_size=text_widths[1])),
+              text_encoder=NS(config=NS(hidden_size=text_widths[0])),
+              text_encoder_2=NS(config=NS(hidden_size=text_widths[1])),
               vae=NS(config=NS(block_out_channels=(128,) * vae_blocks)))
-    ppr = NS(cfg=NS(max_characters=3, cross_attention_dim=cross_attention_dim, clip_dim=clip_dim, tokens_per_character=20))
+    ppr = NS(cfg=NS(max_characters=3, cross_attention_dim=cross_attention_dim, clip_dim=clip_dim,
+                    tokens_per_character=20))
     return NS(sdxl=sdxl, ppr=ppr, controlnet=None)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from storymaker_serve.export.tokenizer_gen import write_clip_tokenizer
-from storymaker_serve.runtime.ppr import PPRConfig, PositionalPerceiverResampler
+from storymaker_serve.runtime.ppr import PositionalPerceiverResampler, PPRConfig
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ def _text_encoders(root: Path):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     encs = []
-    for i, (sub, pad, cls) in enumerate([("", "<|endoftext|>", CLIPTextModel), ("_2", "!", CLIPTextModelWithProjection)]):
+    for i, (sub, pad,
+            cls) in enumerate([("", "<|endoftext|>", CLIPTextModel), ("_2", "!", CLIPTextModelWithProjection)]):
         n_vocab = write_clip_tokenizer(root / f"tokenizer{sub}", pad_token=pad)
         cfg = CLIPTextConfig(vocab_size=n_vocab, hidden_size=TE_WIDTH, intermediate_size=2 * TE_WIDTH,
                              num_hidden_layers=3, num_attention_heads=2, max_position_embeddings=77,
@@ -85,7 +86,7 @@ def _text_encoders(root: Path):
     return encs
 
 
-def _sdxl(root: Path) -> "object":
+def _sdxl(root: Path) -> object:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
@@ -139,11 +140,16 @@ def write_demo_bundle(out: Path | str, seed: int = 0) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    log.info("writing SDXL folder");            unet = _sdxl(out)
-    log.info("writing mask.bin");               _mask_bin(out, unet)
-    log.info("writing CLIP image encoder");     _image_encoder(out)
-    log.info("writing ControlNet");             _controlnet(out, unet)
-    log.info("writing buffalo_l ONNX files");   write_buffalo_l(out / "buffalo_l")
+    log.info("writing SDXL folder")
+    unet = _sdxl(out)
+    log.info("writing mask.bin")
+    _mask_bin(out, unet)
+    log.info("writing CLIP image encoder")
+    _image_encoder(out)
+    log.info("writing ControlNet")
+    _controlnet(out, unet)
+    log.info("writing buffalo_l ONNX files")
+    write_buffalo_l(out / "buffalo_l")
     stamp.write_text(json.dumps({"kind": "storymaker-demo-bundle", "seed": seed, "cross_attention_dim": D,
                                  "clip_dim": CLIP_WIDTH, "note": "random weights; images are noise"}, indent=2))
     return out
@@ -174,8 +180,13 @@ def write_full_bundle(out: Path | str, seed: int = 0, fp32: bool = False, contro
 
     import diffusers
     from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig
-    from transformers import CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     from storymaker_serve.export.demo_faces import write_buffalo_l
     from storymaker_serve.export.random_models import BIGG_TEXT, CLIP_L_TEXT, SDXL_VAE
@@ -209,7 +220,8 @@ def write_full_bundle(out: Path | str, seed: int = 0, fp32: bool = False, contro
         write_clip_tokenizer(sd / "tokenizer")
         write_clip_tokenizer(sd / "tokenizer_2", pad_token="!")
         EulerDiscreteScheduler(**SDXL_SCHEDULER).save_pretrained(str(sd / "scheduler"))
-        (sd / "model_index.json").write_text(json.dumps({**SDXL_MODEL_INDEX, "_diffusers_version": diffusers.__version__},
+        (sd / "model_index.json").write_text(json.dumps({**SDXL_MODEL_INDEX,
+                                                         "_diffusers_version": diffusers.__version__},
                                                         indent=2))
 
     def text_encoders():
@@ -282,7 +294,10 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("give the output folder (OUT or --out OUT)")
     if (args.fp32 or args.controlnet) and not args.full:
         ap.error("--fp32 and --controlnet apply to --full")
-    path = write_full_bundle(out, args.seed, args.fp32, args.controlnet) if args.full else write_demo_bundle(out, args.seed)
+    if args.full:
+        path = write_full_bundle(out, args.seed, args.fp32, args.controlnet)
+    else:
+        path = write_demo_bundle(out, args.seed)
     print(f"{'full-size' if args.full else 'demo'} bundle written to {path}")
 
 

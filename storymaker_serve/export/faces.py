@@ -18,8 +18,8 @@ import onnx
 import torch
 
 from storymaker_serve.export.onnx_export import to_fp16
-from storymaker_serve.runtime.spec import ComponentSpec, TensorSpec
 from storymaker_serve.runtime.errors import WeightsError
+from storymaker_serve.runtime.spec import ComponentSpec, TensorSpec
 
 FILES = {"face_detector": "det_10g.onnx", "face_recognizer": "w600k_r50.onnx"}
 
@@ -50,7 +50,8 @@ def face_spec(name: str, path: Path) -> ComponentSpec:
         symbols = {"N": (1, 1, 3)}
     outs = tuple(TensorSpec(o.name, "float32", tuple(d if d else f"d{j}" for j, d in enumerate(_dims(o))))
                  for o in g.output)
-    return ComponentSpec(name, (inp,), outs, symbols, 0.0, f"insightface buffalo_l {FILES[name]}, copied (not re-exported)")
+    return ComponentSpec(name, (inp,), outs, symbols, 0.0,
+                         f"insightface buffalo_l {FILES[name]}, copied (not re-exported)")
 
 
 class OnnxReference(torch.nn.Module):

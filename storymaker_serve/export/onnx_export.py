@@ -128,7 +128,8 @@ def export_onnx(graph: torch.nn.Module, spec: ComponentSpec, path: Path, opset: 
             model = onnx.load(str(raw))
             stable_weight_names(model)
             files, slimmed = _save(onnxslim.slim(model), path), True
-    return {"files": files, "seconds": time.perf_counter() - t0, "exporter": f"torch.onnx (dynamo=False) {torch.__version__}",
+    return {"files": files, "seconds": time.perf_counter() - t0,
+            "exporter": f"torch.onnx (dynamo=False) {torch.__version__}",
             "opset": opset, "slimmed": slimmed}
 
 

@@ -85,7 +85,8 @@ def reference_cases(spec: ComponentSpec, reference, values_list: list[dict]) -> 
     for i, values in enumerate(values_list):
         feeds = spec.sample_inputs(values, seed=i)
         want = reference(*[torch.from_numpy(a) for a in feeds.values()])
-        cases.append(Case(values, feeds, [w.float().numpy() for w in (want if isinstance(want, (tuple, list)) else (want,))]))
+        cases.append(Case(values, feeds,
+                          [w.float().numpy() for w in (want if isinstance(want, (tuple, list)) else (want,))]))
     return cases
 
 

@@ -21,11 +21,14 @@ import torch
 from storymaker_serve.export.sdxl_config import CLIP_VIT_H14, SDXL_UNET
 
 SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
                 norm_num_groups=32, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
-CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                   num_attention_heads=12,
                    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-BIGG_TEXT = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+BIGG_TEXT = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                 num_attention_heads=20,
                  max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
 SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       prediction_type="epsilon", steps_offset=1, timestep_spacing="leading")
@@ -35,13 +38,19 @@ def random_full_models(device: str = "cuda", dtype: torch.dtype = torch.float16,
                        seed: int = 0, rank: int = 128):
     """StoryMakerModels of released sizes with random weights on `device`."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
-                              CLIPVisionConfig, CLIPVisionModelWithProjection)
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
+    from storymaker_serve.export.tokenizer_gen import write_clip_tokenizer
     from storymaker_serve.runtime.adapter import build_processors
     from storymaker_serve.runtime.loaders import SDXLParts, StoryMakerModels
-    from storymaker_serve.runtime.ppr import PPRConfig, PositionalPerceiverResampler
-    from storymaker_serve.export.tokenizer_gen import write_clip_tokenizer
+    from storymaker_serve.runtime.ppr import PositionalPerceiverResampler, PPRConfig
 
     torch.manual_seed(seed)
     with torch.device(device):

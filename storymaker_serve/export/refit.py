@@ -72,7 +72,8 @@ def refit(a) -> int:
     engine = unet.engine
     if not a.dry_run:
         if engine.get("status") != "built" or not engine.get("refittable"):
-            raise StoryMakerError(f"{a.build}: no refittable UNet engine (engine status: {engine.get('status', 'none')}); "
+            raise StoryMakerError(f"{a.build}: no refittable UNet engine (engine status: "
+                                  f"{engine.get('status', 'none')}); "
                                   "build one with `python -m export.build ... --engines auto --refittable`")
         ok, why = availability()
         if not ok:
@@ -86,7 +87,8 @@ def refit(a) -> int:
              "--max-batch", str(p["max_batch"]), "--max-characters", str(p["max_characters"])]
     if unet.precision == "fp16":
         argv.append("--fp16")
-    print(f"re-exporting the UNet with lora_scale {a.lora_scale}" + (f" and {a.lora}" if a.lora else "") + " ...", flush=True)
+    print(f"re-exporting the UNet with lora_scale {a.lora_scale}" + (f" and {a.lora}" if a.lora else "") + " ...",
+          flush=True)
     rc = build_main(argv)
     if rc:
         return rc

@@ -28,9 +28,8 @@ def main(argv=None) -> None:
 
     from storymaker_serve.export.components import ExportProfile, UNetGraph, build_specs, models_view
     from storymaker_serve.export.onnx_export import export_onnx
-    from storymaker_serve.runtime.adapter import build_processors
     from storymaker_serve.export.sdxl_config import SDXL_UNET
-
+    from storymaker_serve.runtime.adapter import build_processors
     from storymaker_serve.runtime.cli import argument_parser
 
     ap = argument_parser("python -m export.scale_check", __doc__)

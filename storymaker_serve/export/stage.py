@@ -34,7 +34,8 @@ class Stage:
             unet = cfg("unet")
             ppr = PPRConfig.from_state_dict(self.mask_bin()[0])
             clip = CLIPVisionConfig.from_pretrained(str(self.layout.image_encoder))
-            check_compatible(unet.cross_attention_dim, ppr, clip.hidden_size, self.layout.mask_bin, self.layout.image_encoder)
+            check_compatible(unet.cross_attention_dim, ppr, clip.hidden_size, self.layout.mask_bin,
+                             self.layout.image_encoder)
             sdxl = NS(unet=NS(config=unet), vae=NS(config=cfg("vae")),
                       text_encoder=NS(config=cfg("text_encoder")), text_encoder_2=NS(config=cfg("text_encoder_2")),
                       tokenizer=CLIPTokenizer.from_pretrained(str(base / "tokenizer")),

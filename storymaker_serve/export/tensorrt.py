@@ -44,7 +44,8 @@ class EngineOptions:
 
     def __post_init__(self):
         if self.hardware_compatibility not in HARDWARE_LEVELS:
-            raise ValueError(f"hardware compatibility {self.hardware_compatibility!r}: use one of {sorted(HARDWARE_LEVELS)}")
+            raise ValueError(f"hardware compatibility {self.hardware_compatibility!r}: use one of "
+                             f"{sorted(HARDWARE_LEVELS)}")
 
 
 @dataclass

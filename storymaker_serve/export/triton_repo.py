@@ -110,7 +110,8 @@ def write_ngc_repo(build_dir: Path, python_env: Path | None = None) -> tuple[Pat
             plan = eng.get("path") if eng.get("status") == "built" else None
             spec = rec.spec
             batch = spec.max_batch() if name in BATCHED else 0
-            cfg = model_config(spec, backend="tensorrt" if plan else "onnxruntime", max_batch_size=batch, kind="KIND_GPU",
+            cfg = model_config(spec, backend="tensorrt" if plan else "onnxruntime", max_batch_size=batch,
+                               kind="KIND_GPU",
                                instances=m.deployment["gpu_instances"])
             cfg.name = name
             if plan:

@@ -74,7 +74,7 @@ def _attend(acc, m_i, l_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, 
 
 @triton.jit
 def _dual_attn_fwd_kernel(
-    Q, KT, VT, KI, VI, O, IP_SCALE,
+    Q, KT, VT, KI, VI, O, IP_SCALE,  # noqa: E741 - the kernel's tensors, named as in the docstring
     sq_b, sq_h, sq_m, sq_d, skt_b, skt_h, skt_n, skt_d, svt_b, svt_h, svt_n, svt_d,
     ski_b, ski_h, ski_n, ski_d, svi_b, svi_h, svi_n, svi_d, so_b, so_h, so_m, so_d,
     H, M, N_T, N_I, qk_scale,

@@ -92,7 +92,7 @@ class StoryMakerAttnProcessor(nn.Module):
             self.to_v_ip = nn.Linear(ctx, hidden_size, bias=False)
 
     @classmethod
-    def from_processor(cls, p: "StoryMakerAttnProcessor", drop_lora: bool = False) -> "StoryMakerAttnProcessor":
+    def from_processor(cls, p: StoryMakerAttnProcessor, drop_lora: bool = False) -> StoryMakerAttnProcessor:
         """A processor of class `cls` sharing p's weights (to_k_ip/to_v_ip, and LoRA unless drop_lora)."""
         new = cls(p.hidden_size, p.cross_attention_dim, rank=0, ip=False, lora_scale=p.lora_scale,
                   ip_scale=p.ip_scale, text_tokens=p.text_tokens)

@@ -33,7 +33,7 @@ class Character:
     name: str = "character"
 
     @classmethod
-    def load(cls, photo, mask, face=None, cloth=None, name: str | None = None, mask_channel: int = 0) -> "Character":
+    def load(cls, photo, mask, face=None, cloth=None, name: str | None = None, mask_channel: int = 0) -> Character:
         """Decode inputs. `mask_channel` picks one character of a colour-coded mask (one character per
         RGB channel, as in multi-person segmentation maps); it becomes channel 0, which the release reads."""
         name = name or (Path(photo).stem if isinstance(photo, (str, Path)) else "character")
@@ -65,7 +65,8 @@ def preprocess_characters(chars: list[Character], face_analyzer=None, max_charac
         info = c.face
         if info is None:
             if face_analyzer is None:
-                raise InputError(f"{c.name}: no face info and no buffalo_l folder; give a face JSON or a buffalo_l folder")
+                raise InputError(f"{c.name}: no face info and no buffalo_l folder; give a face JSON or a buffalo_l "
+                                 "folder")
             info = face_analyzer(c.photo, c.name)
         char_imgs.append(cloth_image(c.cloth) if c.cloth is not None else character_image(c.photo, c.mask, c.name))
         face_imgs.append(aligned_face(c.photo, info.kps))

@@ -32,7 +32,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def argument_parser(prog: str, doc: str, **kw) -> argparse.ArgumentParser:
     """A parser with defaults in --help and the logging flags; `doc` is the module docstring (first paragraph)."""
-    ap = argparse.ArgumentParser(prog=prog, description=doc.strip().split("\n\n")[0], formatter_class=HelpFormatter, **kw)
+    ap = argparse.ArgumentParser(prog=prog, description=doc.strip().split("\n\n")[0], formatter_class=HelpFormatter,
+                                 **kw)
     g = ap.add_argument_group("logging")
     g.add_argument("-v", "--verbose", action="count", default=0, help="more log detail: -v info, -vv debug")
     g.add_argument("--log-level", choices=LEVELS, help="log level (overrides -v; default warning)")

@@ -143,7 +143,8 @@ class EngineDenoiser(Denoiser):
     in process, or BLS calls when served), or with `device` torch tensors on that device (sessions with I/O binding).
     `unet` is the manifest's unet record (runtime.manifest.Component)."""
 
-    def __init__(self, unet, unet_fn, controlnet_fn=None, text_len: int = TEXT_TOKENS, send_zero_residuals: bool = False,
+    def __init__(self, unet, unet_fn, controlnet_fn=None, text_len: int = TEXT_TOKENS,
+                 send_zero_residuals: bool = False,
                  device: str | None = None):
         self.device = device
         self.rec, self.unet_fn, self.controlnet_fn = unet, unet_fn, controlnet_fn
@@ -162,12 +163,16 @@ class EngineDenoiser(Denoiser):
 
     def __call__(self, x, t):
         if self.device is not None:
-            return self.forward(x.to(self.device, torch.float32).contiguous(), t.to(self.device, torch.float32), self.inp)
+            return self.forward(x.to(self.device, torch.float32).contiguous(), t.to(self.device, torch.float32),
+                                self.inp)
         return torch.from_numpy(self.forward(x.numpy().astype(np.float32), t.numpy(), self.inp))
 
     def _feeds(self, x, t, inp):
         n = x.shape[0]
-        ts = t.reshape(1).expand(n).contiguous() if torch.is_tensor(t) else np.broadcast_to(t.astype(np.float32), (n,)).copy()
+        if torch.is_tensor(t):
+            ts = t.reshape(1).expand(n).contiguous()
+        else:
+            ts = np.broadcast_to(t.astype(np.float32), (n,)).copy()
         return {"sample": x, "timestep": ts, "text_embeds": inp["text_embeds"], "time_ids": inp["time_ids"]}
 
     def controlnet(self, x, t, inp):
@@ -198,7 +203,8 @@ def denoise(denoiser: Denoiser, inputs: dict, opts, plan: UniPCPlan, vae_factor:
     read happens inside the loop otherwise, so on a GPU it never synchronises (tests/test_fast.py probes it)."""
     denoiser.prepare(inputs)
     sampler = UniPCSampler(plan)
-    x = (initial_latents(opts.seed, opts.height, opts.width, in_channels, vae_factor) * plan.init_noise_sigma).to(device)
+    x = (initial_latents(opts.seed, opts.height, opts.width, in_channels,
+                         vae_factor) * plan.init_noise_sigma).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     ts = torch.tensor(plan.timesteps, device=device, dtype=torch.float32)   # float32, uploaded once

@@ -1,7 +1,8 @@
 """Error types that carry a message a user can act on.
 
 `WeightsError` is raised for missing or mismatched weight files (it names the
-file, the expected key/shape and the fix); `InputError` for bad request input
+file, the expected key/shape and the fix); `DeploymentError` for a build that cannot run on this host;
+`InputError` for bad request input
 (empty mask, size mismatch, too many characters, ...). Servers turn both into a
 per-request error; CLIs print them without a traceback.
 """
@@ -13,6 +14,11 @@ class StoryMakerError(Exception):
 
 class WeightsError(StoryMakerError):
     """A weight file or folder is missing, or its keys/shapes do not match."""
+
+
+class DeploymentError(StoryMakerError):
+    """A build cannot run where it was loaded: an execution provider the deployment asks for is missing, or an
+    engine was built for another GPU or TensorRT version. Raised at load, never at a request."""
 
 
 class InputError(StoryMakerError, ValueError):

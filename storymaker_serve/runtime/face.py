@@ -42,7 +42,7 @@ class FaceInfo:
         self.embedding = emb / norm
 
     @classmethod
-    def from_json(cls, path: Path | str) -> "FaceInfo":
+    def from_json(cls, path: Path | str) -> FaceInfo:
         try:
             text = Path(path).read_text()
         except FileNotFoundError:
@@ -50,7 +50,7 @@ class FaceInfo:
         return cls.from_text(text, f"face info file {path}")
 
     @classmethod
-    def from_text(cls, text: str, source: str = "face info") -> "FaceInfo":
+    def from_text(cls, text: str, source: str = "face info") -> FaceInfo:
         """Parse face-info JSON text (a file's content or a request's FACE_INFO element)."""
         try:
             d = json.loads(text)
@@ -76,7 +76,8 @@ class FaceAnalyzer:
     Equivalent to `FaceAnalysis(allowed_modules=["detection", "recognition"]).prepare(det_size=640)`:
     the same insightface classes (routed by `model_zoo.get_model`), prepared the same way."""
 
-    def __init__(self, det_path: Path | str, rec_path: Path | str, det_size: tuple[int, int] = (640, 640), providers=None):
+    def __init__(self, det_path: Path | str, rec_path: Path | str, det_size: tuple[int, int] = (640, 640),
+                 providers=None):
         from insightface.model_zoo import get_model
 
         for f in (det_path, rec_path):
@@ -86,13 +87,14 @@ class FaceAnalyzer:
         providers = providers or ["CPUExecutionProvider"]
         self.det = get_model(str(det_path), providers=providers)
         self.rec = get_model(str(rec_path), providers=providers)
-        if self.det is None or self.det.taskname != "detection" or self.rec is None or self.rec.taskname != "recognition":
+        if (self.det is None or self.det.taskname != "detection"
+                or self.rec is None or self.rec.taskname != "recognition"):
             raise WeightsError(f"{det_path} / {rec_path}: not an insightface detector / recognizer pair")
         self.det.prepare(ctx_id=-1, input_size=det_size, det_thresh=0.5)
         self.rec.prepare(ctx_id=-1)
 
     @classmethod
-    def from_folder(cls, folder: Path | str, **kw) -> "FaceAnalyzer":
+    def from_folder(cls, folder: Path | str, **kw) -> FaceAnalyzer:
         folder = Path(folder)
         return cls(folder / "det_10g.onnx", folder / "w600k_r50.onnx", **kw)
 

@@ -124,9 +124,9 @@ class StageTimes:
 
 
 class FastPipeline(StoryMakerPipeline):
-    def __init__(self, models, opts: FastOptions = FastOptions()):
+    def __init__(self, models, opts: FastOptions | None = None):
         super().__init__(models)
-        self.o = opts
+        self.o = opts = opts or FastOptions()
         unet = models.sdxl.unet
         p = next(unet.parameters())
         self.dev, self.dt = p.device, DTYPES[opts.precision]

@@ -58,10 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--prompt", help="a single frame's prompt (with --character)")
     ap.add_argument("--character", action="append", default=[], metavar="PHOTO,MASK[,FACE_JSON]",
                     help="a character of a --prompt frame (repeat for 2-3)")
-    ap.add_argument("--cloth", action="append", default=[], metavar="INDEX:IMAGE", help="cloth swap for character INDEX (1-based)")
+    ap.add_argument("--cloth", action="append", default=[], metavar="INDEX:IMAGE",
+                    help="cloth swap for character INDEX (1-based)")
     ap.add_argument("--pose", type=Path, help="OpenPose map for the ControlNet (needs controlnet/ in the weights)")
     ap.add_argument("--out", type=Path, default=Path("out/generate"), help="output folder")
-    ap.add_argument("--lora", type=_lora, action="append", default=[], metavar="FILE[:SCALE]", help="style LoRA to fuse")
+    ap.add_argument("--lora", type=_lora, action="append", default=[], metavar="FILE[:SCALE]",
+                    help="style LoRA to fuse")
     add_sampling_args(ap)
     ap.add_argument("--lora-scale", type=float, default=0.8, help="StoryMaker LoRA scale (fused at load)")
     ap.add_argument("--identity-only", action="store_true", help="zero the character-image tokens (face identity only)")
@@ -102,7 +104,7 @@ def make_pipeline(a, models):
                                             cuda_graph=a.cuda_graph, compile=a.compile))
 
 
-def _single_frame_story(a) -> "Story":
+def _single_frame_story(a) -> Story:
     from storymaker_serve.runtime.story import Frame, Story
 
     if not a.character:
@@ -112,7 +114,8 @@ def _single_frame_story(a) -> "Story":
         parts = spec.split(",")
         if len(parts) not in (2, 3):
             raise StoryMakerError(f"--character {spec!r}: expected PHOTO,MASK or PHOTO,MASK,FACE_JSON")
-        chars.append({"name": f"character{i + 1}", "photo": parts[0], "mask": parts[1], "face": (parts[2:] or [None])[0]})
+        chars.append({"name": f"character{i + 1}", "photo": parts[0], "mask": parts[1],
+                      "face": (parts[2:] or [None])[0]})
     cloth = {}
     for c in a.cloth:
         idx, _, img = c.partition(":")
@@ -125,10 +128,9 @@ def _single_frame_story(a) -> "Story":
 def main(argv=None) -> int:
     import torch
 
+    from storymaker_serve.runtime.cli import component_paths, configure_logging, sampling_overrides
     from storymaker_serve.runtime.loaders import WeightsLayout, load_storymaker
     from storymaker_serve.runtime.story import Story, run_story
-
-    from storymaker_serve.runtime.cli import component_paths, configure_logging, sampling_overrides
 
     a = parse_args(argv)
     configure_logging(a)
@@ -145,7 +147,8 @@ def main(argv=None) -> int:
         models = load_storymaker(layout, lora_scale=a.lora_scale, dtype=getattr(torch, DTYPES[a.precision]),
                                  device=a.device,   # torch-opt installs the kernel itself (FastOptions)
                                  dual_attention_kernel=a.dual_attention_kernel and a.backend == "reference")
-        print(f"loaded in {time.perf_counter() - t0:.1f} s; {a.backend} backend; generating {len(story.frames)} frame(s) "
+        print(f"loaded in {time.perf_counter() - t0:.1f} s; {a.backend} backend; generating {len(story.frames)} "
+              "frame(s) "
               f"with {len(story.characters)} character(s)", flush=True)
         paths = run_story(make_pipeline(a, models), story, a.out, overrides, progress=lambda s: print(s, flush=True))
     except StoryMakerError as e:

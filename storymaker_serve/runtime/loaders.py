@@ -21,7 +21,7 @@ import torch
 
 from storymaker_serve.runtime.adapter import attach_storymaker, check_state_dict
 from storymaker_serve.runtime.errors import WeightsError
-from storymaker_serve.runtime.ppr import PPRConfig, PositionalPerceiverResampler
+from storymaker_serve.runtime.ppr import PositionalPerceiverResampler, PPRConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class WeightsLayout:
     style_loras: list[tuple[Path, float]] = field(default_factory=list)
 
     @classmethod
-    def resolve(cls, weights: Path | str | None = None, style_loras=None, **parts) -> "WeightsLayout":
+    def resolve(cls, weights: Path | str | None = None, style_loras=None, **parts) -> WeightsLayout:
         """A layout from a weights folder, from components given one by one (sdxl, mask_bin, image_encoder,
         buffalo_l, controlnet, sdxl_config), or both (the parts override the folder's). Any path may be a local
         Hugging Face cache folder (`models--ORG--NAME` or its `snapshots/REV`); nothing is downloaded."""
@@ -53,7 +53,7 @@ class WeightsLayout:
         return cls(**parts, style_loras=list(style_loras or []))
 
     @classmethod
-    def from_dir(cls, root: Path | str, **overrides) -> "WeightsLayout":
+    def from_dir(cls, root: Path | str, **overrides) -> WeightsLayout:
         root = Path(root)
         if not root.is_dir():
             raise WeightsError(f"weights folder {root} does not exist. Pass --weights DIR with sdxl/, mask.bin, "
@@ -83,7 +83,10 @@ def hf_cache_path(path: Path | str) -> Path:
         ref = p / "refs" / "main"
         snaps = sorted(s for s in (p / "snapshots").iterdir() if s.is_dir())
         rev = ref.read_text().strip() if ref.exists() else None
-        pick = p / "snapshots" / rev if rev and (p / "snapshots" / rev).is_dir() else (snaps[0] if len(snaps) == 1 else None)
+        if rev and (p / "snapshots" / rev).is_dir():
+            pick = p / "snapshots" / rev
+        else:
+            pick = snaps[0] if len(snaps) == 1 else None
         if pick is None:
             raise WeightsError(f"{p}: a Hugging Face cache folder with {len(snaps)} snapshots and no refs/main; pass "
                                "the snapshot folder itself (models--ORG--NAME/snapshots/REV)")
@@ -169,7 +172,7 @@ def load_sdxl(path: Path, config_dir: Path | None = None) -> SDXLParts:
         try:
             pipe = StableDiffusionXLPipeline.from_pretrained(str(path), local_files_only=True,
                                                              variant=weights_variant(path), dtype=torch.float32)
-        except (OSError, ValueError, EnvironmentError) as e:
+        except (OSError, ValueError) as e:
             raise WeightsError(f"{path}: SDXL diffusers folder could not be loaded: {e}") from None
     return SDXLParts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
                      dict(pipe.scheduler.config))
@@ -206,7 +209,8 @@ def sdxl_part_config(path: Path, part: str, config_dir: Path | None = None):
     if base is None:
         raise WeightsError(f"{path}: a single-file SDXL checkpoint needs its config folder: put it at "
                            "WEIGHTS/sdxl_config/ or pass --sdxl-config DIR. Nothing is downloaded.")
-    folder = _require(base / part, f"SDXL component '{part}'", "The SDXL diffusers folder is incomplete; re-download it.")
+    folder = _require(base / part, f"SDXL component '{part}'",
+                      "The SDXL diffusers folder is incomplete; re-download it.")
     cls = _sdxl_part_class(part)
     if SDXL_PART_CLASSES[part][0] == "diffusers":
         with torch.device("meta"):
@@ -214,7 +218,8 @@ def sdxl_part_config(path: Path, part: str, config_dir: Path | None = None):
     return cls.config_class.from_pretrained(str(folder))
 
 
-def check_compatible(unet_cross_attention_dim: int, ppr_cfg: PPRConfig, clip_hidden: int, mask_bin, image_encoder) -> None:
+def check_compatible(unet_cross_attention_dim: int, ppr_cfg: PPRConfig, clip_hidden: int, mask_bin,
+                     image_encoder) -> None:
     """The SDXL base, mask.bin and image encoder belong together (checked from configs and shapes)."""
     if ppr_cfg.cross_attention_dim != unet_cross_attention_dim:
         raise WeightsError(f"{mask_bin}: resampler outputs D={ppr_cfg.cross_attention_dim} but the UNet's "
@@ -230,7 +235,8 @@ def fuse_style_loras(parts: SDXLParts, loras: list[tuple[Path, float]]) -> None:
         return
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline(vae=parts.vae, text_encoder=parts.text_encoder, text_encoder_2=parts.text_encoder_2,
+    pipe = StableDiffusionXLPipeline(vae=parts.vae, text_encoder=parts.text_encoder,
+                                     text_encoder_2=parts.text_encoder_2,
                                      tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2, unet=parts.unet,
                                      scheduler=None)
     for i, (file, scale) in enumerate(loras):
@@ -288,7 +294,8 @@ def load_storymaker(layout: WeightsLayout, *, lora_scale: float = 0.8, ip_scale:
     proj_sd, ip_sd = load_mask_bin(layout.mask_bin)
     parts = load_sdxl(layout.sdxl, layout.sdxl_config)
     fuse_style_loras(parts, layout.style_loras)
-    attach_storymaker(parts.unet, ip_sd, lora_scale=lora_scale, ip_scale=ip_scale, fuse=fuse, source=str(layout.mask_bin))
+    attach_storymaker(parts.unet, ip_sd, lora_scale=lora_scale, ip_scale=ip_scale, fuse=fuse,
+                      source=str(layout.mask_bin))
     if dual_attention_kernel:  # fused Triton kernel for text + image attention (raises on CUDA if it cannot run)
         from storymaker_serve.runtime.kernel_attention import use_dual_attention_kernel
 

@@ -35,7 +35,7 @@ class Component:
     raw: dict                        # the JSON record, for fields only tools read (parity, timings)
 
     @classmethod
-    def from_json(cls, name: str, rec: dict) -> "Component":
+    def from_json(cls, name: str, rec: dict) -> Component:
         return cls(name, ComponentSpec.from_json(rec["spec"]), tuple(FileRecord(**f) for f in rec["files"]),
                    rec["precision"], rec["profile"], rec.get("engine") or {}, rec)
 
@@ -96,8 +96,11 @@ class Manifest:
     def deployment(self) -> dict:
         """Where the engines run (`export.build --device/--providers/--gpu-instances`); CPU by default."""
         d = self.data.get("deployment") or {}
-        return {"device": d.get("device", "cpu"), "providers": list(d.get("providers", ["cpu"])),
-                "gpu_instances": int(d.get("gpu_instances", 1)), "denoise_engines": d.get("denoise_engines", "bls")}
+        out = {"device": d.get("device", "cpu"), "providers": list(d.get("providers", ["cpu"])),
+               "gpu_instances": int(d.get("gpu_instances", 1)), "denoise_engines": d.get("denoise_engines", "bls")}
+        if d.get("engine_factory"):          # `module:name` building each component's engine (benchmarks' stand-ins)
+            out["engine_factory"] = d["engine_factory"]
+        return out
 
     @property
     def scheduler_config(self) -> dict:

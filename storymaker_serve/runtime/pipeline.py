@@ -65,7 +65,8 @@ class TextEmbeds:
 
 def tokenize(tok, prompt: str) -> tuple[np.ndarray, bool]:
     """SDXL tokenisation: padded/truncated to 77 ids (int64 [1, 77]); True if the prompt was truncated."""
-    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="np").input_ids
+    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="np").input_ids
     truncated = len(tok(prompt).input_ids) > tok.model_max_length
     if truncated:
         log.warning("prompt longer than %d tokens was truncated (as SDXL does): %.60s...", tok.model_max_length, prompt)
@@ -116,7 +117,8 @@ class StoryMakerPipeline:
     def latents(self, opts: GenerateOptions, text: TextEmbeds, tokens, step_callback=None) -> torch.Tensor:
         unet = self.m.sdxl.unet
         return denoise(TorchDenoiser(unet, self.m.controlnet), step_inputs(text, tokens, opts), opts,
-                       self.plan(opts.steps), self.vae_factor, unet.config.in_channels, device=next(unet.parameters()).device,
+                       self.plan(opts.steps), self.vae_factor, unet.config.in_channels,
+                       device=next(unet.parameters()).device,
                        step_callback=step_callback)
 
     def generate(self, opts: GenerateOptions, tokens, step_callback=None) -> np.ndarray:

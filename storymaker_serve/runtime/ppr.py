@@ -41,7 +41,7 @@ class PPRConfig:
         return self.num_id_tokens + self.num_queries  # 20 in the release
 
     @classmethod
-    def from_state_dict(cls, sd: dict) -> "PPRConfig":
+    def from_state_dict(cls, sd: dict) -> PPRConfig:
         """Infer every size from checkpoint tensor shapes (works on meta tensors)."""
         d = sd["norm.weight"].shape[0]
         depth = lambda prefix: 1 + max(int(k.split(".")[2]) for k in sd if k.startswith(prefix + ".layers."))
@@ -89,14 +89,14 @@ class PerceiverAttention(nn.Module):
     def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         x = self.norm1(x)                     # (B, N, dim) features
         latents = self.norm2(latents)         # (B, L, dim)
-        b, l, _ = latents.shape
+        b, n_latents, _ = latents.shape
         q = _heads(self.to_q(latents), self.heads)
         k, v = self.to_kv(torch.cat((x, latents), dim=-2)).chunk(2, dim=-1)
         k, v = _heads(k, self.heads), _heads(v, self.heads)
         scale = 1.0 / math.sqrt(math.sqrt(self.dim_head))
         w = (q * scale) @ (k * scale).transpose(-2, -1)          # (B, heads, L, N+L)
         w = torch.softmax(w.float(), dim=-1).to(w.dtype)
-        out = (w @ v).transpose(1, 2).reshape(b, l, -1)          # (B, L, inner)
+        out = (w @ v).transpose(1, 2).reshape(b, n_latents, -1)  # (B, L, inner)
         return self.to_out(out)
 
 

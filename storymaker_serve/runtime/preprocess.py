@@ -3,7 +3,8 @@
 Per character (contract "Reference extraction"): crop photo and mask to the
 bounding rectangle of all external contours of `mask[:,:,0]`; soft-composite
 the crop over white with a 5x5 Gaussian-blurred mask; resize to 224x224 with
-`Image.resize((224, 224))`, Pillow's default filter (bicubic), as the release. The face image is `insightface.utils.face_align.norm_crop` of the
+`Image.resize((224, 224))`, Pillow's default filter (bicubic), as the release. The face image is
+`insightface.utils.face_align.norm_crop` of the
 ORIGINAL photo at 224. Both go through `CLIPImageProcessor()` defaults (the
 PIL implementation, which needs no torchvision). A cloth image replaces the
 character crop, resized the same way without compositing. Decoded images are
@@ -62,7 +63,8 @@ def decode_image(data: bytes | str | Path | np.ndarray | Image.Image, name: str 
         data = Path(data).read_bytes()
     fmt = sniff_format(bytes(data[:16]))
     if fmt == "unknown":
-        raise InputError(f"{name}: cannot decode image (not {', '.join(ALLOWED_FORMATS)}); send PNG, JPEG or WEBP bytes")
+        raise InputError(f"{name}: cannot decode image (not {', '.join(ALLOWED_FORMATS)}); send PNG, JPEG or WEBP "
+                         "bytes")
     if fmt not in ALLOWED_FORMATS:
         raise InputError(f"{name}: {fmt} images are not accepted; send {', '.join(ALLOWED_FORMATS)}")
     try:
@@ -74,7 +76,8 @@ def decode_image(data: bytes | str | Path | np.ndarray | Image.Image, name: str 
     except InputError:
         raise
     except Exception as e:  # PIL raises many types for undecodable input
-        raise InputError(f"{name}: cannot decode image ({type(e).__name__}: {e}); send PNG, JPEG or WEBP bytes") from None
+        raise InputError(f"{name}: cannot decode image ({type(e).__name__}: {e}); "
+                         "send PNG, JPEG or WEBP bytes") from None
 
 
 def mask_bbox(mask: np.ndarray, name: str = "mask") -> tuple[int, int, int, int]:
@@ -128,6 +131,6 @@ def _clip_processor():
     return CLIPImageProcessorPil()
 
 
-def clip_pixels(images: list) -> "torch.Tensor":
+def clip_pixels(images: list) -> torch.Tensor:
     """CLIPImageProcessor() defaults -> float32 [n, 3, 224, 224]."""
     return _clip_processor()(images=images, return_tensors="pt").pixel_values

@@ -147,7 +147,7 @@ class ComponentSpec:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "ComponentSpec":
+    def from_json(cls, d: dict) -> ComponentSpec:
         """The spec as export wrote it into the manifest (`to_json`)."""
         ts = lambda lst: tuple(TensorSpec(**{**t, "dims": tuple(t["dims"])}) for t in lst)
         return cls(d["name"], ts(d["inputs"]), ts(d["outputs"]), {k: tuple(v) for k, v in d["symbols"].items()},

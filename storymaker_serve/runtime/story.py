@@ -54,7 +54,7 @@ class Story:
     defaults: dict
 
     @classmethod
-    def load(cls, path: Path | str) -> "Story":
+    def load(cls, path: Path | str) -> Story:
         path = Path(path)
         try:
             doc = yaml.safe_load(path.read_text())
@@ -73,9 +73,11 @@ class Story:
             f = {"prompt": f} if isinstance(f, str) else dict(f)
             unknown = set(f) - FRAME_KEYS
             if unknown:
-                raise InputError(f"{path}: frame {i + 1} has unknown keys {sorted(unknown)}; allowed: {sorted(FRAME_KEYS)}")
+                raise InputError(f"{path}: frame {i + 1} has unknown keys {sorted(unknown)}; allowed: "
+                                 f"{sorted(FRAME_KEYS)}")
             frames.append(Frame(prompt=f.get("prompt", ""), options={k: f[k] for k in OPTION_KEYS & set(f)},
-                                characters=f.get("characters"), cloth={k: rel(v) for k, v in (f.get("cloth") or {}).items()},
+                                characters=f.get("characters"),
+                                cloth={k: rel(v) for k, v in (f.get("cloth") or {}).items()},
                                 pose=rel(f.get("pose")), identity_only=bool(f.get("identity_only", False)),
                                 interpolation=f.get("interpolation")))
         if not chars or not frames:
@@ -87,7 +89,8 @@ class Story:
         return cls(chars, frames, defaults)
 
 
-def contact_sheet(refs: list[Image.Image], frames: list[np.ndarray], captions: list[str], cell: int = 256) -> Image.Image:
+def contact_sheet(refs: list[Image.Image], frames: list[np.ndarray], captions: list[str],
+                  cell: int = 256) -> Image.Image:
     """Row 1: the characters' reference crops; then the frames, 3 per row, with their prompts."""
     cols = max(3, len(refs))
     rows = 1 + (len(frames) + cols - 1) // cols
@@ -138,7 +141,8 @@ def run_story(pipe, story: Story, out: Path, overrides: dict | None = None, prog
                          "identity_only": fr.identity_only, "interpolation": fr.interpolation, "file": p.name})
         progress(f"frame {i + 1}/{len(story.frames)}: {p}  ({fr.prompt[:50]})")
     refs = [character_image(ch.photo, ch.mask, ch.name) for ch in
-            (Character.load(c["photo"], c["mask"], None, None, c["name"], c.get("mask_channel", 0)) for c in story.characters)]
+            (Character.load(c["photo"], c["mask"], None, None, c["name"],
+                            c.get("mask_channel", 0)) for c in story.characters)]
     contact_sheet(refs, images, [f["file"] + ": " + f["prompt"] for f in settings]).save(out / "contact_sheet.png")
     (out / "settings.json").write_text(json.dumps({"characters": story.characters, "frames": settings}, indent=2))
     return paths

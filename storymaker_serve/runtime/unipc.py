@@ -35,7 +35,8 @@ class Update:
     rhos: list[float]     # weights of those; for the corrector the last one weighs (m_t - m0)
 
 
-def _update(sig_t: torch.Tensor, sig_s0: torch.Tensor, older: list[torch.Tensor], order: int, corrector: bool) -> Update:
+def _update(sig_t: torch.Tensor, sig_s0: torch.Tensor, older: list[torch.Tensor], order: int,
+            corrector: bool) -> Update:
     """Scalars of one predictor/corrector update, computed exactly as diffusers does (float32)."""
     alpha_t, sigma_t = _alpha_sigma(sig_t)
     alpha_s0, sigma_s0 = _alpha_sigma(sig_s0)

@@ -8,8 +8,8 @@ IMAGE_TOKENS and NEG_IMAGE_TOKENS [1, 20(n+1), D] for `storymaker`/`sampler`.
 import triton_python_backend_utils as pb_utils
 
 from storymaker_serve.runtime.serving.engines import Build
-from storymaker_serve.runtime.serving.logic import CharacterEncoding
 from storymaker_serve.runtime.serving.glue import Glue, character_request, setup
+from storymaker_serve.runtime.serving.logic import CharacterEncoding
 
 
 class TritonPythonModel:

@@ -8,8 +8,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from storymaker_serve.runtime.pipeline import TextEmbeds
-from storymaker_serve.runtime.serving.logic import check_text, check_tokens, validate_options
 from storymaker_serve.runtime.serving.glue import generate_options
+from storymaker_serve.runtime.serving.logic import check_text, check_tokens, validate_options
 from storymaker_serve.runtime.serving.sampling import SamplingModel
 
 

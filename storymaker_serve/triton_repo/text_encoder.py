@@ -9,8 +9,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from storymaker_serve.runtime.serving.engines import Build
-from storymaker_serve.runtime.serving.logic import TextEncoding
 from storymaker_serve.runtime.serving.glue import Glue, setup, text_engine_fns
+from storymaker_serve.runtime.serving.logic import TextEncoding
 
 
 class TritonPythonModel:

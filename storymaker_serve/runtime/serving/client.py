@@ -102,7 +102,7 @@ class StoryMakerClient:
                self._input("MASKS", per(lambda c: _bytes(c["mask"])), model)]
         for key, name in (("cloth", "CLOTHS"), ("face", "FACE_INFO")):
             if any(c.get(key) for c in characters):
-                ins.append(self._input(name, per(lambda c: _bytes(c[key]) if c.get(key) else b""), model))
+                ins.append(self._input(name, per(lambda c, key=key: _bytes(c[key]) if c.get(key) else b""), model))
         if any(c.get("mask_channel") for c in characters):
             ins.append(self._input("MASK_CHANNELS", per(lambda c: c.get("mask_channel", 0)), model))
         if identity_only:
@@ -141,7 +141,8 @@ class StoryMakerClient:
     def generate(self, prompt: str, tokens=None, characters=None, **opts) -> tuple[np.ndarray, dict]:
         """One frame -> (uint8 image [H, W, 3], {"truncated": bool, "png": bytes}); `png=False` skips the server's
         PNG encode ("png" is then b"")."""
-        out = self._call("storymaker", self._frame_inputs(prompt, tokens, characters, **opts), ["IMAGE", "PNG", "TRUNCATED"])
+        out = self._call("storymaker", self._frame_inputs(prompt, tokens, characters, **opts),
+                         ["IMAGE", "PNG", "TRUNCATED"])
         return out["IMAGE"], {"truncated": bool(out["TRUNCATED"][0]), "png": bytes(out["PNG"][0])}
 
     def generate_stream(self, prompt: str, tokens=None, characters=None, preview_every: int | None = None, **opts):
@@ -172,7 +173,8 @@ class StoryMakerClient:
                     msg = error.message() if isinstance(error, InferenceServerException) else str(error)
                     raise StoryMakerError(f"{model}: {msg}")
                 done = bool(result.as_numpy("FINAL")[0])
-                ev = {"final": done, "steps_done": int(result.as_numpy("STEPS_DONE")[0]), "image": result.as_numpy("IMAGE")}
+                ev = {"final": done, "steps_done": int(result.as_numpy("STEPS_DONE")[0]),
+                      "image": result.as_numpy("IMAGE")}
                 if done:
                     ev.update(png=bytes(result.as_numpy("PNG")[0]), truncated=bool(result.as_numpy("TRUNCATED")[0]))
                 yield ev
@@ -225,24 +227,26 @@ def run_story_remote(client: StoryMakerClient, story, out: Path, overrides: dict
             img, info = ev["image"], ev
         p = out / f"frame_{i + 1:02d}.png"
         p.write_bytes(info["png"])
-        progress(f"frame {i + 1}/{len(jobs)}: {p}  ({fr.prompt[:50]})" + ("  [prompt truncated to 77 tokens]" if info["truncated"] else ""))
+        cut = "  [prompt truncated to 77 tokens]" if info["truncated"] else ""
+        progress(f"frame {i + 1}/{len(jobs)}: {p}  ({fr.prompt[:50]}){cut}")
         return i, img, p, {**opts, "prompt": fr.prompt, "characters": names, "cloth": fr.cloth, "pose": fr.pose,
                            "identity_only": fr.identity_only, "interpolation": fr.interpolation, "file": p.name}
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as ex:
         results = sorted(ex.map(one, jobs))
     refs = [character_image(ch.photo, ch.mask, ch.name) for ch in
-            (Character.load(c["photo"], c["mask"], None, None, c["name"], c.get("mask_channel", 0)) for c in story.characters)]
-    contact_sheet(refs, [r[1] for r in results], [f"{r[3]['file']}: {r[3]['prompt']}" for r in results]).save(out / "contact_sheet.png")
+            (Character.load(c["photo"], c["mask"], None, None, c["name"],
+                            c.get("mask_channel", 0)) for c in story.characters)]
+    contact_sheet(refs, [r[1] for r in results],
+                  [f"{r[3]['file']}: {r[3]['prompt']}" for r in results]).save(out / "contact_sheet.png")
     (out / "settings.json").write_text(json.dumps({"characters": story.characters, "frames": [r[3] for r in results]},
                                                   indent=2, default=str))
     return [r[2] for r in results]
 
 
 def main(argv=None) -> int:
-    from storymaker_serve.runtime.story import Story
-
     from storymaker_serve.runtime.cli import add_sampling_args, argument_parser, configure_logging, sampling_overrides
+    from storymaker_serve.runtime.story import Story
 
     ap = argument_parser("python -m runtime.client", __doc__)
     ap.add_argument("story", type=Path, help="story YAML (see runtime/story.py)")
@@ -253,7 +257,8 @@ def main(argv=None) -> int:
     tls.add_argument("--root-certificates", metavar="PEM", help="CA bundle to verify the server (default: system)")
     tls.add_argument("--private-key", metavar="PEM", help="client key (mutual TLS)")
     tls.add_argument("--certificate-chain", metavar="PEM", help="client certificate chain (mutual TLS)")
-    tls.add_argument("--insecure", action="store_true", help="HTTP: do not verify the server certificate (testing only)")
+    tls.add_argument("--insecure", action="store_true",
+                     help="HTTP: do not verify the server certificate (testing only)")
     ap.add_argument("--serve", type=Path, metavar="REPO", help="start a local tritonserver on REPO for this run")
     ap.add_argument("--out", type=Path, default=Path("out/story"), help="output folder")
     ap.add_argument("--concurrency", type=int, default=1, help="frames generated at once")
@@ -278,7 +283,8 @@ def main(argv=None) -> int:
                                   private_key=a.private_key, certificate_chain=a.certificate_chain, insecure=a.insecure)
         if a.previews and a.protocol != "grpc":
             raise InputError("--previews streams over gRPC; drop --protocol http")
-        paths = run_story_remote(client, story, a.out, overrides, a.concurrency, progress=lambda s: print(s, flush=True),
+        paths = run_story_remote(client, story, a.out, overrides, a.concurrency,
+                                 progress=lambda s: print(s, flush=True),
                                  previews=a.previews, preview_every=a.preview_every)
     except StoryMakerError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -108,10 +108,12 @@ FRAME = (Port("IMAGE", "UINT8", (-1, -1, 3), doc="the frame"), Port("PNG", "BYTE
 
 MODELS = {m.name: m for m in (
     BLSModel("text_encoder", PROMPTS, (*TEXT, TRUNCATED), 1,
-             "both tokenizers, then the `text_encoder_1` and `text_encoder_2` models (prompt and negative as one batch)"),
+             "both tokenizers, then the `text_encoder_1` and `text_encoder_2` models "
+             "(prompt and negative as one batch)"),
     BLSModel("encode_characters", CHARACTERS, TOKENS, 1,
              "crop by mask, face detection/alignment (the build's buffalo_l files), CLIP, resampler"),
-    BLSModel("sampler", (*TEXT, *TOKENS, *SAMPLING), (Port("LATENTS", "FP32", (1, "C", -1, -1), doc="denoised latents"),),
+    BLSModel("sampler", (*TEXT, *TOKENS, *SAMPLING),
+             (Port("LATENTS", "FP32", (1, "C", -1, -1), doc="denoised latents"),),
              1, "the UniPC + CFG loop, unet/controlnet each step", inflight=True),
     BLSModel("storymaker", (*PROMPTS, *_opt(TOKENS), *_opt(CHARACTERS), *SAMPLING, ENCODE_PNG), FRAME, 1,
              "a frame: text (tokenizers here, the text encoder engines), tokens (given, or computed from PHOTOS...), "

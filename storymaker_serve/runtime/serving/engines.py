@@ -20,26 +20,47 @@ from pathlib import Path
 
 import numpy as np
 
-from storymaker_serve.runtime.errors import InputError
+from storymaker_serve.runtime.errors import DeploymentError, InputError
 from storymaker_serve.runtime.manifest import Component, Manifest
-
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
-def session_providers(names, device_id: int = 0, cache_dir: str | None = None) -> tuple[list[str], list[dict]]:
+def session_providers(names, device_id: int = 0, cache_dir: str | None = None,
+                      profile: dict | None = None) -> tuple[list[str], list[dict]]:
     """onnxruntime execution providers, in priority order, with their options (WRITTEN for the GPU, not run here):
     CUDA on `device_id` (heuristic cuDNN algorithm search, copies on the default stream); TensorRT with fp16
-    kernels allowed and its engine and timing caches kept in `cache_dir` (first load builds, later loads reuse);
-    the CPU last as the fallback for any op the others lack."""
+    kernels allowed, its engine and timing caches kept in `cache_dir` (first load builds, later loads reuse) and,
+    given the component's `profile` ({input: {min, opt, max}}), one explicit optimisation profile with those
+    shapes, so the TensorRT EP builds one engine for the whole range instead of one per new input shape; the CPU
+    last as the fallback for any op the others lack."""
+    trt = {"device_id": str(device_id), "trt_fp16_enable": "1", "trt_engine_cache_enable": "1",
+           "trt_engine_cache_path": str(cache_dir or "."), "trt_timing_cache_enable": "1"}
+    if profile:
+        for key, which in (("trt_profile_min_shapes", "min"), ("trt_profile_opt_shapes", "opt"),
+                           ("trt_profile_max_shapes", "max")):
+            trt[key] = ",".join(f"{name}:{'x'.join(str(d) for d in p[which])}" for name, p in profile.items())
     opts = {"cpu": {}, "cuda": {"device_id": str(device_id), "cudnn_conv_algo_search": "HEURISTIC",
-                                "do_copy_in_default_stream": "1"},
-            "tensorrt": {"device_id": str(device_id), "trt_fp16_enable": "1", "trt_engine_cache_enable": "1",
-                         "trt_engine_cache_path": str(cache_dir or "."), "trt_timing_cache_enable": "1"}}
+                                "do_copy_in_default_stream": "1"}, "tensorrt": trt}
     unknown = [n for n in names if n not in PROVIDERS]
     if unknown:
         raise ValueError(f"execution providers {unknown}: use {sorted(PROVIDERS)} (e.g. tensorrt,cuda,cpu)")
     return [PROVIDERS[n] for n in names], [opts[n] for n in names]
+
+
+def require_providers(wanted: list[str], have: list[str], component: str, session: bool = False) -> None:
+    """Refuse to run a component whose deployment asks for a GPU execution provider that onnxruntime does not give
+    it (onnxruntime itself only warns and runs on the CPU, and I/O binding on the GPU then fails at the first
+    request). `have`: the providers this onnxruntime offers, or (session=True) the ones the session really got."""
+    missing = [p for p in wanted if p != PROVIDERS["cpu"] and p not in have]
+    if not missing:
+        return
+    where = "the session got" if session else "this onnxruntime offers"
+    raise DeploymentError(
+        f"{component}: the deployment asks for {', '.join(missing)}, but {where} only {', '.join(have) or 'none'}. "
+        f"Install the GPU build of ONNX Runtime alone (pip uninstall -y onnxruntime onnxruntime-gpu && "
+        f"pip install -r requirements/lock-gpu.txt --no-deps), check the CUDA and cuDNN libraries it needs "
+        f"(python -m storymaker_serve.envcheck), or rebuild with --device cpu")
 
 
 class OrtEngine:
@@ -57,8 +78,10 @@ class OrtEngine:
             # the kernel can drop under pressure (GEMMs about 13% slower here). A whole full-size repository then
             # fits a 24 GiB host (docs/export.md).
             opts.add_session_config_entry("session.disable_prepacking", "1")
-        names, options = session_providers(providers, device_id, cache_dir)
+        names, options = session_providers(providers, device_id, cache_dir, record.profile)
+        require_providers(names, ort.get_available_providers(), record.name)
         self.sess = ort.InferenceSession(str(path), opts, providers=names, provider_options=options)
+        require_providers(names, self.sess.get_providers(), record.name, session=True)
         self.record = record
         self.inputs, self.outputs = record.input_names, record.output_names
         self.profile = record.profile
@@ -151,50 +174,27 @@ class OrtEngine:
         return results
 
 
-class StandInEngine(OrtEngine):
-    """An OrtEngine without a session that answers at once with correctly shaped zero outputs (shapes bound from the
-    inputs by the spec; absent optional inputs are not filled). Only for `benchmarks.serving_overhead`, which
-    measures what our serving code adds around the engines; it says nothing about an engine's speed or correctness.
-    Used where a manifest's deployment says `stand_in`."""
-
-    def __init__(self, record: Component):
-        self.record, self.inputs, self.outputs = record, record.input_names, record.output_names
-        self.profile, self.device = record.profile, "cpu"
-        self._out: dict = {}
-
-    def complete(self, feeds, bound: bool = False, values: dict | None = None):
-        return feeds
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Zero outputs, allocated once per shape (our code never writes into an engine's outputs): an engine writes
-        its outputs into memory that is already there (I/O binding, TensorRT), so a stand-in that allocated and zeroed
-        hundreds of MB per call (the ControlNet's residuals) would add its own cost to the overhead measured around it."""
-        spec = self.record.spec
-        values = spec.bind({k: tuple(v.shape) for k, v in feeds.items() if k in self.inputs})
-        out = {}
-        for t in spec.outputs:
-            key = (t.name, t.shape(values))
-            if key not in self._out:
-                self._out[key] = np.zeros(key[1], np.dtype(t.dtype))
-            out[t.name] = self._out[key]
-        return out
-
-    def run_bound(self, feeds: dict) -> dict:
-        """`run` with torch tensors in and out (on the host: a stand-in has no device)."""
-        import torch
-
-        return {k: torch.from_numpy(v) for k, v in self.run(feeds).items()}
-
-
 class Build(Manifest):
     """A build folder: its typed manifest (runtime/manifest.py) plus onnxruntime sessions of its components."""
 
     def engine(self, name: str, threads: int | None = None, device_id: int = 0) -> OrtEngine:
         """A session with the build's deployment providers (`export.build --device/--providers`; CPU when none)."""
         rec = self.component(name)
-        if (self.data.get("deployment") or {}).get("stand_in"):
-            return StandInEngine(rec)
+        if factory := self.deployment.get("engine_factory"):
+            return _load_factory(factory)(rec)
         threads = threads or int(os.environ.get("STORYMAKER_ORT_THREADS", "0")) or None
         providers = self.deployment["providers"]
         return OrtEngine(self.file(rec.files_for(providers)[0].path), rec, threads, providers, device_id,
                          str(self.path / "engines" / "ort_trt_cache"))
+
+
+def _load_factory(dotted: str):
+    """`module:name` -> that callable (a manifest's `deployment.engine_factory`: record -> engine)."""
+    import importlib
+
+    module, _, attr = dotted.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise DeploymentError(f"deployment.engine_factory {dotted!r} cannot be loaded ({e}); "
+                              "give module:name") from None

@@ -168,7 +168,7 @@ class Gateway:
         self.limit, self.workers = max_message_bytes, workers
         self._grpc = self._http = self._channel = None
 
-    def start(self) -> "Gateway":
+    def start(self) -> Gateway:
         import grpc
 
         unlimited = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]

@@ -99,7 +99,8 @@ class Glue:
 
         photos = self.array(request, "PHOTOS")
         if photos is not None and not 1 <= photos.size <= max_characters:
-            raise InputError(f"{photos.size} characters given; this deployment supports 1 to {max_characters} per image")
+            raise InputError(f"{photos.size} characters given; this deployment supports 1 to {max_characters} per "
+                             "image")
         total, cap, each = 0, self.limits["max_request_bytes"], self.limits["max_element_bytes"]
         for name in IMAGE_INPUTS:
             a = self.array(request, name)
@@ -123,7 +124,8 @@ class Glue:
 
     # ---- outputs ----
     def respond(self, outputs: dict[str, np.ndarray]):
-        return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(k, np.ascontiguousarray(v)) for k, v in outputs.items()])
+        tensors = [self.pb.Tensor(k, np.ascontiguousarray(v)) for k, v in outputs.items()]
+        return self.pb.InferenceResponse(output_tensors=tensors)
 
     def error(self, exc: Exception, request=None):
         """The error response for one request: CANCELLED for a cancelled one; INVALID_ARG for a client mistake
@@ -155,13 +157,27 @@ class Glue:
 
     # ---- BLS ----
     def bls(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        """Call `model` and return its outputs as numpy arrays, which is what every caller of this consumes: the
+        BLS layout's loop, tokens and text are host arrays (the loop that keeps its tensors on the GPU is the
+        `inprocess` layout, with no BLS per step). So the outputs are asked for in CPU memory: an engine model on a
+        GPU (the NGC repository's TensorRT and onnxruntime models) would otherwise answer in GPU memory, and
+        `as_numpy()` refuses that ("Tensor is stored in GPU and cannot be converted to NumPy")."""
         req = self.pb.InferenceRequest(model_name=model, requested_output_names=outputs,
-                                       inputs=[self.pb.Tensor(k, np.ascontiguousarray(v)) for k, v in inputs.items()])
+                                       inputs=[self.pb.Tensor(k, np.ascontiguousarray(v)) for k, v in inputs.items()],
+                                       **self._cpu_outputs())
         resp = req.exec()
         if resp.has_error():
             err = resp.error()
             raise CalleeError(model, err.message(), err.code() if hasattr(err, "code") else None, self.pb)
         return {k: self.pb.get_output_tensor_by_name(resp, k).as_numpy() for k in outputs}
+
+    def _cpu_outputs(self) -> dict:
+        """InferenceRequest's keyword for outputs in CPU memory (python_backend's `preferred_memory`, Triton 23.05
+        and later); empty for a stub too old to have it (they return CPU outputs for CPU models only)."""
+        pref = getattr(self.pb, "PreferredMemory", None)
+        if pref is None:
+            return {}
+        return {"preferred_memory": pref(self.pb.TRITONSERVER_MEMORY_CPU, 0)}
 
     def engine(self, model: str, feeds: dict[str, np.ndarray], outputs: list[str], batched: bool = False):
         """BLS call to an engine model. In a dynamically batched model (unet, controlnet) a per-sample (N,)

@@ -7,12 +7,12 @@ plus its 3.x stub into a private backend folder. Secure defaults: loopback
 addresses, model control mode `none` (no remote model loading, which would run
 arbitrary code), and the administrative protocols (model repository, shared
 memory, trace, logging) restricted to clients that send the operator's key in
-the `admin-key` header (gRPC clients send it as `triton-grpc-protocol-admin-key`). `TritonServer` is also a context manager for tests and
+the `admin-key` header (gRPC clients send it as `triton-grpc-protocol-admin-key`). `TritonServer` is also a context
+manager for tests and
 the demo; it waits for readiness and stops the process it started on exit.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import secrets
 import shutil
@@ -29,7 +29,8 @@ from storymaker_serve.runtime.serving import malloc
 from storymaker_serve.runtime.serving.ngc import ngc_command
 from storymaker_serve.runtime.serving.ports import PortTaken, free_port, is_free, reserve, taken_message, taken_port
 
-REQUIRED_MODELS = ("text_encoder", "text_encoder_1", "text_encoder_2", "clip_vision", "ppr", "encode_characters", "unet",
+REQUIRED_MODELS = ("text_encoder", "text_encoder_1", "text_encoder_2", "clip_vision", "ppr", "encode_characters",
+                   "unet",
                    "vae_decoder", "sampler", "storymaker")
 ADMIN_PROTOCOLS = "model-repository,shared-memory,trace,logging"
 PORT_FLAGS = {"grpc_port": "--grpc-port", "http_port": "--http-port", "metrics_port": "--metrics-port"}
@@ -38,37 +39,6 @@ PORT_ATTEMPTS = 3
 
 
 PLATFORMS = {"tensorrt_plan": "tensorrt", "onnxruntime_onnx": "onnxruntime"}
-
-
-def child_pids(parent: int, name: str | None = None) -> list[int]:
-    """Processes whose parent is `parent` (tritonserver's Python-backend stubs, a launcher's server), optionally
-    only those with this command name; read from /proc."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            head, tail = stat.read_text().rsplit(")", 1)
-            if int(tail.split()[1]) == parent and name in (None, head.split("(", 1)[1]):
-                pids.append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return pids
-
-
-def rss_kib(pid: int, field: str = "VmRSS") -> int:
-    """A process's resident memory in KiB from /proc/PID/status (`field`: VmRSS, RssAnon, RssFile); 0 once gone."""
-    try:
-        return int(Path(f"/proc/{pid}/status").read_text().split(f"{field}:")[1].split()[0])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """A process's user + system CPU seconds so far, all its threads, from /proc/PID/stat; 0 once gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def repo_backends(repo: Path) -> dict[str, list[str]]:
@@ -148,7 +118,8 @@ def server_command(repo: Path, grpc_port: int, http_port: int, metrics_port: int
     cmd, env = ([system], {}) if system else _wheel_server(work)
     cmd += [f"--model-repository={repo}", "--model-control-mode=none", "--strict-readiness=true",
             f"--grpc-address={address}", f"--grpc-port={grpc_port}", f"--http-address={address}",
-            f"--http-port={http_port}", f"--metrics-address={metrics_address or address}", f"--metrics-port={metrics_port}",
+            f"--http-port={http_port}", f"--metrics-address={metrics_address or address}",
+            f"--metrics-port={metrics_port}",
             f"--grpc-restricted-protocol={ADMIN_PROTOCOLS}:admin-key={admin_key}",
             f"--http-restricted-api={ADMIN_PROTOCOLS}:admin-key={admin_key}", "--exit-timeout-secs=10",
             "--log-verbose=0"]
@@ -186,7 +157,8 @@ class TritonServer:
             self.max_message_bytes = max_message_bytes or repo_message_limit(self.repo)
             self._new_gateway()
         else:
-            self.upstream_grpc_port, self.upstream_http_port, self.max_message_bytes = self.grpc_port, self.http_port, None
+            self.upstream_grpc_port, self.upstream_http_port = self.grpc_port, self.http_port
+            self.max_message_bytes = None
 
     @property
     def url(self) -> str:
@@ -198,7 +170,7 @@ class TritonServer:
         self.gateway = Gateway(self.address, self.grpc_port, self.http_port, self.upstream_grpc_port,
                                self.upstream_http_port, self.max_message_bytes)
 
-    def start(self, timeout: float = 300.0) -> "TritonServer":
+    def start(self, timeout: float = 300.0) -> TritonServer:
         """Start and wait until ready. A port the caller chose that is taken fails at once with a message naming
         its flag; one this object drew and tritonserver found taken (runtime/serving/ports.py) is drawn again, up
         to PORT_ATTEMPTS starts."""
@@ -216,8 +188,10 @@ class TritonServer:
                 flag = next((PORT_FLAGS[n] for n in names if n in PORT_FLAGS), "a port")
                 raise StoryMakerError(taken_message(taken, self.address, flag))
             if attempt == PORT_ATTEMPTS:
-                raise StoryMakerError(f"tritonserver found the ports drawn for it taken {attempt} times (last: {taken}); "
-                                      f"pass free ports with --grpc-port/--http-port/--metrics-port. Log: {self.log_file}")
+                raise StoryMakerError(f"tritonserver found the ports drawn for it taken {attempt} times (last: "
+                                      f"{taken}); "
+                                      "pass free ports with --grpc-port/--http-port/--metrics-port. "
+                                      f"Log: {self.log_file}")
             fresh = free_port("127.0.0.1" if all(n.startswith("upstream") for n in mine) else self.address)
             for n in mine:
                 setattr(self, n, fresh)
@@ -233,7 +207,8 @@ class TritonServer:
         cmd, env = server_command(self.repo, self.upstream_grpc_port, self.upstream_http_port, self.metrics_port,
                                   internal, self.admin_key, self.work, metrics_address=self.address)
         self._log = open(self.log_file, "w")
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **malloc.env(), **env}, stdout=self._log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **malloc.env(), **env}, stdout=self._log,
+                                     stderr=subprocess.STDOUT,
                                      start_new_session=True, preexec_fn=_die_with_parent)
         if self.gateway:                             # after the fork (gRPC threads); readiness is polled through it
             try:
@@ -261,7 +236,8 @@ class TritonServer:
 
         host = "127.0.0.1" if self.address in ("0.0.0.0", "::") else self.address
         http_host = "127.0.0.1" if self.gateway else host           # where tritonserver's own HTTP port listens
-        urls = [f"http://{http_host}:{self.upstream_http_port}/v2/health/ready", f"http://{host}:{self.metrics_port}/metrics"]
+        urls = [f"http://{http_host}:{self.upstream_http_port}/v2/health/ready",
+                f"http://{host}:{self.metrics_port}/metrics"]
         while urls and time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 with urllib.request.urlopen(urls[0], timeout=2) as r:
@@ -291,7 +267,7 @@ class TritonServer:
             self._log.close()
         shutil.rmtree(self.work / "backends", ignore_errors=True)
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from storymaker_serve.runtime.characters import Character, preprocess_characters
+from storymaker_serve.runtime.denoise import denoise, step_inputs
 from storymaker_serve.runtime.errors import InputError
 from storymaker_serve.runtime.face import FaceAnalyzer, FaceInfo
-from storymaker_serve.runtime.denoise import denoise, step_inputs
 from storymaker_serve.runtime.pipeline import GenerateOptions, TextEmbeds, tokenize
 from storymaker_serve.runtime.unipc import UniPCPlan
 
@@ -41,7 +41,8 @@ class TextEncoding:
 
         from transformers import CLIPTokenizer
 
-        self.tok = [CLIPTokenizer.from_pretrained(str(build.file(build.assets[k]))) for k in ("tokenizer", "tokenizer_2")]
+        self.tok = [CLIPTokenizer.from_pretrained(str(build.file(build.assets[k])))
+                    for k in ("tokenizer", "tokenizer_2")]
         self.te = [(fns or {}).get(n) or build.engine(n).run for n in ("text_encoder", "text_encoder_2")]
         # the frame models encode on many request threads at once: a tokenizer (tokenizers backend) keeps its padding
         # and truncation settings as state that each call sets, so concurrent calls came back unpadded (measured:
@@ -65,8 +66,10 @@ class TextEncoding:
             raise InputError("prompt is missing or empty")
         hidden, pooled, truncated = self._encode([prompt] if negative is None else [negative, prompt])
         if negative is None:           # SDXL: no negative prompt means zero embeddings
-            hidden, pooled = np.concatenate([np.zeros_like(hidden), hidden]), np.concatenate([np.zeros_like(pooled), pooled])
-        return TextEmbeds(torch.from_numpy(np.ascontiguousarray(hidden)), torch.from_numpy(np.ascontiguousarray(pooled))), \
+            hidden = np.concatenate([np.zeros_like(hidden), hidden])
+            pooled = np.concatenate([np.zeros_like(pooled), pooled])
+        return TextEmbeds(torch.from_numpy(np.ascontiguousarray(hidden)),
+                          torch.from_numpy(np.ascontiguousarray(pooled))), \
             truncated[-1]
 
 
@@ -117,7 +120,8 @@ class CharacterEncoding:
             w = float(interpolation)
             ids, clip, face = (((1 - w) * t[0] + w * t[1])[None] for t in (ids, clip, face))
         scale = np.array([0.0 if identity_only else 1.0], np.float32)                # [1], broadcast over tokens
-        feeds = {"id_embeds": ids.astype(np.float32), "clip_embeds": clip, "face_embeds": face, "clip_token_scale": scale}
+        feeds = {"id_embeds": ids.astype(np.float32), "clip_embeds": clip, "face_embeds": face,
+                 "clip_token_scale": scale}
         pos = self.ppr_fn(feeds)["image_tokens"]
         key = (ids.shape[0], bool(identity_only))
         if key not in self._negatives:

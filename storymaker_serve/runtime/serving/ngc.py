@@ -7,7 +7,8 @@ from pathlib import Path
 from storymaker_serve.runtime.errors import StoryMakerError
 
 
-def ngc_command(build_dir: Path, mount: str = "/models", container_tensorrt: str | None = None) -> tuple[list[str], list[str]]:
+def ngc_command(build_dir: Path, mount: str = "/models",
+                container_tensorrt: str | None = None) -> tuple[list[str], list[str]]:
     """The tritonserver command for BUILD/triton_repo_ngc inside an NGC container where the build folder is
     mounted at `mount`, and notes on what the container must have. Reads the manifest's engine records: with
     version-compatible engines the TensorRT backend needs `--backend-config=tensorrt,version-compatible=true`;
@@ -35,7 +36,8 @@ def ngc_command(build_dir: Path, mount: str = "/models", container_tensorrt: str
             if bad:
                 raise StoryMakerError(f"TensorRT {container_tensorrt} cannot load the engines of {bad} (built with "
                                       f"{versions}{', version-compatible' if compat else ''}); rebuild them with that "
-                                      "TensorRT (`python -m export.build ... --engines auto`) or pick the matching container")
+                                      "TensorRT (`python -m export.build ... --engines auto`) or pick the matching "
+                                      "container")
     notes.append("Python-backend models (text_encoder, encode_characters, sampler, storymaker) need this project and "
                  "its requirements in the container's Python, or a conda-pack'ed environment given to the build with "
                  "--ngc-python-env; they find the build folder as ../.. from their model folder, so mount the whole "

@@ -38,7 +38,8 @@ class Sampling:
         self.dim, self.plans = self.build.cross_attention_dim, {}
         names = ["unet"] + (["controlnet"] if self.build.has("controlnet") else [])
         self.device = None
-        if engines == "inprocess":           # this process runs the sessions with I/O binding: nothing per step leaves it
+        # this process runs the sessions with I/O binding: nothing per step leaves it
+        if engines == "inprocess":
             sessions = {n: self.build.engine(n) for n in names + ["vae_decoder"]}
             fns = {n: sessions[n].run_bound for n in names}
             vae = sessions["vae_decoder"].run_bound
@@ -50,7 +51,8 @@ class Sampling:
             fns = {n: (lambda f, n=n: glue.engine(n, f, outs[n], batched=True)) for n in names}
             self.vae01 = lambda lat: glue.engine("vae_decoder", {"latent": _host(lat)}, ["image"])["image"]
             self.text_fns = text_engine_fns(glue, self.build)
-        self.batcher = StepBatcher(fns, {n: self.build.component(n).spec.max_batch() for n in names}, max_wait_ms / 1000.0)
+        self.batcher = StepBatcher(fns, {n: self.build.component(n).spec.max_batch() for n in names},
+                                   max_wait_ms / 1000.0)
         fused.warm_up()                      # the loop's host kernels compiled (or loaded from cache) before a request
 
     def denoiser(self):
