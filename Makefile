@@ -27,7 +27,7 @@ $(STAMP): $(LOCK)
 # demo bundle -> export (ONNX, parity, Triton repository) -> real tritonserver -> story over gRPC -> stop
 demo: $(STAMP)
 	$(PY) -m export.build --demo --out build/demo
-	$(PY) -m runtime.client examples/demo_story.yaml --serve build/demo/triton_repo --out out/demo
+	$(PY) -m runtime.client storymaker_serve/examples/demo_story.yaml --serve build/demo/triton_repo --out out/demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

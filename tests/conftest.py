@@ -40,7 +40,7 @@ def bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def layout(bundle):
-    from storymaker_serve.runtime.loaders import WeightsLayout
+    from storymaker_serve.runtime.weights import WeightsLayout
 
     return WeightsLayout.from_dir(bundle)
 

@@ -1,14 +1,13 @@
 """What several test modules share: the test photos, the demo story's characters, diffusers' SDXL scheduler
 config, small UNet inputs and the host-read probe. Test modules import from here, never from each other."""
-from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from storymaker_serve.examples import DATA, STORY  # noqa: F401 - shared with the test modules
 from storymaker_serve.runtime.adapter import attach_storymaker
 from storymaker_serve.runtime.loaders import load_mask_bin, load_sdxl
 
-DATA = Path(__file__).parent / "data"
 MAN = {"photo": DATA / "ldh.png", "mask": DATA / "ldh_mask.png", "face": DATA / "ldh.face.json"}
 WOMAN = {"photo": DATA / "tsy.png", "mask": DATA / "tsy_mask.png"}          # face detected by buffalo_l
 THIRD = {"photo": DATA / "two_people.jpg", "mask": DATA / "two_people_mask.png", "mask_channel": 2}

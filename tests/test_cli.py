@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from helpers import DATA, STORY
 from PIL import Image
 
 from storymaker_serve.runtime.generate import main
@@ -13,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_story_writes_frames_sheet_and_settings(bundle, tmp_path, capsys):
-    rc = main(["--weights", str(bundle), "--story", str(ROOT / "examples/demo_story.yaml"), "--out", str(tmp_path),
+    rc = main(["--weights", str(bundle), "--story", str(STORY), "--out", str(tmp_path),
                "--steps", "3", "--width", "64", "--height", "48"])
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -30,7 +31,7 @@ def test_demo_story_writes_frames_sheet_and_settings(bundle, tmp_path, capsys):
 
 
 def test_single_frame_cli_and_clear_errors(bundle, tmp_path, capsys):
-    data = ROOT / "tests/data"
+    data = DATA
     char = f"{data}/ldh.png,{data}/ldh_mask.png,{data}/ldh.face.json"
     assert main(["--weights", str(bundle), "--prompt", "a man", "--character", char, "--out", str(tmp_path),
                  "--steps", "2", "--width", "64", "--height", "64", "--identity-only"]) == 0
@@ -50,7 +51,7 @@ def test_torch_opt_backend_gives_the_reference_frames(bundle, tmp_path, capsys):
     """`--backend torch-opt` (fused projections, channels_last, offloaded encoders; the pose frame through its
     ControlNet path) writes
     the same three demo frames as the reference backend, to within 1 uint8 level per pixel."""
-    story = ["--weights", str(bundle), "--story", str(ROOT / "examples/demo_story.yaml"), "--steps", "3",
+    story = ["--weights", str(bundle), "--story", str(STORY), "--steps", "3",
              "--width", "64", "--height", "48"]
     assert main([*story, "--out", str(tmp_path / "ref")]) == 0
     assert main([*story, "--out", str(tmp_path / "opt"), "--backend", "torch-opt", "--fused-qkv",

@@ -78,3 +78,24 @@ def test_generate_and_client_share_the_sampling_flags(monkeypatch):
         client.main(["story.yaml", "--width", "640", "--negative-prompt", "blurry", "--controlnet-scale", "0.5"])
     seen = e.value.args[0]
     assert seen["width"] == 640 and seen["negative_prompt"] == "blurry" and seen["controlnet_scale"] == 0.5
+
+
+def test_build_demo_has_a_default_out_and_real_builds_need_one(capsys):
+    from pathlib import Path
+
+    from storymaker_serve.export.build import parse_args
+
+    assert parse_args(["--demo"]).out == Path("build/demo")
+    with pytest.raises(SystemExit):
+        parse_args(["--weights", "W"])
+    assert "--out DIR is required" in capsys.readouterr().err
+
+
+def test_help_names_the_console_script_it_was_started_as(monkeypatch, capsys):
+    from storymaker_serve.runtime.serving.launcher import main
+
+    monkeypatch.setattr("sys.argv", ["/venv/bin/storymaker-serve", "--help"])
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: storymaker-serve ") and "storymaker-serve --repo build/prod/triton_repo" in out

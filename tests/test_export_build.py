@@ -200,7 +200,7 @@ def test_weights_as_flags_symlinks_or_hf_cache_give_the_same_build(tmp_path, bui
     assert main(["--weights", str(links), "--out", str(a), *comps]) == 0     # the flag-built folder, another layout
     assert capsys.readouterr().out.count(": cached") == 2
     from storymaker_serve.runtime.errors import WeightsError
-    from storymaker_serve.runtime.loaders import WeightsLayout, hf_cache_path
+    from storymaker_serve.runtime.weights import WeightsLayout, hf_cache_path
 
     assert hf_cache_path(hf) == hf / "snapshots" / "0123abcd"
     with pytest.raises(WeightsError, match="--image-encoder missing"):

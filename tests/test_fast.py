@@ -4,20 +4,17 @@ The dual-attention kernel inside a UNet step is checked in tests/test_dual_atten
 would make 25 steps slow); here: host-precomputed UniPC, device-resident loop, channels_last, fused projections,
 no host reads inside the loop, and the torch.compile path (run on the CPU through inductor).
 """
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import HostSyncs
+from helpers import DATA, HostSyncs
 from oracle import diffusers_sample
 
 from storymaker_serve.runtime.denoise import TorchDenoiser, step_inputs
 from storymaker_serve.runtime.fast import FastOptions, FastPipeline, StageTimes
 from storymaker_serve.runtime.loaders import load_storymaker
 from storymaker_serve.runtime.pipeline import GenerateOptions, encode_text
-
-DATA = Path(__file__).parent / "data"
 
 
 def test_torch_opt_latents_match_reference(layout, two_characters):

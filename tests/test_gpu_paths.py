@@ -7,11 +7,11 @@ fallback and benchmark: tests/test_dual_attention.py.)
 """
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from helpers import DATA
 
 from storymaker_serve.export.build import main as build_main
 from storymaker_serve.export.triton_config import parse_pbtxt
@@ -217,7 +217,8 @@ def test_zero_residuals_are_not_shipped_per_step(built):
     from storymaker_serve.export.triton_config import parse_pbtxt
     from storymaker_serve.runtime.pipeline import GenerateOptions
     from storymaker_serve.runtime.serving.engines import Build
-    from storymaker_serve.runtime.serving.logic import CharacterRequest, EnginePipeline
+    from storymaker_serve.runtime.serving.logic import EnginePipeline
+    from storymaker_serve.runtime.serving.request import CharacterRequest
 
     unet = parse_pbtxt((built / "triton_repo" / "unet" / "config.pbtxt").read_text())
     res = [i for i in unet.input if i.name.startswith(("down_res", "mid_res"))]
@@ -230,7 +231,7 @@ def test_zero_residuals_are_not_shipped_per_step(built):
     ep = EnginePipeline(Build(built))
     sent, run = [], ep.denoiser.unet_fn
     ep.denoiser.unet_fn = lambda feeds: sent.append(sorted(feeds)) or run(feeds)
-    data = lambda f: (Path(__file__).parent / "data" / f).read_bytes()
+    data = lambda f: (DATA / f).read_bytes()
     tokens = ep.encode_characters(CharacterRequest([data("ldh.png")], [data("ldh_mask.png")], [None],
                                                    [data("ldh.face.json").decode()], [0]))
     frame = ep.generate(GenerateOptions("a man", width=64, height=64, steps=2), tokens)
@@ -242,7 +243,7 @@ def test_zero_residuals_are_not_shipped_per_step(built):
     sent.clear()
     from storymaker_serve.runtime.preprocess import decode_image
 
-    pose = decode_image(Path(__file__).parent / "data" / "two_people_pose.jpg")
+    pose = decode_image(DATA / "two_people_pose.jpg")
     ep.generate(GenerateOptions("a man", width=64, height=64, steps=2, pose_image=pose), tokens)
     assert "down_res_0" in sent[0] and "mid_res" in sent[0]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
+from helpers import STORY
 
 from storymaker_serve.runtime.serving.ports import free_port
 
@@ -70,7 +71,8 @@ def test_console_scripts_show_help(borrowed, tmp_path):
     for script in ("build", "serve", "client", "generate", "bench", "refit"):
         r = subprocess.run([str(borrowed / "bin" / f"storymaker-{script}"), "--help"], capture_output=True,
                            text=True, cwd=tmp_path, timeout=120)
-        assert r.returncode == 0 and "usage:" in r.stdout, (script, r.stderr[-500:])
+        assert r.returncode == 0 and r.stdout.startswith(f"usage: storymaker-{script} "), (script, r.stderr[-500:])
+        assert "examples:" in r.stdout and f"storymaker-{script} " in r.stdout.split("examples:")[1], script
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +125,7 @@ def test_lock_install_builds_and_serves_the_demo(from_lock, tmp_path):
             except Exception:  # noqa: BLE001 - not listening yet
                 time.sleep(1)
         assert ready, srv.stdout.read() if srv.poll() is not None else "not ready in time"
-        r = subprocess.run([str(bin_ / "storymaker-client"), str(ROOT / "examples" / "demo_story.yaml"), "--url",
+        r = subprocess.run([str(bin_ / "storymaker-client"), str(STORY), "--url",
                             f"127.0.0.1:{port}", "--steps", "2", "--width", "64", "--height", "64", "--out",
                             str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

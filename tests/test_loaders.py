@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import save_file
 
 from storymaker_serve.runtime.errors import WeightsError
-from storymaker_serve.runtime.loaders import WeightsLayout, fuse_style_loras, load_sdxl, load_storymaker
+from storymaker_serve.runtime.loaders import fuse_style_loras, load_sdxl, load_storymaker
+from storymaker_serve.runtime.weights import WeightsLayout
 
 ATTN = "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
 
@@ -19,7 +20,7 @@ def test_layout_finds_conventional_names(layout, bundle):
 def test_missing_weight_file_is_named(bundle, tmp_path):
     w = tmp_path / "w"
     shutil.copytree(bundle, w, ignore=shutil.ignore_patterns("mask.bin"))
-    with pytest.raises(WeightsError, match=r"lacks mask.bin \(StoryMaker adapter\)"):
+    with pytest.raises(WeightsError, match=r"no mask_bin \(looked for mask.bin.*RED-AIGC/StoryMaker"):
         WeightsLayout.from_dir(w)
     (w / "sdxl" / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(WeightsError, match="vae"):

@@ -170,14 +170,15 @@ def test_mallopt_in_a_running_process_unless_turned_off_or_set():
     assert r.stdout.split() == ["True", "False", "False"], r.stderr
 
 
-def test_the_client_sets_the_malloc_thresholds_unless_asked_not_to(monkeypatch):
+def test_the_client_sets_the_malloc_thresholds_only_when_asked(monkeypatch):
+    """A library must not change its host process's malloc settings by default; the CLI asks for them."""
     from storymaker_serve.runtime.serving import client as client_mod
 
     calls = []
     monkeypatch.setattr(client_mod.malloc, "tune_this_process", lambda: calls.append(1) or True)
     client_mod.StoryMakerClient("127.0.0.1:1")
-    assert calls == [1]
-    client_mod.StoryMakerClient("127.0.0.1:1", tune_malloc=False)
+    assert calls == []
+    client_mod.StoryMakerClient("127.0.0.1:1", tune_malloc=True)
     assert calls == [1]
 
 

@@ -3,11 +3,11 @@ cancellation, a bounded load test and the security defaults."""
 import io
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import CLOTH, MAN, POSE, THIRD, WOMAN, HostSyncs
+from helpers import STORY as DEMO_STORY
 from PIL import Image
 
 from storymaker_serve.runtime.errors import StoryMakerError
@@ -23,8 +23,9 @@ STORY = [("one character", [MAN], {}), ("two characters", [MAN, WOMAN], {}),
 @pytest.fixture(scope="module")
 def reference(built):
     """The reference: the release's unfused LoRA processors, eager, fp32."""
-    from storymaker_serve.runtime.loaders import WeightsLayout, load_storymaker
+    from storymaker_serve.runtime.loaders import load_storymaker
     from storymaker_serve.runtime.pipeline import StoryMakerPipeline
+    from storymaker_serve.runtime.weights import WeightsLayout
 
     return StoryMakerPipeline(load_storymaker(WeightsLayout.from_dir(built / "demo_bundle"), fuse=False))
 
@@ -37,7 +38,7 @@ def _chars(spec):
 
 
 def _request(spec):
-    from storymaker_serve.runtime.serving.logic import CharacterRequest
+    from storymaker_serve.runtime.serving.request import CharacterRequest
 
     raw = lambda key: [c[key].read_bytes() if c.get(key) else None for c in spec]
     faces = [c["face"].read_text() if c.get("face") else None for c in spec]
@@ -50,11 +51,12 @@ def test_four_paths_agree_with_the_reference(built, client, reference, case, cha
     the build's engines in process (onnxruntime) and the real tritonserver; each within 1 uint8 level of the
     reference, for 1, 2 and 3 characters, a clothing swap and a pose map."""
     from storymaker_serve.runtime.fast import FastOptions, FastPipeline
-    from storymaker_serve.runtime.loaders import WeightsLayout, load_storymaker
+    from storymaker_serve.runtime.loaders import load_storymaker
     from storymaker_serve.runtime.pipeline import GenerateOptions
     from storymaker_serve.runtime.preprocess import decode_image
     from storymaker_serve.runtime.serving.engines import Build
     from storymaker_serve.runtime.serving.logic import EnginePipeline
+    from storymaker_serve.runtime.weights import WeightsLayout
 
     prompt = f"{case}: friends in a park"
     pose = decode_image(extra["pose"]) if "pose" in extra else None
@@ -208,8 +210,7 @@ def test_client_cli_streams_and_saves_previews(server, tmp_path, capsys):
     """runtime.client --previews DIR: each frame streams, its previews are saved and printed, the frames are written."""
     from storymaker_serve.runtime.serving.client import main
 
-    root = Path(__file__).resolve().parents[1]
-    assert main([str(root / "examples" / "demo_story.yaml"), "--url", server.url, "--previews", str(tmp_path / "pv"),
+    assert main([str(DEMO_STORY), "--url", server.url, "--previews", str(tmp_path / "pv"),
                  "--preview-every", "2", "--steps", "5", "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "frame 1/3: step 2 preview" in out and "step 4 preview" in out

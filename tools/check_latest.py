@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "lock.txt"
+STORY = ROOT / "storymaker_serve" / "examples" / "demo_story.yaml"
 
 
 def canonical(name: str) -> str:
@@ -103,8 +104,8 @@ def main(argv=None) -> int:
     ok = ok and run("environment check", [str(py), "-m", "storymaker_serve.envcheck"], work, log)
     ok = ok and run("storymaker-build --demo", [str(bin_ / "storymaker-build"), "--demo", "--out", "build"], work, log)
     ok = ok and run("storymaker-client (demo story, served)",
-                    [str(bin_ / "storymaker-client"), str(ROOT / "examples" / "demo_story.yaml"), "--serve",
-                     "build/triton_repo", "--out", "out", "--steps", "2"], work, log)
+                    [str(bin_ / "storymaker-client"), str(STORY), "--serve", "build/triton_repo", "--out", "out",
+                     "--steps", "2"], work, log)
     if ok:
         print("check-latest: ok: the newest versions build and serve the demo")
         return 0

@@ -5,7 +5,9 @@ results go to `./benchmark_results` and the builds to `./build` under the curren
 """
 from pathlib import Path
 
+from storymaker_serve.examples import DATA
+
 _CHECKOUT = Path(__file__).resolve().parents[2]
 CHECKOUT = _CHECKOUT if (_CHECKOUT / "pyproject.toml").is_file() else Path.cwd()
 RESULTS = CHECKOUT / "benchmarks" / "results" if CHECKOUT == _CHECKOUT else CHECKOUT / "benchmark_results"
-TEST_DATA = CHECKOUT / "tests" / "data"
+TEST_DATA = DATA                # the example photos (storymaker_serve/examples/data)

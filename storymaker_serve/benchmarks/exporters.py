@@ -26,7 +26,7 @@ def main(argv=None) -> None:
     from storymaker_serve.export.onnx_export import torch_inputs
     from storymaker_serve.export.parity import check
     from storymaker_serve.export.stage import Stage
-    from storymaker_serve.runtime.loaders import WeightsLayout
+    from storymaker_serve.runtime.weights import WeightsLayout
 
     with tempfile.TemporaryDirectory() as tmp:
         weights = write_demo_bundle(Path(tmp) / "bundle")

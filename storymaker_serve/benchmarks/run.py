@@ -112,7 +112,8 @@ def load_weights(weights: str, device: str = "cpu", precision: str = "fp32", fus
         wdir = write_demo_bundle(CHECKOUT / "build/bench_demo/demo_bundle")
     else:
         wdir = Path(weights)
-    from storymaker_serve.runtime.loaders import WeightsLayout, load_storymaker
+    from storymaker_serve.runtime.loaders import load_storymaker
+    from storymaker_serve.runtime.weights import WeightsLayout
 
     return load_storymaker(WeightsLayout.from_dir(wdir), fuse=fuse, device=device)
 
@@ -245,7 +246,8 @@ def bench_onnxruntime(a) -> dict:
     """The build's engines in process (runtime.serving.logic.EnginePipeline), stage by stage."""
     from storymaker_serve.runtime.denoise import decode, engine_vae01
     from storymaker_serve.runtime.serving.engines import Build
-    from storymaker_serve.runtime.serving.logic import CharacterRequest, EnginePipeline, generate_latents
+    from storymaker_serve.runtime.serving.logic import EnginePipeline, generate_latents
+    from storymaker_serve.runtime.serving.request import CharacterRequest
 
     b = Build(_build(a))
     ep = EnginePipeline(b)

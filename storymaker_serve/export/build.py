@@ -39,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="weights folder (sdxl/, mask.bin, image_encoder/, buffalo_l/, controlnet/)")
     src.add_argument("--demo", action="store_true", help="write and build the tiny random demo bundle (CPU, offline)")
     add_component_args(ap)
-    ap.add_argument("--out", type=Path, required=True, help="build folder (manifest.json, onnx/, engines/)")
+    ap.add_argument("--out", type=Path, help="build folder: manifest.json, onnx/, engines/, triton_repo/ "
+                                              "(default: build/demo with --demo; required otherwise)")
     ap.add_argument("--fp16", action="store_true",
                     help="fp16 ONNX (float32 I/O, sensitive ops in fp32); VAE stays fp32")
     ap.add_argument("--fp16-vae", action="store_true", help="also the VAE in fp16 (only for an fp16-fixed VAE)")
@@ -85,6 +86,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     if not (a.demo or a.weights or a.sdxl or a.mask_bin or a.image_encoder):
         ap.error("give --weights DIR, the components (--sdxl, --mask-bin, --image-encoder, ...), or --demo")
+    if a.out is None:
+        if not a.demo:
+            ap.error("--out DIR is required: the build folder to write (e.g. --out build/prod)")
+        a.out = Path("build/demo")
     return a
 
 
@@ -247,7 +252,7 @@ def _table(records: dict) -> str:
 
 def build(a) -> int:
     from storymaker_serve.export import tensorrt as trt_build
-    from storymaker_serve.runtime.loaders import WeightsLayout
+    from storymaker_serve.runtime.weights import WeightsLayout
 
     check_opset(a.opset)
     deploy = deployment(a)

@@ -20,6 +20,7 @@ import torch
 from storymaker_serve.export.onnx_export import to_fp16
 from storymaker_serve.runtime.errors import WeightsError
 from storymaker_serve.runtime.spec import ComponentSpec, TensorSpec
+from storymaker_serve.runtime.weights import SOURCES
 
 FILES = {"face_detector": "det_10g.onnx", "face_recognizer": "w600k_r50.onnx"}
 
@@ -72,7 +73,7 @@ def build_face_model(name: str, folder: Path, out_dir: Path, precision: str) -> 
     """-> (spec, built files, source file)."""
     src = folder / FILES[name]
     if not src.exists():
-        raise WeightsError(f"{src}: missing (insightface buffalo_l). Unpack buffalo_l.zip into {folder}.")
+        raise WeightsError(f"{src}: missing (insightface buffalo_l); get {SOURCES['buffalo_l']}")
     spec = face_spec(name, src)
     out_dir.mkdir(parents=True, exist_ok=True)
     dst = out_dir / ("model.fp16.onnx" if precision == "fp16" else "model.onnx")

@@ -23,17 +23,18 @@ class Stage:
         if self._specs is None:
             from types import SimpleNamespace as NS
 
-            from transformers import CLIPTokenizer, CLIPVisionConfig
+            from transformers import CLIPTokenizer
 
             from storymaker_serve.export.components import build_specs
             from storymaker_serve.runtime.loaders import check_compatible, sdxl_part_config
             from storymaker_serve.runtime.ppr import PPRConfig
+            from storymaker_serve.runtime.weights import image_encoder_config
 
             cfg = lambda part: sdxl_part_config(self.layout.sdxl, part, self.layout.sdxl_config)
             base = self.layout.sdxl if self.layout.sdxl.is_dir() else self.layout.sdxl_config
             unet = cfg("unet")
             ppr = PPRConfig.from_state_dict(self.mask_bin()[0])
-            clip = CLIPVisionConfig.from_pretrained(str(self.layout.image_encoder))
+            clip = image_encoder_config(self.layout.image_encoder)
             check_compatible(unet.cross_attention_dim, ppr, clip.hidden_size, self.layout.mask_bin,
                              self.layout.image_encoder)
             sdxl = NS(unet=NS(config=unet), vae=NS(config=cfg("vae")),

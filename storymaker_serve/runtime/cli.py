@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 LEVELS = ("debug", "info", "warning", "error")
 
@@ -30,10 +31,41 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return super()._format_action(action)
 
 
+# console script -> the checkout's `python -m` command it runs (pyproject.toml's [project.scripts])
+SCRIPTS = {"storymaker-build": "python -m export.build", "storymaker-serve": "python -m runtime.serve",
+           "storymaker-client": "python -m runtime.client", "storymaker-generate": "python -m runtime.generate",
+           "storymaker-bench": "python -m benchmarks.run", "storymaker-refit": "python -m export.refit"}
+# worked examples shown at the end of --help, per command
+EXAMPLES = {
+    "python -m export.build": ["{prog} --demo                                   # tiny random bundle, CPU, offline",
+                               "{prog} --fp16 --weights WEIGHTS --out build/prod  # real weights"],
+    "python -m runtime.serve": ["{prog} --repo build/prod/triton_repo            # loopback, ports 8001/8000/8002",
+                                "{prog} --ngc-command build/prod                  # the NGC container's command"],
+    "python -m runtime.client": ["{prog} {story} --serve build/demo/triton_repo",
+                                 "{prog} story.yaml --url 10.0.0.5:8001 --concurrency 2 --out out/story"],
+    "python -m runtime.generate": ["{prog} --weights WEIGHTS --story {story} --out out/story",
+                                   "{prog} --weights WEIGHTS --prompt 'a man in a park' --character man.png,mask.png"],
+    "python -m export.refit": ["{prog} --build build/prod --weights WEIGHTS --lora-scale 0.6"],
+    "python -m benchmarks.run": ["{prog} --quick                                  # CPU smoke, demo weights"],
+}
+
+
+def command_name(module_prog: str) -> str:
+    """How the user started this command: the console script's name when run as one, else `python -m ...`."""
+    exe = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return exe if SCRIPTS.get(exe) == module_prog else module_prog
+
+
 def argument_parser(prog: str, doc: str, **kw) -> argparse.ArgumentParser:
-    """A parser with defaults in --help and the logging flags; `doc` is the module docstring (first paragraph)."""
-    ap = argparse.ArgumentParser(prog=prog, description=doc.strip().split("\n\n")[0], formatter_class=HelpFormatter,
-                                 **kw)
+    """A parser with defaults in --help, the logging flags and worked examples; `prog` is the checkout command
+    (`python -m runtime.serve`), shown as the console script's name when run as one; `doc` is the module docstring
+    (first paragraph)."""
+    from storymaker_serve.examples import STORY
+
+    shown = command_name(prog)
+    examples = "\n".join("  " + e.format(prog=shown, story=STORY) for e in EXAMPLES.get(prog, []))
+    ap = argparse.ArgumentParser(prog=shown, description=doc.strip().split("\n\n")[0], formatter_class=HelpFormatter,
+                                 epilog=f"examples:\n{examples}" if examples else None, **kw)
     g = ap.add_argument_group("logging")
     g.add_argument("-v", "--verbose", action="count", default=0, help="more log detail: -v info, -vv debug")
     g.add_argument("--log-level", choices=LEVELS, help="log level (overrides -v; default warning)")

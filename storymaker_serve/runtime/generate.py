@@ -129,14 +129,16 @@ def main(argv=None) -> int:
     import torch
 
     from storymaker_serve.runtime.cli import component_paths, configure_logging, sampling_overrides
-    from storymaker_serve.runtime.loaders import WeightsLayout, load_storymaker
-    from storymaker_serve.runtime.story import Story, run_story
+    from storymaker_serve.runtime.loaders import load_storymaker
+    from storymaker_serve.runtime.story import LocalStoryMaker, Story, check_story, run_story
+    from storymaker_serve.runtime.weights import WeightsLayout
 
     a = parse_args(argv)
     configure_logging(a)
     try:
         story = Story.load(a.story) if a.story else _single_frame_story(a)
         overrides = sampling_overrides(a)
+        check_story(story, overrides)                   # the story's own mistakes first, before the weights load
         if a.story and (a.identity_only or a.interpolation is not None):
             for f in story.frames:
                 f.identity_only = f.identity_only or a.identity_only
@@ -150,7 +152,8 @@ def main(argv=None) -> int:
         print(f"loaded in {time.perf_counter() - t0:.1f} s; {a.backend} backend; generating {len(story.frames)} "
               "frame(s) "
               f"with {len(story.characters)} character(s)", flush=True)
-        paths = run_story(make_pipeline(a, models), story, a.out, overrides, progress=lambda s: print(s, flush=True))
+        pipeline = LocalStoryMaker(make_pipeline(a, models))
+        paths = run_story(pipeline, story, a.out, overrides, progress=lambda s: print(s, flush=True))
     except StoryMakerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

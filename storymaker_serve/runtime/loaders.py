@@ -14,7 +14,7 @@ Every failure names the file, what was expected and what to do.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,87 +22,14 @@ import torch
 from storymaker_serve.runtime.adapter import attach_storymaker, check_state_dict
 from storymaker_serve.runtime.errors import WeightsError
 from storymaker_serve.runtime.ppr import PositionalPerceiverResampler, PPRConfig
+from storymaker_serve.runtime.weights import SOURCES, WeightsLayout, clip_file, clip_file_config, require
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class WeightsLayout:
-    sdxl: Path
-    mask_bin: Path
-    image_encoder: Path
-    buffalo_l: Path | None = None
-    controlnet: Path | None = None
-    sdxl_config: Path | None = None      # config + tokenizer folder for a single-file SDXL checkpoint
-    style_loras: list[tuple[Path, float]] = field(default_factory=list)
-
-    @classmethod
-    def resolve(cls, weights: Path | str | None = None, style_loras=None, **parts) -> WeightsLayout:
-        """A layout from a weights folder, from components given one by one (sdxl, mask_bin, image_encoder,
-        buffalo_l, controlnet, sdxl_config), or both (the parts override the folder's). Any path may be a local
-        Hugging Face cache folder (`models--ORG--NAME` or its `snapshots/REV`); nothing is downloaded."""
-        parts = {k: hf_cache_path(v) for k, v in parts.items() if v is not None}
-        if weights is not None:
-            return cls.from_dir(hf_cache_path(weights), style_loras=style_loras, **parts)
-        missing = [k for k in ("sdxl", "mask_bin", "image_encoder") if k not in parts]
-        if missing:
-            raise WeightsError("without --weights DIR give every required component: "
-                               + ", ".join(f"--{m.replace('_', '-')}" for m in missing) + " missing")
-        for k, v in parts.items():
-            _require(v, k.replace("_", " "), f"Check the --{k.replace('_', '-')} path.")
-        return cls(**parts, style_loras=list(style_loras or []))
-
-    @classmethod
-    def from_dir(cls, root: Path | str, **overrides) -> WeightsLayout:
-        root = Path(root)
-        if not root.is_dir():
-            raise WeightsError(f"weights folder {root} does not exist. Pass --weights DIR with sdxl/, mask.bin, "
-                               "image_encoder/ (and optionally buffalo_l/, controlnet/), or --demo.")
-        pick = lambda *names: next((root / n for n in names if (root / n).exists()), None)
-        found = dict(
-            sdxl=pick("sdxl", "sdxl.safetensors"), mask_bin=pick("mask.bin", "storymaker/mask.bin"),
-            image_encoder=pick("image_encoder", "clip_vision"), buffalo_l=pick("buffalo_l", "models/buffalo_l"),
-            controlnet=pick("controlnet"), sdxl_config=pick("sdxl_config"),
-        )
-        found.update({k: Path(v) if isinstance(v, (str, Path)) else v for k, v in overrides.items() if v is not None})
-        missing = [k for k in ("sdxl", "mask_bin", "image_encoder") if found[k] is None]
-        if missing:
-            want = {"sdxl": "sdxl/ (diffusers folder) or sdxl.safetensors", "mask_bin": "mask.bin (StoryMaker adapter)",
-                    "image_encoder": "image_encoder/ (CLIP ViT-H/14, transformers layout)"}
-            raise WeightsError(f"weights folder {root} lacks " + "; ".join(want[m] for m in missing)
-                               + ". Put the files there or pass their paths explicitly.")
-        return cls(**found)
-
-
-def hf_cache_path(path: Path | str) -> Path:
-    """A local Hugging Face hub cache folder given as a path: `models--ORG--NAME` resolves to the snapshot its
-    `refs/main` names (or its only snapshot); a `snapshots/REV` folder (symlinks into ../../blobs) is used as
-    it is. Any other path is returned unchanged. Offline: only the local folders are read."""
-    p = Path(path).expanduser()
-    if p.name.startswith("models--") and (p / "snapshots").is_dir():
-        ref = p / "refs" / "main"
-        snaps = sorted(s for s in (p / "snapshots").iterdir() if s.is_dir())
-        rev = ref.read_text().strip() if ref.exists() else None
-        if rev and (p / "snapshots" / rev).is_dir():
-            pick = p / "snapshots" / rev
-        else:
-            pick = snaps[0] if len(snaps) == 1 else None
-        if pick is None:
-            raise WeightsError(f"{p}: a Hugging Face cache folder with {len(snaps)} snapshots and no refs/main; pass "
-                               "the snapshot folder itself (models--ORG--NAME/snapshots/REV)")
-        return pick
-    return p
-
-
-def _require(path: Path, what: str, fix: str) -> Path:
-    if not Path(path).exists():
-        raise WeightsError(f"{path}: missing ({what}). {fix}")
-    return Path(path)
-
-
 def load_mask_bin(path: Path | str, map_location="cpu") -> tuple[dict, dict]:
     """Return (image_proj state dict, ip_adapter state dict) from a StoryMaker `mask.bin`."""
-    path = _require(Path(path), "StoryMaker adapter checkpoint", "Download mask.bin from the StoryMaker release.")
+    path = require(Path(path), "StoryMaker adapter checkpoint", f"Get {SOURCES['mask_bin']}.")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt file, wrong format
@@ -159,7 +86,7 @@ def load_sdxl(path: Path, config_dir: Path | None = None) -> SDXLParts:
     config folder. Weights are loaded as float32; pipelines cast them to the precision they run in."""
     from diffusers import StableDiffusionXLPipeline
 
-    path = _require(Path(path), "SDXL base model", "Pass a diffusers SDXL folder or a .safetensors checkpoint.")
+    path = require(Path(path), "SDXL base model", "Pass a diffusers SDXL folder or a .safetensors checkpoint.")
     if path.is_file():
         if config_dir is None:
             raise WeightsError(f"{path}: a single-file SDXL checkpoint needs a local config folder (model_index.json, "
@@ -168,7 +95,7 @@ def load_sdxl(path: Path, config_dir: Path | None = None) -> SDXLParts:
         pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=str(config_dir), local_files_only=True)
     else:
         for sub in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
-            _require(path / sub, f"SDXL component '{sub}'", "The SDXL diffusers folder is incomplete; re-download it.")
+            require(path / sub, f"SDXL component '{sub}'", "The SDXL diffusers folder is incomplete; re-download it.")
         try:
             pipe = StableDiffusionXLPipeline.from_pretrained(str(path), local_files_only=True,
                                                              variant=weights_variant(path), dtype=torch.float32)
@@ -194,7 +121,7 @@ def load_sdxl_part(path: Path, part: str, config_dir: Path | None = None, style_
     """One SDXL component (float32) without loading the others: what a memory-conscious build needs (the full-size
     UNet alone is 10 GB in fp32). A single-file checkpoint, or style LoRAs to fuse (they touch the UNet and both
     text encoders), load the whole pipeline once and keep only `part`."""
-    path = _require(Path(path), "SDXL base model", "Pass a diffusers SDXL folder or a .safetensors checkpoint.")
+    path = require(Path(path), "SDXL base model", "Pass a diffusers SDXL folder or a .safetensors checkpoint.")
     if path.is_file() or style_loras:
         parts = load_sdxl(path, config_dir)
         fuse_style_loras(parts, list(style_loras))
@@ -209,7 +136,7 @@ def sdxl_part_config(path: Path, part: str, config_dir: Path | None = None):
     if base is None:
         raise WeightsError(f"{path}: a single-file SDXL checkpoint needs its config folder: put it at "
                            "WEIGHTS/sdxl_config/ or pass --sdxl-config DIR. Nothing is downloaded.")
-    folder = _require(base / part, f"SDXL component '{part}'",
+    folder = require(base / part, f"SDXL component '{part}'",
                       "The SDXL diffusers folder is incomplete; re-download it.")
     cls = _sdxl_part_class(part)
     if SDXL_PART_CLASSES[part][0] == "diffusers":
@@ -240,7 +167,7 @@ def fuse_style_loras(parts: SDXLParts, loras: list[tuple[Path, float]]) -> None:
                                      tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2, unet=parts.unet,
                                      scheduler=None)
     for i, (file, scale) in enumerate(loras):
-        file = _require(Path(file), "style LoRA", "Check the --lora FILE:SCALE path.")
+        file = require(Path(file), "style LoRA", "Check the --lora FILE:SCALE path.")
         name = f"style{i}"
         try:
             pipe.load_lora_weights(str(file), adapter_name=name)
@@ -252,7 +179,7 @@ def fuse_style_loras(parts: SDXLParts, loras: list[tuple[Path, float]]) -> None:
 
 
 def _from_pretrained(cls, path: Path, what: str, fix: str):
-    path = _require(Path(path), what, fix)
+    path = require(Path(path), what, fix)
     try:
         return cls.from_pretrained(str(path), local_files_only=True, variant=weights_variant(path),
                                    dtype=torch.float32).eval()
@@ -261,10 +188,25 @@ def _from_pretrained(cls, path: Path, what: str, fix: str):
 
 
 def load_image_encoder(path: Path):
+    """The CLIP image encoder from a transformers folder, or from one .safetensors file (ComfyUI's
+    clip_vision_h.safetensors: the same tensors, its config read off their shapes)."""
+    from safetensors.torch import load_file
     from transformers import CLIPVisionModelWithProjection
 
-    return _from_pretrained(CLIPVisionModelWithProjection, path, "CLIP image encoder",
-                            "Pass the CLIP ViT-H/14 image encoder folder (transformers layout).")
+    file = clip_file(require(Path(path), "CLIP image encoder", f"Get {SOURCES['image_encoder']}."))
+    if file is None:
+        return _from_pretrained(CLIPVisionModelWithProjection, path, "CLIP image encoder",
+                                f"Pass the CLIP ViT-H/14 image encoder folder: {SOURCES['image_encoder']}.")
+    model = CLIPVisionModelWithProjection(clip_file_config(file))
+    state = load_file(str(file))
+    if not any(k.startswith("visual_projection.") for k in state):
+        raise WeightsError(f"{file}: no visual_projection weights (a CLIP vision tower without its projection); get "
+                           f"{SOURCES['image_encoder']}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if [k for k in missing if "position_ids" not in k] or unexpected:
+        raise WeightsError(f"{file}: does not match CLIP ViT-H/14 (missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]}); get {SOURCES['image_encoder']}")
+    return model.float().eval()
 
 
 def load_controlnet(path: Path):

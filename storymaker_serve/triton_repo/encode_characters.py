@@ -8,8 +8,9 @@ IMAGE_TOKENS and NEG_IMAGE_TOKENS [1, 20(n+1), D] for `storymaker`/`sampler`.
 import triton_python_backend_utils as pb_utils
 
 from storymaker_serve.runtime.serving.engines import Build
-from storymaker_serve.runtime.serving.glue import Glue, character_request, setup
+from storymaker_serve.runtime.serving.glue import Glue, setup
 from storymaker_serve.runtime.serving.logic import CharacterEncoding
+from storymaker_serve.runtime.serving.request import character_request
 
 
 class TritonPythonModel:
@@ -21,8 +22,7 @@ class TritonPythonModel:
                                      ppr_fn=lambda f: self.glue.engine("ppr", f, ["image_tokens"]))
 
     def _one(self, r):
-        self.glue.check_request_budget(r, self.enc.max_chars)           # before decoding anything
-        pos, neg = self.enc(character_request(self.glue, r))
+        pos, neg = self.enc(character_request(self.glue, r, self.enc.max_chars))   # budgets before decoding anything
         return {"IMAGE_TOKENS": pos, "NEG_IMAGE_TOKENS": neg}
 
     def execute(self, requests):

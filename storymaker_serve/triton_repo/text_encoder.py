@@ -11,6 +11,7 @@ import triton_python_backend_utils as pb_utils
 from storymaker_serve.runtime.serving.engines import Build
 from storymaker_serve.runtime.serving.glue import Glue, setup, text_engine_fns
 from storymaker_serve.runtime.serving.logic import TextEncoding
+from storymaker_serve.runtime.serving.request import prompt
 
 
 class TritonPythonModel:
@@ -21,8 +22,7 @@ class TritonPythonModel:
         self.te = TextEncoding(build, text_engine_fns(self.glue, build))
 
     def _one(self, r):
-        prompt = self.glue.prompt(r)                                   # byte budget before tokenising
-        text, truncated = self.te(prompt, self.glue.prompt(r, "NEGATIVE_PROMPT", required=False))
+        text, truncated = self.te(prompt(self.glue, r), prompt(self.glue, r, "NEGATIVE_PROMPT", required=False))
         return {"PROMPT_EMBEDS": text.prompt_embeds.numpy(), "POOLED": text.pooled.numpy(),
                 "TRUNCATED": np.array([truncated])}
 

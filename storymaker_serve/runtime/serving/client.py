@@ -12,24 +12,48 @@ starts a local server on loopback for the run and stops it afterwards.
 """
 from __future__ import annotations
 
+import io
 import json
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from storymaker_serve.runtime.errors import InputError, StoryMakerError
+from storymaker_serve.runtime.pipeline import GenerateOptions
 from storymaker_serve.runtime.serving import malloc
 from storymaker_serve.runtime.serving.contract import MODELS, NUMPY, SAMPLING
+from storymaker_serve.runtime.story import FrameResult, Story, check_story, run_story
 
 MAX_MESSAGE = 64 << 20
 OPTIONS = {p.option: p for p in SAMPLING if p.option}          # generate(**opts) keyword -> storymaker input
 
 
 def _bytes(x) -> bytes:
-    return x if isinstance(x, bytes) else Path(x).read_bytes()
+    """An image or face-info input as the bytes the server decodes: bytes as they are, a path's file, a PIL image or
+    a uint8 array (RGB [H, W, 3], RGBA, or a grey mask [H, W]) as lossless PNG, an insightface `Face` (or any object
+    with `kps` and `embedding`) as face-info JSON."""
+    if isinstance(x, bytes):
+        return x
+    if isinstance(x, (str, Path)):
+        return Path(x).read_bytes()
+    if hasattr(x, "kps") and (hasattr(x, "normed_embedding") or hasattr(x, "embedding")):
+        emb = getattr(x, "normed_embedding", None)
+        emb = emb if emb is not None else x.embedding
+        return json.dumps({"kps": np.asarray(x.kps).tolist(), "embedding": np.asarray(emb).tolist()}).encode()
+    if isinstance(x, np.ndarray):
+        if x.dtype != np.uint8 or x.ndim not in (2, 3):
+            raise InputError(f"an image array must be uint8 [H, W, 3] (RGB) or [H, W] (mask), got {x.dtype} "
+                             f"{list(x.shape)}")
+        x = Image.fromarray(x)
+    if isinstance(x, Image.Image):
+        buf = io.BytesIO()
+        x.save(buf, format="PNG")
+        return buf.getvalue()
+    raise InputError(f"cannot send a {type(x).__name__}: give a path, bytes, a PIL image or a uint8 numpy array")
 
 
 class StoryMakerClient:
@@ -40,35 +64,77 @@ class StoryMakerClient:
     key/certificate); `insecure=True` skips server-certificate verification (testing only). Cancelling a
     running request (`generate_async(...).cancel()`) needs gRPC.
 
-    `tune_malloc` (default on) sets this process's glibc mmap/trim thresholds (runtime/serving/malloc.py) so each
-    response's multi-megabyte buffers are reused instead of faulted in again: at 960x1280 that took the client's
-    CPU per frame from 14 to 7 ms. It is process-wide; pass False (or set STORYMAKER_MALLOC_TUNING=0, or your own
-    MALLOC_* variables) to keep glibc's defaults."""
+    Images (photos, masks, cloths, pose maps) may be paths, bytes, PIL images or uint8 numpy arrays; face info
+    may be a JSON path or bytes, or an insightface `Face`.
+
+    `tune_malloc=True` (off by default: it changes the whole process) sets this process's glibc mmap/trim
+    thresholds (runtime/serving/malloc.py) so each response's multi-megabyte buffers are reused instead of faulted
+    in again: at 960x1280 that took the client's CPU per frame from 14 to 7 ms. The CLI turns it on.
+
+    HTTP: tritonclient's HTTP client is gevent-based and cannot be shared across threads, so each thread that
+    calls gets its own (frames generated several at once)."""
 
     def __init__(self, url: str = "127.0.0.1:8001", retries: int = 5, timeout_s: float = 600.0,
                  protocol: str = "grpc", ssl: bool = False, root_certificates: str | None = None,
                  private_key: str | None = None, certificate_chain: str | None = None, insecure: bool = False,
-                 tune_malloc: bool = True):
+                 tune_malloc: bool = False):
         if protocol not in ("grpc", "http"):
             raise InputError(f"protocol {protocol!r}: use grpc or http")
         if tune_malloc:
             malloc.tune_this_process()
-        self.protocol, self.retries, self.timeout_s = protocol, retries, timeout_s
+        self.url, self.protocol, self.retries, self.timeout_s = url, protocol, retries, timeout_s
         if protocol == "grpc":
             import tritonclient.grpc as g
 
             opts = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
-            self.client = g.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates,
-                                                  private_key=private_key, certificate_chain=certificate_chain,
-                                                  channel_args=opts)
+            self._grpc = g.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates,
+                                                 private_key=private_key, certificate_chain=certificate_chain,
+                                                 channel_args=opts)
         else:
             import tritonclient.http as g
 
             tls = {k: v for k, v in (("ca_certs", root_certificates), ("keyfile", private_key),
                                      ("certfile", certificate_chain)) if v}
-            self.client = g.InferenceServerClient(url, ssl=ssl, ssl_options=tls or None, insecure=insecure,
-                                                  connection_timeout=timeout_s, network_timeout=timeout_s)
+            self._http_args = dict(ssl=ssl, ssl_options=tls or None, insecure=insecure,
+                                   connection_timeout=timeout_s, network_timeout=timeout_s)
+            self._local = threading.local()
         self.g = g
+
+    @property
+    def client(self):
+        """The tritonclient client for the calling thread: one gRPC client for all (thread-safe), an HTTP client per
+        thread."""
+        if self.protocol == "grpc":
+            return self._grpc
+        if getattr(self._local, "client", None) is None:
+            self._local.client = self.g.InferenceServerClient(self.url, **self._http_args)
+        return self._local.client
+
+    def wait_ready(self, timeout_s: float = 10.0, progress=None) -> None:
+        """Wait until the server answers and the StoryMaker models are ready, at most `timeout_s`; raise with what
+        was tried otherwise. `progress(text)` hears what it waits for."""
+        from tritonclient.utils import InferenceServerException
+
+        kind = "gRPC" if self.protocol == "grpc" else "HTTP"
+        if progress:
+            progress(f"connecting to the StoryMaker server at {self.url} ({kind}, up to {timeout_s:g} s) ...")
+        deadline, last = time.monotonic() + timeout_s, "no answer"
+        timeout = {"client_timeout": min(2.0, timeout_s)} if self.protocol == "grpc" else {}
+        while True:
+            try:
+                if self.client.is_server_ready(**timeout) and all(
+                        self.client.is_model_ready(m, **timeout) for m in ("encode_characters", "storymaker")):
+                    return
+                last = "the server answers but the StoryMaker models are not ready yet"
+            except (InferenceServerException, OSError, ConnectionError) as e:
+                last = (e.message() if isinstance(e, InferenceServerException) else str(e)) or type(e).__name__
+            except Exception as e:  # noqa: BLE001 - gevent/socket errors of the HTTP client: reported below
+                last = f"{type(e).__name__}: {e}"
+            if time.monotonic() >= deadline:
+                raise StoryMakerError(f"cannot reach a ready StoryMaker server at {self.url} ({kind}) within "
+                                      f"{timeout_s:g} s: {last}. Is `python -m runtime.serve` running there, and is "
+                                      f"this its {kind} port (--url HOST:PORT)?")
+            time.sleep(0.25)
 
     def _input(self, name: str, values, model: str = "storymaker"):
         """One input, typed by the model's declaration (runtime/serving/contract.py)."""
@@ -189,64 +255,45 @@ class StoryMakerClient:
                                        outputs=[self.g.InferRequestedOutput("IMAGE")], client_timeout=self.timeout_s)
 
 
-def run_story_remote(client: StoryMakerClient, story, out: Path, overrides: dict, concurrency: int = 1,
-                     progress=print, previews: Path | None = None, preview_every: int | None = None) -> list[Path]:
-    """Every frame of `story`; with `previews` a folder, frames stream over gRPC and their previews are saved there."""
-    from storymaker_serve.runtime.characters import Character
-    from storymaker_serve.runtime.preprocess import character_image
-    from storymaker_serve.runtime.story import contact_sheet
+class RemoteStoryMaker:
+    """A deployment as a story pipeline (runtime.story.StoryPipeline) over a StoryMakerClient: characters encoded by
+    `encode_characters`, frames by `storymaker`; with `previews` a folder, frames stream over gRPC and every preview
+    is saved there."""
 
-    out.mkdir(parents=True, exist_ok=True)
-    if previews is not None:
-        previews.mkdir(parents=True, exist_ok=True)
-    by_name = {c["name"]: c for c in story.characters}
-    cache = {}
-    jobs = []
-    for i, fr in enumerate(story.frames):
-        names = fr.characters or list(by_name)
-        key = (tuple(names), tuple(sorted(fr.cloth.items())), fr.identity_only, fr.interpolation)
-        if key not in cache:            # each distinct character set is encoded once per story
-            chars = [{**by_name[n], "cloth": fr.cloth.get(n)} for n in names]
-            cache[key] = client.encode_characters(chars, fr.identity_only, fr.interpolation)
-            progress(f"encoded characters {', '.join(names)}" + (" (cloth swap)" if fr.cloth else ""))
-        opts = {**story.defaults, **fr.options, **overrides}
-        jobs.append((i, fr, names, cache[key], opts))
+    def __init__(self, client: StoryMakerClient, previews: Path | None = None, preview_every: int | None = None,
+                 progress=print):
+        self.client, self.previews, self.preview_every, self.progress = client, previews, preview_every, progress
+        if previews is not None:
+            previews.mkdir(parents=True, exist_ok=True)
 
-    def one(job):
-        i, fr, names, tok, opts = job
-        if previews is None:
-            img, info = client.generate(fr.prompt, tokens=tok, pose=fr.pose, **opts)
-        else:
-            from PIL import Image
+    def encode_characters(self, characters: list[dict], identity_only: bool, interpolation: float | None):
+        return self.client.encode_characters(characters, identity_only, interpolation)
 
-            for ev in client.generate_stream(fr.prompt, tokens=tok, pose=fr.pose, preview_every=preview_every, **opts):
-                if not ev["final"]:
-                    pv = previews / f"frame_{i + 1:02d}_step_{ev['steps_done']:03d}.png"
-                    Image.fromarray(ev["image"]).save(pv)
-                    progress(f"frame {i + 1}/{len(jobs)}: step {ev['steps_done']} preview {pv}")
-            img, info = ev["image"], ev
-        p = out / f"frame_{i + 1:02d}.png"
-        p.write_bytes(info["png"])
-        cut = "  [prompt truncated to 77 tokens]" if info["truncated"] else ""
-        progress(f"frame {i + 1}/{len(jobs)}: {p}  ({fr.prompt[:50]}){cut}")
-        return i, img, p, {**opts, "prompt": fr.prompt, "characters": names, "cloth": fr.cloth, "pose": fr.pose,
-                           "identity_only": fr.identity_only, "interpolation": fr.interpolation, "file": p.name}
+    def generate(self, opts: GenerateOptions, tokens, frame: int, frames: int) -> FrameResult:
+        sampling = {k: getattr(opts, k) for k in OPTIONS}
+        pose = _png(opts.pose_image) if opts.pose_image is not None else None
+        if self.previews is None:
+            img, info = self.client.generate(opts.prompt, tokens=tokens, pose=pose,
+                                             negative_prompt=opts.negative_prompt, **sampling)
+            return FrameResult(img, info["png"], info["truncated"])
+        for ev in self.client.generate_stream(opts.prompt, tokens=tokens, pose=pose, preview_every=self.preview_every,
+                                              negative_prompt=opts.negative_prompt, **sampling):
+            if not ev["final"]:
+                pv = self.previews / f"frame_{frame:02d}_step_{ev['steps_done']:03d}.png"
+                Image.fromarray(ev["image"]).save(pv)
+                self.progress(f"frame {frame}/{frames}: step {ev['steps_done']} preview {pv}")
+        return FrameResult(ev["image"], ev["png"], ev["truncated"])
 
-    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as ex:
-        results = sorted(ex.map(one, jobs))
-    refs = [character_image(ch.photo, ch.mask, ch.name) for ch in
-            (Character.load(c["photo"], c["mask"], None, None, c["name"],
-                            c.get("mask_channel", 0)) for c in story.characters)]
-    contact_sheet(refs, [r[1] for r in results],
-                  [f"{r[3]['file']}: {r[3]['prompt']}" for r in results]).save(out / "contact_sheet.png")
-    (out / "settings.json").write_text(json.dumps({"characters": story.characters, "frames": [r[3] for r in results]},
-                                                  indent=2, default=str))
-    return [r[2] for r in results]
+
+def _png(image: np.ndarray) -> bytes:
+    """A decoded pose map as PNG: lossless, so the server decodes exactly the array the story loaded."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def main(argv=None) -> int:
     from storymaker_serve.runtime.cli import add_sampling_args, argument_parser, configure_logging, sampling_overrides
-    from storymaker_serve.runtime.story import Story
 
     ap = argument_parser("python -m runtime.client", __doc__)
     ap.add_argument("story", type=Path, help="story YAML (see runtime/story.py)")
@@ -260,6 +307,8 @@ def main(argv=None) -> int:
     tls.add_argument("--insecure", action="store_true",
                      help="HTTP: do not verify the server certificate (testing only)")
     ap.add_argument("--serve", type=Path, metavar="REPO", help="start a local tritonserver on REPO for this run")
+    ap.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
+                    help="seconds to wait for the server and its models to be ready before giving up")
     ap.add_argument("--out", type=Path, default=Path("out/story"), help="output folder")
     ap.add_argument("--concurrency", type=int, default=1, help="frames generated at once")
     ap.add_argument("--previews", type=Path, metavar="DIR", help="stream each frame (gRPC) and save its previews here")
@@ -280,12 +329,15 @@ def main(argv=None) -> int:
             print(f"server ready at {a.url}", flush=True)
         url = a.url or ("127.0.0.1:8001" if a.protocol == "grpc" else "127.0.0.1:8000")
         client = StoryMakerClient(url, protocol=a.protocol, ssl=a.ssl, root_certificates=a.root_certificates,
-                                  private_key=a.private_key, certificate_chain=a.certificate_chain, insecure=a.insecure)
+                                  private_key=a.private_key, certificate_chain=a.certificate_chain, insecure=a.insecure,
+                                  tune_malloc=True)
         if a.previews and a.protocol != "grpc":
             raise InputError("--previews streams over gRPC; drop --protocol http")
-        paths = run_story_remote(client, story, a.out, overrides, a.concurrency,
-                                 progress=lambda s: print(s, flush=True),
-                                 previews=a.previews, preview_every=a.preview_every)
+        progress = lambda s: print(s, flush=True)
+        check_story(story, overrides)                   # the story's own mistakes first, before any connection
+        client.wait_ready(a.connect_timeout, progress)
+        remote = RemoteStoryMaker(client, a.previews, a.preview_every, progress)
+        paths = run_story(remote, story, a.out, overrides, a.concurrency, progress)
     except StoryMakerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

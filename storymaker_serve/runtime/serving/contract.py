@@ -88,7 +88,7 @@ TOKENS = (Port("IMAGE_TOKENS", "FP32", (1, -1, "D"), doc="[1, 20(n+1), D] from e
 TEXT = (Port("PROMPT_EMBEDS", "FP32", (2, "L", "D"), doc="[negative, positive] text tokens"),
         Port("POOLED", "FP32", (2, "P"), doc="[negative, positive] pooled text embedding"))
 SAMPLING = (
-    Port("SEED", "INT64", (1,), True, "seed", "noise seed (0 .. 2^63-1)"),
+    Port("SEED", "INT64", (1,), True, "seed", "noise seed (0 .. 2^32-1, as the CPU generator draws it)"),
     Port("STEPS", "INT32", (1,), True, "steps", "UniPC steps"),
     Port("GUIDANCE", "FP32", (1,), True, "guidance", "classifier-free guidance scale"),
     Port("WIDTH", "INT32", (1,), True, "width", "image width in pixels"),

@@ -21,14 +21,12 @@ import threading
 
 import numpy as np
 import torch
+from PIL import Image
 
-from storymaker_serve.runtime.errors import InputError
-from storymaker_serve.runtime.serving.contract import CHARACTERS
-from storymaker_serve.runtime.serving.glue import generate_options
+from storymaker_serve.runtime.denoise import decode
+from storymaker_serve.runtime.serving.logic import TextEncoding
+from storymaker_serve.runtime.serving.request import FrameRequest, check_tokens, frame_request
 from storymaker_serve.runtime.serving.sampling import SamplingModel
-
-CHAR_INPUTS = [p.name for p in CHARACTERS]
-DEFAULT_PREVIEW_EVERY = 5
 
 
 class LatentPreview:
@@ -62,72 +60,56 @@ class LatentPreview:
 
 
 class FrameModel(SamplingModel):
-    """Base of `storymaker` and `storymaker_stream` (their model.py set `pb`)."""
+    """Base of `storymaker` and `storymaker_stream` (their model.py set `pb`). A frame, top to bottom:
+    request -> characters -> text -> loop -> decode -> response."""
 
-    def _tokens(self, r):
-        from storymaker_serve.runtime.serving.logic import check_tokens
-
-        g = self.glue
-        pos, neg = g.array(r, "IMAGE_TOKENS"), g.array(r, "NEG_IMAGE_TOKENS")
-        if pos is None or neg is None:
-            if g.array(r, "PHOTOS") is None:
-                raise InputError("give IMAGE_TOKENS + NEG_IMAGE_TOKENS (from encode_characters) or PHOTOS + MASKS")
-            g.check_request_budget(r, self.s.build.max_characters)        # before forwarding anything
-            fwd = {k: v for k in CHAR_INPUTS if (v := g.array(r, k)) is not None}
-            out = g.bls("encode_characters", fwd, ["IMAGE_TOKENS", "NEG_IMAGE_TOKENS"])
-            pos, neg = out["IMAGE_TOKENS"], out["NEG_IMAGE_TOKENS"]
-        check_tokens(pos, neg, self.s.dim)
-        return pos, neg
-
+    stream = False                          # the stream model also reads PREVIEW_EVERY
     _text_lock = threading.Lock()
     _text = None
 
-    def text_encoding(self):
+    def _frame(self, r, on_step=None, req: FrameRequest | None = None) -> dict:
+        req = req or frame_request(self.glue, r, self.s.build, self.stream)  # every input parsed and checked, once
+        stage = self.metrics.stage                                           # per-stage time, on the metrics port
+        with stage("characters"):
+            tokens = req.tokens or self.encode_characters(req.character_inputs)
+        with stage("text"):
+            text, truncated = self.text_encoding()(req.prompt, req.negative_prompt)
+        with stage("denoise"):
+            latents = self.s.latents(req.options, text, tokens, r.is_cancelled, on_step=on_step)
+        with stage("vae"):
+            image = decode(self.s.vae01, latents)
+        png = b""
+        if req.encode_png:
+            with stage("png"):
+                png = encode_png(image)
+        return {"IMAGE": image, "PNG": np.array([png], dtype=object), "TRUNCATED": np.array([truncated])}
+
+    def encode_characters(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The `encode_characters` model's tokens for the request's character inputs (already within budget)."""
+        out = self.glue.bls("encode_characters", inputs, ["IMAGE_TOKENS", "NEG_IMAGE_TOKENS"])
+        pos, neg = out["IMAGE_TOKENS"], out["NEG_IMAGE_TOKENS"]
+        check_tokens(pos, neg, self.s.dim)
+        return pos, neg
+
+    def text_encoding(self) -> TextEncoding:
         """Tokenisers here, the text encoders as the engine models via BLS (`denoise_engines=bls`) or as sessions in
         this process (`inprocess`): one hop less than calling the `text_encoder` model. Made on first use."""
-        from storymaker_serve.runtime.serving.logic import TextEncoding
-
         with self._text_lock:
             if self._text is None:
                 self._text = TextEncoding(self.s.build, self.s.text_fns)
             return self._text
 
-    def vae01(self, latents):
-        """latents (numpy or torch) -> image in [0, 1] through the build's vae_decoder (in process: a torch tensor on
-        the engine's device; via BLS: numpy)."""
-        return self.s.vae01(latents)
 
-    def _frame(self, r, on_step=None) -> dict:
-        from PIL import Image
-
-        from storymaker_serve.runtime.denoise import decode
-        from storymaker_serve.runtime.serving.logic import validate_options
-
-        g = self.glue
-        prompt = g.prompt(r)                                          # byte budget before anything else
-        neg = g.prompt(r, "NEGATIVE_PROMPT", required=False)
-        opts = generate_options(g, r, prompt, self.s.build)
-        validate_options(opts, self.s.build)
-        stage = self.metrics.stage                                    # per-stage time, on the metrics port
-        with stage("characters"):
-            tokens = self._tokens(r)
-        with stage("text"):
-            text, truncated = self.text_encoding()(prompt, neg)
-        with stage("denoise"):
-            lat = self.s.latents(opts, text, tokens, r.is_cancelled, on_step=on_step)
-        with stage("vae"):
-            img = decode(self.vae01, lat)
-        png = b""
-        if g.scalar(r, "ENCODE_PNG", True, bool):
-            with stage("png"):
-                buf = io.BytesIO()
-                Image.fromarray(img).save(buf, format="PNG")
-                png = buf.getvalue()
-        return {"IMAGE": img, "PNG": np.array([png], dtype=object), "TRUNCATED": np.array([truncated])}
+def encode_png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 class StreamModel(FrameModel):
     """Decoupled: previews every PREVIEW_EVERY steps, then the frame (FINAL true); errors end the stream."""
+
+    stream = True
 
     _preview_lock = threading.Lock()                  # the first streams of an instance fit it once
     _preview: LatentPreview | None = None
@@ -137,15 +119,14 @@ class StreamModel(FrameModel):
             if self._preview is None:
                 b = self.s.build
                 lo = b.component("vae_decoder").profile["latent"]["min"]        # the smallest decode the engine takes
-                self._preview = LatentPreview.fit(self.vae01, b.latent_channels, (lo[2], lo[3]), b.vae_factor)
+                self._preview = LatentPreview.fit(self.s.vae01, b.latent_channels, (lo[2], lo[3]), b.vae_factor)
             return self._preview
 
     def _respond(self, r, sender):
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
-            every = self.glue.scalar(r, "PREVIEW_EVERY", DEFAULT_PREVIEW_EVERY, int)
-            if every < 0:
-                raise InputError(f"PREVIEW_EVERY={every}: give 0 (no previews) or a step interval >= 1")
+            req = frame_request(self.glue, r, self.s.build, stream=True)
+            every = req.preview_every
             preview, done = (self.preview() if every else None), [0]
 
             def on_step(i, n, x0):
@@ -154,7 +135,7 @@ class StreamModel(FrameModel):
                     sender.send(self.glue.respond({"IMAGE": preview(x0), "STEPS_DONE": np.array([i + 1], np.int32),
                                                    "FINAL": np.array([False])}))
 
-            out = self._frame(r, on_step)
+            out = self._frame(r, on_step, req)
             with self.metrics.stage("respond"):
                 sender.send(self.glue.respond({**out, "STEPS_DONE": np.array([done[0]], np.int32),
                                                "FINAL": np.array([True])}), flags=final)

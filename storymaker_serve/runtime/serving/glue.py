@@ -87,32 +87,6 @@ class Glue:
                                  f"(config parameter max_{'prompt' if max_bytes else 'element'}_bytes)")
         return [bytes(x) for x in a.reshape(-1)]
 
-    def prompt(self, request, name: str = "PROMPT", required: bool = True) -> str | None:
-        """A prompt within the byte budget, checked before it is decoded or tokenised."""
-        t = self.texts(request, name, required, self.limits["max_prompt_bytes"])
-        return t[0] if t else None
-
-    def check_request_budget(self, request, max_characters: int) -> None:
-        """Before anything is decoded or forwarded: the character count first, then every element's size and the
-        total size of the images (PHOTOS, MASKS, CLOTHS, FACE_INFO, POSE)."""
-        from storymaker_serve.runtime.serving.contract import IMAGE_INPUTS
-
-        photos = self.array(request, "PHOTOS")
-        if photos is not None and not 1 <= photos.size <= max_characters:
-            raise InputError(f"{photos.size} characters given; this deployment supports 1 to {max_characters} per "
-                             "image")
-        total, cap, each = 0, self.limits["max_request_bytes"], self.limits["max_element_bytes"]
-        for name in IMAGE_INPUTS:
-            a = self.array(request, name)
-            for x in (() if a is None else a.reshape(-1)):
-                if len(x) > each:
-                    raise InputError(f"{name}: an element of {len(x)} bytes exceeds the limit of {each} bytes "
-                                     "(config parameter max_element_bytes)")
-                total += len(x)
-        if total > cap:
-            raise InputError(f"the request's images total {total} bytes, over the limit of {cap} bytes (config "
-                             "parameter max_request_bytes); send smaller images (e.g. JPEG at the size you need)")
-
     def scalar(self, request, name: str, default, cast=float):
         a = self.array(request, name)
         if a is None:
@@ -197,44 +171,6 @@ def _request_id(request) -> str:
     except Exception:  # noqa: BLE001 - older stubs
         rid = ""
     return rid or uuid.uuid4().hex[:12]
-
-
-def character_request(glue: Glue, r):
-    """PHOTOS, MASKS [n] BYTES; optional CLOTHS, FACE_INFO [n] BYTES (empty element = none), MASK_CHANNELS [n]
-    INT32, IDENTITY_ONLY BOOL, INTERPOLATION FP32 -> runtime.serving.logic.CharacterRequest."""
-    from storymaker_serve.runtime.serving.logic import CharacterRequest
-
-    photos, masks = glue.blobs(r, "PHOTOS", True), glue.blobs(r, "MASKS", True)
-    n = len(photos)
-    cloths = glue.blobs(r, "CLOTHS") or [b""] * n
-    faces = glue.texts(r, "FACE_INFO") or [""] * n
-    ch = glue.array(r, "MASK_CHANNELS")
-    channels = [int(c) for c in ch.reshape(-1)] if ch is not None else [0] * n
-    if not (len(cloths) == len(faces) == len(channels) == n):
-        raise InputError(f"{n} photos: CLOTHS, FACE_INFO and MASK_CHANNELS need one entry per photo")
-    interp = glue.scalar(r, "INTERPOLATION", None)
-    return CharacterRequest(photos, masks, [c or None for c in cloths], [f or None for f in faces], channels,
-                            bool(glue.scalar(r, "IDENTITY_ONLY", False, bool)), interp)
-
-
-def generate_options(glue: Glue, r, prompt: str = "(embeddings given)", build=None):
-    """Sampling options of a request: every input of contract.SAMPLING that sets a GenerateOptions field, its
-    default where the request leaves it out (validated later against the build). A missing WIDTH/HEIGHT takes
-    the release's 960x1280 where the build's engines accept it, else the engines' optimal size."""
-    from storymaker_serve.runtime.pipeline import GenerateOptions
-    from storymaker_serve.runtime.preprocess import decode_image
-    from storymaker_serve.runtime.serving.contract import NUMPY, SAMPLING
-
-    cast = lambda p: int if NUMPY[p.dtype].startswith("int") else float
-    defaults = {p.option: p.default for p in SAMPLING if p.option}
-    if build is not None:
-        lo, opt, hi = build.size_range
-        if not (lo <= defaults["width"] <= hi and lo <= defaults["height"] <= hi):
-            defaults["width"] = defaults["height"] = opt
-    values = {p.option: glue.scalar(r, p.name, defaults[p.option], cast(p)) for p in SAMPLING if p.option}
-    pose = glue.blobs(r, "POSE")
-    return GenerateOptions(prompt=prompt, pose_image=decode_image(pose[0], "pose map") if pose and pose[0] else None,
-                           **values)
 
 
 def text_engine_fns(glue: Glue, build) -> dict:

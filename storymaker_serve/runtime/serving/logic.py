@@ -4,13 +4,11 @@ Each class here is what one served model computes, on the ONNX engines of a
 build (runtime/serving/engines.py) and the same functions as the in-process pipeline
 (tokenisation, preprocessing, and runtime/denoise.py's loop, denoisers and
 decode), so the served path and `StoryMakerPipeline` give the same image
-for the same seed. Request validation lives here too: every bad input raises
-`InputError` with a message for that request only.
+for the same seed. Requests are parsed and checked before they get here (runtime/serving/request.py).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,9 +18,9 @@ from storymaker_serve.runtime.denoise import denoise, step_inputs
 from storymaker_serve.runtime.errors import InputError
 from storymaker_serve.runtime.face import FaceAnalyzer, FaceInfo
 from storymaker_serve.runtime.pipeline import GenerateOptions, TextEmbeds, tokenize
+from storymaker_serve.runtime.serving.request import CharacterRequest, validate_options
 from storymaker_serve.runtime.unipc import UniPCPlan
 
-MAX_STEPS = 200
 # a served request's is_cancelled() is a round trip from the Python backend's stub to the server (measured: with
 # stand-in engines at 960x1280, checked every step it was a sixth of the loop's time); checked at most this often, a
 # cancelled loop stops within this time or one step, whichever is longer
@@ -73,17 +71,6 @@ class TextEncoding:
             truncated[-1]
 
 
-@dataclass
-class CharacterRequest:
-    photos: list[bytes]
-    masks: list[bytes]
-    cloths: list[bytes | None]
-    faces: list[str | None]            # face-info JSON text, or None: detect
-    mask_channels: list[int]
-    identity_only: bool = False
-    interpolation: float | None = None
-
-
 class CharacterEncoding:
     """Photos + masks (+ cloth, face info) -> (positive, negative) image tokens via clip_vision and ppr engines."""
 
@@ -131,40 +118,6 @@ class CharacterEncoding:
 
     def __call__(self, req: CharacterRequest):
         return self.tokens(*self.features(req), req.identity_only, req.interpolation)
-
-
-def validate_options(opts: GenerateOptions, build) -> None:
-    """Per-request checks against the build (VAE factor, engine profile), with messages that say what to change."""
-    opts.validate(build.vae_factor)
-    if opts.steps > MAX_STEPS:
-        raise InputError(f"steps={opts.steps} exceeds the server limit of {MAX_STEPS}")
-    lo, _, hi = build.size_range
-    for k in ("width", "height"):
-        v = getattr(opts, k)
-        if not lo <= v <= hi:
-            raise InputError(f"{k}={v} is outside this engine's profile ({lo}..{hi} px); use a size in range or "
-                             "rebuild with --min-size/--max-size")
-
-
-def check_text(embeds: np.ndarray, pooled: np.ndarray, build) -> None:
-    """Given text embeddings (the sampler's inputs): [2, L, D] and [2, P], finite."""
-    want = {"PROMPT_EMBEDS": (2, build.text_len, build.cross_attention_dim), "POOLED": (2, build.pooled_dim)}
-    for name, t in (("PROMPT_EMBEDS", embeds), ("POOLED", pooled)):
-        if tuple(t.shape) != want[name]:
-            raise InputError(f"{name} must be {list(want[name])} ([negative, positive], from text_encoder), "
-                             f"got {list(t.shape)}")
-        if not np.isfinite(t).all():
-            raise InputError(f"{name} contains NaN or infinite values")
-
-
-def check_tokens(pos: np.ndarray, neg: np.ndarray, d: int) -> None:
-    for name, t in (("image_tokens", pos), ("negative_image_tokens", neg)):
-        if t.ndim != 3 or t.shape[0] != 1 or t.shape[2] != d or t.shape[1] % 20 or not 40 <= t.shape[1] <= 80:
-            raise InputError(f"{name} must be [1, 20(n+1), {d}] for 1-3 characters, got {list(t.shape)}")
-        if not np.isfinite(t).all():
-            raise InputError(f"{name} contains NaN or infinite values")
-    if pos.shape != neg.shape:
-        raise InputError(f"image_tokens {list(pos.shape)} and negative_image_tokens {list(neg.shape)} differ")
 
 
 class EnginePipeline:
