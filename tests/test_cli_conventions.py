@@ -72,7 +72,7 @@ def test_generate_and_client_share_the_sampling_flags(monkeypatch):
     class Parsed(Exception):
         pass
 
-    monkeypatch.setattr(cli, "sampling_overrides", lambda a: (_ for _ in ()).throw(Parsed(
+    monkeypatch.setattr(client, "sampling_overrides", lambda a: (_ for _ in ()).throw(Parsed(
         {k: getattr(a, k) for k in cli.SAMPLING_KEYS})))
     with pytest.raises(Parsed) as e:
         client.main(["story.yaml", "--width", "640", "--negative-prompt", "blurry", "--controlnet-scale", "0.5"])

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from storymaker_serve.benchmarks import RESULTS
+from storymaker_serve.runtime.cli import argument_parser
 
 SHAPES = [(2, 10, 4096, 64), (2, 20, 1024, 64)]   # (B, heads, M, d) of SDXL's two attention levels at 1024^2
 
@@ -59,8 +60,6 @@ def median_ms(fn) -> float:
 def main(argv=None) -> None:
 
     import triton
-
-    from storymaker_serve.runtime.cli import argument_parser
 
     ap = argument_parser("python -m benchmarks.dual_attention", __doc__)
     ap.add_argument("--out", type=Path, default=RESULTS / "dual_attention.jsonl")

@@ -16,17 +16,17 @@ from pathlib import Path
 
 import torch
 
+from storymaker_serve.export.build import _profile, parse_args
+from storymaker_serve.export.demo_bundle import write_demo_bundle
+from storymaker_serve.export.onnx_export import torch_inputs
+from storymaker_serve.export.parity import check
+from storymaker_serve.export.stage import Stage
+from storymaker_serve.runtime.cli import argument_parser
+from storymaker_serve.runtime.weights import WeightsLayout
+
 
 def main(argv=None) -> None:
-    from storymaker_serve.runtime.cli import argument_parser
-
     argument_parser("python -m benchmarks.exporters", __doc__).parse_args(argv)   # --help, -v; starts nothing
-    from storymaker_serve.export.build import _profile, parse_args
-    from storymaker_serve.export.demo_bundle import write_demo_bundle
-    from storymaker_serve.export.onnx_export import torch_inputs
-    from storymaker_serve.export.parity import check
-    from storymaker_serve.export.stage import Stage
-    from storymaker_serve.runtime.weights import WeightsLayout
 
     with tempfile.TemporaryDirectory() as tmp:
         weights = write_demo_bundle(Path(tmp) / "bundle")

@@ -24,7 +24,14 @@ from __future__ import annotations
 import json
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
+
+from storymaker_serve.runtime.adapter import build_processors
+from storymaker_serve.runtime.attention import TEXT_TOKENS
+from storymaker_serve.runtime.cli import argument_parser
+from storymaker_serve.runtime.denoise import vae_scale_factor
+from storymaker_serve.runtime.ppr import PositionalPerceiverResampler
 
 FP16_PEAK_TFLOPS = [            # (substring of the device name, dense fp16 tensor TFLOP/s); first match wins
     ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("H20", 148.0),
@@ -49,11 +56,6 @@ def _count(fn) -> int:
 
 def meta_models(models):
     """Structure-only copies of the loaded (fused) StoryMaker models on the meta device."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from storymaker_serve.runtime.adapter import build_processors
-    from storymaker_serve.runtime.ppr import PositionalPerceiverResampler
-
     s = models.sdxl
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(s.unet.config)
@@ -67,9 +69,6 @@ def meta_models(models):
 
 def image_flops(models, size: int, characters: int = 1, steps: int = 25, width: int | None = None) -> dict:
     """Counted FLOPs per stage of one image; `models` may live anywhere (only configs are read)."""
-    from storymaker_serve.runtime.attention import TEXT_TOKENS
-    from storymaker_serve.runtime.denoise import vae_scale_factor
-
     m = meta_models(models)
     f, L, c = vae_scale_factor(m["vae"].config), TEXT_TOKENS, m["unet"].config.in_channels
     h, w = size // f, (width or size) // f
@@ -119,8 +118,6 @@ def achieved(flops: dict, stage_seconds: dict, device_name: str | None) -> dict:
 
 
 def main(argv=None) -> dict:
-    from storymaker_serve.runtime.cli import argument_parser
-
     ap = argument_parser("python -m benchmarks.flops", __doc__)
     ap.add_argument("--weights", default="random-full", help="random-full | demo | a weights folder")
     ap.add_argument("--size", type=int, default=1024)

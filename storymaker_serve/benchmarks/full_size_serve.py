@@ -24,9 +24,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import tritonclient.grpc as grpcclient
 
 from storymaker_serve.benchmarks import TEST_DATA
 from storymaker_serve.benchmarks.processes import child_pids, command_line, rss_kib
+from storymaker_serve.runtime.cli import argument_parser
+from storymaker_serve.runtime.manifest import Manifest
+from storymaker_serve.runtime.serving.launcher import TritonServer
 
 
 def tree_rss_gib(pid: int) -> float:
@@ -48,8 +52,6 @@ def stub_rss_gib(pid: int, part: str = "all") -> dict[str, float]:
 
 
 def _infer(c, model, feeds: dict, outputs: list[str]):
-    import tritonclient.grpc as grpcclient
-
     ins = []
     for k, v in feeds.items():
         dt = {np.float32: "FP32", np.int64: "INT64", np.int32: "INT32", np.object_: "BYTES",
@@ -63,12 +65,6 @@ def _infer(c, model, feeds: dict, outputs: list[str]):
 
 
 def main(argv=None) -> None:
-    import tritonclient.grpc as grpcclient
-
-    from storymaker_serve.runtime.cli import argument_parser
-    from storymaker_serve.runtime.manifest import Manifest
-    from storymaker_serve.runtime.serving.launcher import TritonServer
-
     ap = argument_parser("python -m benchmarks.full_size_serve", __doc__)
     ap.add_argument("--build", type=Path, required=True, help="a full-size build folder (manifest.json, triton_repo/)")
     ap.add_argument("--models", default="unet", help="comma-separated engine models to serve")

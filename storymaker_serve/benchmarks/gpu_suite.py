@@ -37,6 +37,9 @@ from pathlib import Path
 import torch
 
 from storymaker_serve.benchmarks import CHECKOUT, RESULTS
+from storymaker_serve.benchmarks.dual_attention import main as kernel
+from storymaker_serve.benchmarks.run import main as run
+from storymaker_serve.runtime.cli import argument_parser
 
 LADDER = [                       # cumulative: each rung adds one optimisation to the one before
     ["--channels-last"],
@@ -61,8 +64,6 @@ def _flags(flags: list[str]) -> list[str]:
 
 
 def _run(a, *args: str) -> None:
-    from storymaker_serve.benchmarks.run import main as run
-
     run([*args, "--out", str(a.results / "runs.jsonl")])
 
 
@@ -74,8 +75,6 @@ def stage_tests(a) -> None:
 
 
 def stage_kernel(a) -> None:
-    from storymaker_serve.benchmarks.dual_attention import main as kernel
-
     kernel(["--out", str(a.results / "dual_attention.jsonl")])
 
 
@@ -102,8 +101,6 @@ STAGES = {"tests": stage_tests, "kernel": stage_kernel, "e2e": stage_e2e, "compi
 
 
 def main(argv=None) -> list[dict]:
-    from storymaker_serve.runtime.cli import argument_parser
-
     ap = argument_parser("python -m benchmarks.gpu_suite", __doc__)
     ap.add_argument("--stages", default="tests,kernel,e2e", help=f"comma-separated, from {', '.join(STAGES)}")
     ap.add_argument("--results", type=Path, default=RESULTS)

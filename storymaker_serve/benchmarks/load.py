@@ -16,13 +16,22 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import tritonclient.grpc as grpcclient
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
 
 from storymaker_serve.benchmarks import CHECKOUT, RESULTS, TEST_DATA
+from storymaker_serve.runtime.cli import argument_parser
+from storymaker_serve.runtime.errors import StoryMakerError
+from storymaker_serve.runtime.serving.client import StoryMakerClient
+from storymaker_serve.runtime.serving.launcher import TritonServer
 
 
 def unet_stats(admin) -> tuple[int, int]:
@@ -31,8 +40,6 @@ def unet_stats(admin) -> tuple[int, int]:
 
 
 def run_level(client, admin, tokens, concurrency: int, per_client: int, opts: dict) -> dict:
-    from storymaker_serve.runtime.errors import StoryMakerError
-
     results, lock = [], threading.Lock()
 
     def worker(k):
@@ -64,12 +71,6 @@ def run_level(client, admin, tokens, concurrency: int, per_client: int, opts: di
 
 
 def _without_unet_batching(repo: Path) -> Path:
-    import shutil
-    import tempfile
-
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as pb
-
     copy = Path(tempfile.mkdtemp(prefix="repo-nobatch-")) / "triton_repo"
     shutil.copytree(repo, copy)
     cfg = text_format.Parse((copy / "unet/config.pbtxt").read_text(), pb.ModelConfig())
@@ -79,12 +80,6 @@ def _without_unet_batching(repo: Path) -> Path:
 
 
 def main(argv=None) -> None:
-    import tritonclient.grpc as grpcclient
-
-    from storymaker_serve.runtime.cli import argument_parser
-    from storymaker_serve.runtime.serving.client import StoryMakerClient
-    from storymaker_serve.runtime.serving.launcher import TritonServer
-
     ap = argument_parser("python -m benchmarks.load", __doc__)
     ap.add_argument("--build", type=Path, default=CHECKOUT / "build/demo")
     ap.add_argument("--concurrency", default="1,2,4,8")

@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from storymaker_serve.benchmarks import RESULTS
+from storymaker_serve.runtime.cli import argument_parser
 
 FLAGS = {"channels_last": "cl", "fused_qkv": "qkv", "dual_attention_kernel": "kernel", "offload_encoders": "offload",
          "cuda_graph": "graph", "compile": "compile"}    # torch-opt flags, short names for the chart labels
@@ -104,8 +105,6 @@ def curve(rows: list[dict], x: str, out: Path, name: str, filt=lambda r: True) -
 
 
 def main(argv=None) -> list[Path]:
-    from storymaker_serve.runtime.cli import argument_parser
-
     ap = argument_parser("python -m benchmarks.plot", __doc__)
     ap.add_argument("--results", type=Path, default=RESULTS / "runs.jsonl")
     ap.add_argument("--out", type=Path, default=RESULTS)

@@ -25,21 +25,42 @@ import platform
 import resource
 import subprocess
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+import tritonclient.grpc as grpcclient
 
 from storymaker_serve.benchmarks import CHECKOUT, RESULTS, TEST_DATA
-from storymaker_serve.benchmarks.flops import achieved
+from storymaker_serve.benchmarks.flops import achieved, image_flops
+from storymaker_serve.benchmarks.load import run_level
+from storymaker_serve.benchmarks.plot import main as plot
+from storymaker_serve.export.build import main as build_main
+from storymaker_serve.runtime.characters import (
+    Character,
+    CharacterFeatures,
+    character_features,
+    clip_features,
+    image_tokens,
+)
+from storymaker_serve.runtime.cli import argument_parser
+from storymaker_serve.runtime.denoise import VAEDecode, decode, engine_vae01
+from storymaker_serve.runtime.fast import DTYPES, FastOptions, FastPipeline
+from storymaker_serve.runtime.loaders import load_storymaker
+from storymaker_serve.runtime.pipeline import GenerateOptions, StoryMakerPipeline, encode_text
+from storymaker_serve.runtime.serving.client import StoryMakerClient
+from storymaker_serve.runtime.serving.engines import Build
+from storymaker_serve.runtime.serving.launcher import TritonServer
+from storymaker_serve.runtime.serving.logic import EnginePipeline, generate_latents
+from storymaker_serve.runtime.serving.request import CharacterRequest
+from storymaker_serve.runtime.weights import WeightsLayout
 
 DATA = TEST_DATA
 CHARS = [("ldh.png", "ldh_mask.png", "ldh.face.json"), ("tsy.png", "tsy_mask.png", "tsy.face.json")]
 
 
 def parse_args(argv=None):
-    from storymaker_serve.runtime.cli import argument_parser
-
     ap = argument_parser("python -m benchmarks.run", __doc__)
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: demo weights, 128 px, 8 steps, all backends")
     ap.add_argument("--backends", default="reference,torch-opt")
@@ -100,8 +121,6 @@ def _sync():
 
 def load_weights(weights: str, device: str = "cpu", precision: str = "fp32", fuse: bool = True):
     """StoryMakerModels for `demo` (the bundle, written on first use), `random-full` or a weights folder."""
-    from storymaker_serve.runtime.fast import DTYPES
-
     if weights == "random-full":
         from storymaker_serve.export.random_models import random_full_models
 
@@ -112,21 +131,15 @@ def load_weights(weights: str, device: str = "cpu", precision: str = "fp32", fus
         wdir = write_demo_bundle(CHECKOUT / "build/bench_demo/demo_bundle")
     else:
         wdir = Path(weights)
-    from storymaker_serve.runtime.loaders import load_storymaker
-    from storymaker_serve.runtime.weights import WeightsLayout
 
     return load_storymaker(WeightsLayout.from_dir(wdir), fuse=fuse, device=device)
 
 
 def _characters(n):
-    from storymaker_serve.runtime.characters import Character
-
     return [Character.load(DATA / p, DATA / m, DATA / f) for p, m, f in CHARS[:n]]
 
 
 def _opts(a, seed=0):
-    from storymaker_serve.runtime.pipeline import GenerateOptions
-
     return GenerateOptions("a man walking in a park, cinematic", negative_prompt="blurry", steps=a.steps,
                            guidance=a.guidance, width=a.size, height=a.size, seed=seed)
 
@@ -147,8 +160,6 @@ def _flops_key(a) -> tuple:
 
 def _image_flops(a, models) -> dict | None:
     """Counted FLOPs per stage (benchmarks/flops.py); None if counting fails (it never blocks a timing run)."""
-    from storymaker_serve.benchmarks.flops import image_flops
-
     try:
         return image_flops(models, a.size, a.characters, a.steps)
     except Exception as e:    # noqa: BLE001 -- a model class FlopCounterMode cannot rebuild on meta
@@ -158,8 +169,6 @@ def _image_flops(a, models) -> dict | None:
 
 def _encode_characters(a, models, chars, st: dict, pipe=None):
     """Character tokens, timing `encoders` (face models + CLIP vision, and any offload transfers) and `ppr` into st."""
-    from contextlib import nullcontext
-
     t0 = time.perf_counter()
     with pipe.encoders_on_device() if hasattr(pipe, "encoders_on_device") else nullcontext():
         tokens = _timed_encode(a, models, chars, st)
@@ -169,8 +178,6 @@ def _encode_characters(a, models, chars, st: dict, pipe=None):
 
 
 def _timed_encode(a, models, chars, st: dict):
-    from storymaker_serve.runtime.characters import CharacterFeatures, character_features, clip_features, image_tokens
-
     if chars is not None:
         f = character_features(models, chars)
     else:   # random-full: CLIP-H on two 224^2 crops per character (no buffalo_l models: random ArcFace ids)
@@ -187,10 +194,6 @@ def _timed_encode(a, models, chars, st: dict):
 
 
 def bench_torch(a, backend: str) -> dict:
-    from storymaker_serve.runtime.denoise import VAEDecode, decode
-    from storymaker_serve.runtime.fast import DTYPES, FastOptions, FastPipeline
-    from storymaker_serve.runtime.pipeline import StoryMakerPipeline, encode_text
-
     models = load_weights(a.weights, a.device, a.precision, fuse=backend != "reference")
     if _flops_key(a) not in _FLOPS:                  # counted once per configuration, not once per backend
         _FLOPS[_flops_key(a)] = _image_flops(a, models)
@@ -233,8 +236,6 @@ def bench_torch(a, backend: str) -> dict:
 
 
 def _build(a) -> Path:
-    from storymaker_serve.export.build import main as build_main
-
     out = a.build or CHECKOUT / f"build/bench_{a.weights if a.weights in ('demo', 'random-full') else 'weights'}"
     args = ["--demo"] if a.weights == "demo" else ["--weights", a.weights]
     if build_main(args + ["--out", str(out)]) != 0:
@@ -244,11 +245,6 @@ def _build(a) -> Path:
 
 def bench_onnxruntime(a) -> dict:
     """The build's engines in process (runtime.serving.logic.EnginePipeline), stage by stage."""
-    from storymaker_serve.runtime.denoise import decode, engine_vae01
-    from storymaker_serve.runtime.serving.engines import Build
-    from storymaker_serve.runtime.serving.logic import EnginePipeline, generate_latents
-    from storymaker_serve.runtime.serving.request import CharacterRequest
-
     b = Build(_build(a))
     ep = EnginePipeline(b)
     req = CharacterRequest(*[[(DATA / c[k]).read_bytes() for c in CHARS[:a.characters]] for k in (0, 1)],
@@ -289,12 +285,6 @@ def _tree_rss_bytes(pid: int) -> int:
 
 
 def bench_triton(a) -> list[dict]:
-    import tritonclient.grpc as grpcclient
-
-    from storymaker_serve.benchmarks.load import run_level
-    from storymaker_serve.runtime.serving.client import StoryMakerClient
-    from storymaker_serve.runtime.serving.launcher import TritonServer
-
     rows = []
     with TritonServer(_build(a) / "triton_repo") as srv:
         client, admin = StoryMakerClient(srv.url), grpcclient.InferenceServerClient(srv.url)
@@ -349,7 +339,6 @@ def main(argv=None) -> list[dict]:
                 f.write(json.dumps(line) + "\n")
             extra = f" concurrency {res['concurrency']}: {res['req_per_s']} req/s" if "concurrency" in res else ""
             print(f"[{backend}] median {res['median_s']:.3f} s, p90 {res['p90_s']:.3f} s{extra}", flush=True)
-    from storymaker_serve.benchmarks.plot import main as plot
 
     charts = plot(["--results", str(a.out), "--out", str(a.out.parent)])
     print(f"results appended to {a.out}; charts: {', '.join(p.name for p in charts)} in {a.out.parent}")

@@ -19,21 +19,38 @@ JSON lines into benchmarks/results/serving_overhead.jsonl, a chart into serving_
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace as NS
 
 import numpy as np
+import tritonclient.grpc as grpcclient
+from diffusers.configuration_utils import FrozenDict
+from PIL import Image
 
 from storymaker_serve.benchmarks import CHECKOUT, RESULTS
 from storymaker_serve.benchmarks.processes import child_pids
 from storymaker_serve.benchmarks.processes import cpu_seconds as process_cpu
 from storymaker_serve.benchmarks.standin import FACTORY
+from storymaker_serve.export.components import ExportProfile, build_specs, models_view
+from storymaker_serve.export.demo_bundle import SDXL_SCHEDULER
+from storymaker_serve.export.sdxl_config import SDXL_UNET
+from storymaker_serve.export.tokenizer_gen import write_clip_tokenizer
+from storymaker_serve.export.triton_repo import write_repo
+from storymaker_serve.runtime.cli import argument_parser
+from storymaker_serve.runtime.manifest import Manifest
+from storymaker_serve.runtime.serving.client import StoryMakerClient
+from storymaker_serve.runtime.serving.launcher import wait_until_ready
+from storymaker_serve.runtime.serving.ports import free_port
 
 GOAL_MS = 30.0
 STAGES = ("characters", "text", "denoise", "vae", "png", "respond")
@@ -44,16 +61,6 @@ def write_standin_build(out: Path, engines: str = "bls", with_controlnet: bool =
     tokens, both text encoders, CLIP-H, resampler, VAE, ControlNet) and stand-in engines
     (`deployment.engine_factory`, benchmarks/standin.py), plus its
     Python-backend Triton repository. No weights: the specs come from the released configs."""
-    from types import SimpleNamespace as NS
-
-    from diffusers.configuration_utils import FrozenDict
-
-    from storymaker_serve.export.components import ExportProfile, build_specs, models_view
-    from storymaker_serve.export.demo_bundle import SDXL_SCHEDULER
-    from storymaker_serve.export.sdxl_config import SDXL_UNET
-    from storymaker_serve.export.tokenizer_gen import write_clip_tokenizer
-    from storymaker_serve.export.triton_repo import write_repo
-
     shutil.rmtree(out, ignore_errors=True)
     (out / "assets").mkdir(parents=True)
     view = models_view(NS(config=FrozenDict(SDXL_UNET)), text_widths=(768, 1280), cross_attention_dim=2048)
@@ -84,19 +91,12 @@ class DeployedServer:
     GIL and count their Python time as the gateway's."""
 
     def __init__(self, repo: Path, gateway: bool = True):
-        from storymaker_serve.runtime.serving.ports import free_port
-
         self.repo, self.gateway = Path(repo).resolve(), gateway
         self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         self.url = f"127.0.0.1:{self.grpc_port}"
         self.log_file = self.repo.parent / "serve.log"
 
     def __enter__(self) -> DeployedServer:
-        import subprocess
-        import sys
-
-        from storymaker_serve.runtime.serving.launcher import wait_until_ready
-
         cmd = [sys.executable, "-m", "runtime.serve", "--repo", str(self.repo), "--grpc-port", str(self.grpc_port),
                "--http-port", str(self.http_port), "--metrics-port", str(self.metrics_port)]
         self._log = open(self.log_file, "w")
@@ -114,8 +114,6 @@ class DeployedServer:
                 "stubs": [c for pid in server for c in child_pids(pid)]}
 
     def __exit__(self, *exc) -> None:
-        import subprocess
-
         if self.proc.poll() is None:
             self.proc.terminate()                   # the launcher stops tritonserver on SIGTERM
             try:
@@ -175,8 +173,6 @@ SERVER_WARM_UP = 20
 
 def run_case(server, client, admin, characters: int, pose: bool, concurrency: int, per_client: int, steps: int,
              width: int, height: int, png: bool, pose_png: bytes, warm_up: int = WARM_UP) -> dict:
-    from storymaker_serve.runtime.manifest import Manifest
-
     d = 2048
     tok = np.zeros((1, 20 * (characters + 1), d), np.float32), np.zeros((1, 20 * (characters + 1), d), np.float32)
     opts = dict(width=width, height=height, steps=steps, png=png, **({"pose": pose_png} if pose else {}))
@@ -290,14 +286,6 @@ def plot(records: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> list[dict]:
-    import io
-
-    import tritonclient.grpc as grpcclient
-    from PIL import Image
-
-    from storymaker_serve.runtime.cli import argument_parser
-    from storymaker_serve.runtime.serving.client import StoryMakerClient
-
     ap = argument_parser("python -m benchmarks.serving_overhead", __doc__)
     ap.add_argument("--quick", action="store_true", help="1 and 2 characters without pose, 1 with pose; concurrency 1 "
                                                          "and 8; one image per client (a few minutes)")

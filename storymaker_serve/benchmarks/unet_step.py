@@ -21,8 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import UNet2DConditionModel
 
 from storymaker_serve.benchmarks import RESULTS
+from storymaker_serve.export.components import ExportProfile, UNetGraph, build_specs, models_view
+from storymaker_serve.export.onnx_export import export_onnx
+from storymaker_serve.export.parity import session
+from storymaker_serve.runtime.adapter import build_processors
+from storymaker_serve.runtime.attention import use_fused_projections
+from storymaker_serve.runtime.cli import argument_parser
 
 MID_UNET = dict(sample_size=48, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(160, 320, 640),
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -45,8 +52,6 @@ def _time(fn, warmup: int, repeats: int) -> list[float]:
 
 def _torch_variants(graph, unet, args, ref, a) -> dict:
     """fused_qkv, then fused_qkv + torch.compile(max-autotune): median/p90 seconds, compile time, max abs vs eager."""
-    from storymaker_serve.runtime.attention import use_fused_projections
-
     out: dict = {}
     use_fused_projections(unet)
     with torch.no_grad():
@@ -63,14 +68,6 @@ def _torch_variants(graph, unet, args, ref, a) -> dict:
 
 
 def main(argv=None) -> dict:
-    from diffusers import UNet2DConditionModel
-
-    from storymaker_serve.export.components import ExportProfile, UNetGraph, build_specs, models_view
-    from storymaker_serve.export.onnx_export import export_onnx
-    from storymaker_serve.export.parity import session
-    from storymaker_serve.runtime.adapter import build_processors
-    from storymaker_serve.runtime.cli import argument_parser
-
     ap = argument_parser("python -m benchmarks.unet_step", __doc__)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)

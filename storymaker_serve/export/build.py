@@ -13,26 +13,28 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import shutil
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from storymaker_serve.export import manifest as mf
+from storymaker_serve.export import parity as P
 from storymaker_serve.export.components import ExportProfile
 from storymaker_serve.export.faces import FILES as FACE_FILES
-from storymaker_serve.export.onnx_export import check_opset
+from storymaker_serve.export.faces import OnnxReference, build_face_model
+from storymaker_serve.export.onnx_export import check_opset, export_onnx, to_fp16
 from storymaker_serve.export.stage import Stage
-from storymaker_serve.runtime.cli import component_paths
+from storymaker_serve.runtime.cli import add_component_args, argument_parser, component_paths, configure_logging
 from storymaker_serve.runtime.errors import StoryMakerError, cli_exit
+from storymaker_serve.runtime.serving.engines import session_providers
 
 log = logging.getLogger(__name__)
 TORCH_COMPONENTS = ("clip_vision", "ppr", "text_encoder", "text_encoder_2", "unet", "controlnet", "vae_decoder")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from storymaker_serve.runtime.cli import add_component_args, argument_parser
-
     ap = argument_parser("python -m export.build", __doc__.split("\n\n", 1)[1])
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--weights", type=Path,
@@ -95,8 +97,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def deployment(a) -> dict:
     """The manifest's deployment record: where served engine models run (configs and sessions derive from it)."""
-    from storymaker_serve.runtime.serving.engines import session_providers
-
     providers = (a.providers or ("cuda,cpu" if a.device == "cuda" else "cpu")).split(",")
     session_providers(providers)                                  # unknown names fail here, at build time
     if a.device == "cpu" and set(providers) - {"cpu"}:
@@ -166,10 +166,6 @@ def _build_one(name, stage, a, out, hasher) -> dict:
     """Export/copy, convert, check one component; returns its manifest record. Order bounds memory: load, compute
     the reference outputs, export, drop the torch model, then run onnxruntime (fp32, then fp16) one session at a
     time."""
-    from storymaker_serve.export import parity as P
-    from storymaker_serve.export.faces import OnnxReference, build_face_model
-    from storymaker_serve.export.onnx_export import export_onnx, to_fp16
-
     prec = _precision(name, a)
     t0 = time.perf_counter()
     mf.reset_peak_rss()
@@ -222,8 +218,6 @@ def _build_one(name, stage, a, out, hasher) -> dict:
 
 def _assets(layout, out: Path) -> dict[str, str]:
     """Copy what the served models need besides ONNX files: both tokenizers and the scheduler config."""
-    import shutil
-
     base = layout.sdxl if layout.sdxl.is_dir() else layout.sdxl_config
     if base is None:
         raise StoryMakerError(f"{layout.sdxl}: a single-file SDXL needs its config folder (tokenizers) at "
@@ -354,8 +348,6 @@ def build(a) -> int:
 
 
 def main(argv=None) -> int:
-    from storymaker_serve.runtime.cli import configure_logging
-
     a = parse_args(argv)
     configure_logging(a)
     return cli_exit(build, a, catch=(ValueError,))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from types import SimpleNamespace as NS
 
 from torch import nn
 
@@ -205,8 +206,6 @@ def models_view(unet, text_widths: tuple[int, int], cross_attention_dim: int, vo
     """The part of StoryMakerModels that build_specs reads, for a UNet built without the other models (the
     scale check and UNet benchmarks): SDXL's tokenizers (77 tokens), text encoder widths, VAE depth and the
     release's resampler settings."""
-    from types import SimpleNamespace as NS
-
     class Tok(list):
         model_max_length = TEXT_TOKENS
 

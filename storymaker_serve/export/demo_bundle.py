@@ -28,14 +28,37 @@ every loader, exporter and server path runs for real on a CPU.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import time
 from pathlib import Path
 
+import diffusers
 import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from torch import nn
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
+from storymaker_serve.export.demo_faces import write_buffalo_l
+from storymaker_serve.export.random_models import BIGG_TEXT, CLIP_L_TEXT, SDXL_VAE
+from storymaker_serve.export.sdxl_config import CLIP_VIT_H14, SDXL_UNET
 from storymaker_serve.export.tokenizer_gen import write_clip_tokenizer
+from storymaker_serve.runtime.adapter import build_processors
+from storymaker_serve.runtime.cli import argument_parser, configure_logging
 from storymaker_serve.runtime.ppr import PositionalPerceiverResampler, PPRConfig
 
 log = logging.getLogger(__name__)
@@ -72,8 +95,6 @@ def _perturb_(module: nn.Module, names: tuple[str, ...], std: float) -> None:
 
 
 def _text_encoders(root: Path):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     encs = []
     for i, (sub, pad,
             cls) in enumerate([("", "<|endoftext|>", CLIPTextModel), ("_2", "!", CLIPTextModelWithProjection)]):
@@ -87,9 +108,6 @@ def _text_encoders(root: Path):
 
 
 def _sdxl(root: Path) -> object:
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTokenizer
-
     te1, te2 = _text_encoders(root / "sdxl")
     unet = UNet2DConditionModel(**DEMO_UNET)
     vae = AutoencoderKL(**DEMO_VAE)
@@ -104,8 +122,6 @@ def _sdxl(root: Path) -> object:
 
 
 def _mask_bin(root: Path, unet) -> None:
-    from storymaker_serve.runtime.adapter import build_processors
-
     ppr = PositionalPerceiverResampler(PPRConfig(cross_attention_dim=D, clip_dim=CLIP_WIDTH))
     _perturb_(ppr, ("pos_embed", "bg_embed"), 0.5)
     procs = nn.ModuleList(build_processors(unet, rank=8, lora_scale=1.0, ip_scale=1.0).values())
@@ -114,16 +130,12 @@ def _mask_bin(root: Path, unet) -> None:
 
 
 def _image_encoder(root: Path) -> None:
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
     cfg = CLIPVisionConfig(hidden_size=CLIP_WIDTH, intermediate_size=2 * CLIP_WIDTH, num_attention_heads=2,
                            num_hidden_layers=3, image_size=224, patch_size=14, projection_dim=64, hidden_act="gelu")
     CLIPVisionModelWithProjection(cfg).eval().save_pretrained(str(root / "image_encoder"), safe_serialization=True)
 
 
 def _controlnet(root: Path, unet) -> None:
-    from diffusers import ControlNetModel
-
     cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 96, 256))
     _perturb_(cn, ("controlnet_down_blocks", "controlnet_mid_block"), 0.02)  # zero convs -> small random
     cn.save_pretrained(str(root / "controlnet"), safe_serialization=True)
@@ -131,8 +143,6 @@ def _controlnet(root: Path, unet) -> None:
 
 def write_demo_bundle(out: Path | str, seed: int = 0) -> Path:
     """Write the bundle to `out` (idempotent: an existing complete bundle with the same seed is kept)."""
-    from storymaker_serve.export.demo_faces import write_buffalo_l
-
     out = Path(out)
     stamp = out / "bundle.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("seed") == seed:
@@ -175,24 +185,6 @@ def _save_variant(model, folder: Path, fp32: bool) -> None:
 def write_full_bundle(out: Path | str, seed: int = 0, fp32: bool = False, controlnet: bool = False) -> Path:
     """Released-size random bundle (see the module doc); idempotent per (seed, fp32, controlnet) and per part:
     an interrupted run keeps the parts it finished."""
-    import gc
-    import time
-
-    import diffusers
-    from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-    )
-
-    from storymaker_serve.export.demo_faces import write_buffalo_l
-    from storymaker_serve.export.random_models import BIGG_TEXT, CLIP_L_TEXT, SDXL_VAE
-    from storymaker_serve.export.sdxl_config import CLIP_VIT_H14, SDXL_UNET
-    from storymaker_serve.runtime.adapter import build_processors
-
     out = Path(out)
     want = {"kind": "storymaker-full-bundle", "seed": seed, "fp32_files": fp32, "controlnet": controlnet}
     stamp = out / "bundle.json"
@@ -225,8 +217,6 @@ def write_full_bundle(out: Path | str, seed: int = 0, fp32: bool = False, contro
                                                         indent=2))
 
     def text_encoders():
-        from transformers import CLIPTokenizer
-
         for sub, cls, cfg in (("", CLIPTextModel, CLIP_L_TEXT), ("_2", CLIPTextModelWithProjection, BIGG_TEXT)):
             tok = CLIPTokenizer.from_pretrained(str(sd / f"tokenizer{sub}"))   # the generated BPE's special ids
             te = cls(CLIPTextConfig(**cfg, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
@@ -239,8 +229,6 @@ def write_full_bundle(out: Path | str, seed: int = 0, fp32: bool = False, contro
         _save_variant(AutoencoderKL(**SDXL_VAE).eval(), sd / "vae", fp32)
 
     def unet_and_mask_bin():
-        from storymaker_serve.runtime.ppr import PPRConfig
-
         unet = UNet2DConditionModel(**SDXL_UNET).eval()
         procs = nn.ModuleList(build_processors(unet, rank=128, lora_scale=1.0, ip_scale=1.0).values())
         _perturb_(procs, ("up.weight",), 0.002)
@@ -277,8 +265,6 @@ def write_full_bundle(out: Path | str, seed: int = 0, fp32: bool = False, contro
 
 
 def main(argv: list[str] | None = None) -> None:
-    from storymaker_serve.runtime.cli import argument_parser, configure_logging
-
     ap = argument_parser("python -m export.demo_bundle", __doc__)
     ap.add_argument("out", type=Path, nargs="?", help="folder to write the bundle into")
     ap.add_argument("--out", dest="out_flag", type=Path, help="the same, as a flag")

@@ -18,6 +18,7 @@ import onnx
 import torch
 
 from storymaker_serve.export.onnx_export import to_fp16
+from storymaker_serve.export.parity import session
 from storymaker_serve.runtime.errors import WeightsError
 from storymaker_serve.runtime.spec import ComponentSpec, TensorSpec
 from storymaker_serve.runtime.weights import SOURCES
@@ -60,7 +61,6 @@ class OnnxReference(torch.nn.Module):
 
     def __init__(self, path: Path, spec: ComponentSpec):
         super().__init__()
-        from storymaker_serve.export.parity import session
 
         self.sess, self.spec = session(path), spec
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import resource
 from importlib import metadata
 from pathlib import Path
 
@@ -48,7 +49,6 @@ def peak_rss_gib() -> float:
                 return round(int(line.split()[1]) / 2**20, 2)
     except OSError:
         pass
-    import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 

@@ -30,9 +30,12 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
+import numpy as np
 import onnx
 import torch
+from onnx.external_data_helper import ExternalDataInfo
 
 from storymaker_serve.runtime.spec import ComponentSpec
 
@@ -144,8 +147,6 @@ def _rewrite_external_data(model: onnx.ModelProto, src_dir: Path, dst: Path, con
     """Save `model` (loaded without its external data) as `dst` + one `dst.data`: each external tensor is read from
     its source file under `src_dir`, passed through `convert(tensor, blob) -> blob` if given, and written
     page-aligned (mmap-friendly). Host memory holds one tensor at a time."""
-    from onnx.external_data_helper import ExternalDataInfo
-
     dst.parent.mkdir(parents=True, exist_ok=True)
     for old in dst.parent.glob(dst.name + "*"):
         old.unlink()
@@ -184,9 +185,7 @@ def to_fp16(src: Path, dst: Path) -> list[Path]:
     external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     if not external:
         return _save(convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS), dst)
-    from unittest import mock
 
-    import numpy as np
     import onnxruntime.transformers.float16 as f16
 
     was_float = {t.name for t in external if t.data_type == onnx.TensorProto.FLOAT}

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 
 from storymaker_serve.runtime.spec import ComponentSpec
@@ -54,8 +55,6 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def session(path: Path):
-    import onnxruntime as ort
-
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -17,8 +17,21 @@ import tempfile
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
 from storymaker_serve.export.sdxl_config import CLIP_VIT_H14, SDXL_UNET
+from storymaker_serve.export.tokenizer_gen import write_clip_tokenizer
+from storymaker_serve.runtime.adapter import build_processors
+from storymaker_serve.runtime.loaders import SDXLParts, StoryMakerModels
+from storymaker_serve.runtime.ppr import PositionalPerceiverResampler, PPRConfig
 
 SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
                 layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
@@ -37,21 +50,6 @@ SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.0
 def random_full_models(device: str = "cuda", dtype: torch.dtype = torch.float16, fuse: bool = True,
                        seed: int = 0, rank: int = 128):
     """StoryMakerModels of released sizes with random weights on `device`."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPTokenizer,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-    )
-
-    from storymaker_serve.export.tokenizer_gen import write_clip_tokenizer
-    from storymaker_serve.runtime.adapter import build_processors
-    from storymaker_serve.runtime.loaders import SDXLParts, StoryMakerModels
-    from storymaker_serve.runtime.ppr import PositionalPerceiverResampler, PPRConfig
-
     torch.manual_seed(seed)
     with torch.device(device):
         unet = UNet2DConditionModel(**SDXL_UNET)

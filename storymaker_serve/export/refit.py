@@ -14,6 +14,7 @@ from pathlib import Path
 
 import onnx
 
+from storymaker_serve.runtime.cli import argument_parser, configure_logging
 from storymaker_serve.runtime.errors import StoryMakerError, cli_exit
 from storymaker_serve.runtime.manifest import Manifest
 
@@ -51,8 +52,6 @@ def check_refit_names(engine_onnx: Path, new_onnx: Path) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from storymaker_serve.runtime.cli import argument_parser
-
     ap = argument_parser("python -m export.refit", __doc__)
     ap.add_argument("--build", type=Path, required=True, help="build folder with a refittable UNet engine")
     ap.add_argument("--weights", type=Path, required=True, help="the weights folder the build was made from")
@@ -104,8 +103,6 @@ def refit(a) -> int:
 
 
 def main(argv=None) -> int:
-    from storymaker_serve.runtime.cli import configure_logging
-
     a = parse_args(argv)
     configure_logging(a)
     return cli_exit(refit, a)

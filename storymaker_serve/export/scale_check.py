@@ -17,6 +17,13 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DConditionModel
+
+from storymaker_serve.export.components import ExportProfile, UNetGraph, build_specs, models_view
+from storymaker_serve.export.onnx_export import export_onnx
+from storymaker_serve.export.sdxl_config import SDXL_UNET
+from storymaker_serve.runtime.adapter import build_processors
+from storymaker_serve.runtime.cli import argument_parser
 
 
 def peak_rss_gb() -> float:
@@ -24,14 +31,6 @@ def peak_rss_gb() -> float:
 
 
 def main(argv=None) -> None:
-    from diffusers import UNet2DConditionModel
-
-    from storymaker_serve.export.components import ExportProfile, UNetGraph, build_specs, models_view
-    from storymaker_serve.export.onnx_export import export_onnx
-    from storymaker_serve.export.sdxl_config import SDXL_UNET
-    from storymaker_serve.runtime.adapter import build_processors
-    from storymaker_serve.runtime.cli import argument_parser
-
     ap = argument_parser("python -m export.scale_check", __doc__)
     ap.add_argument("--out", type=Path, default=Path("build/scale_check"))
     a = ap.parse_args(argv)

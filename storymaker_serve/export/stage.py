@@ -1,6 +1,20 @@
 """Per-component model loading for `export.build`: only the weights one component needs, dropped before the next."""
 from __future__ import annotations
 
+import ctypes
+import gc
+
+from storymaker_serve.export import components as C
+from storymaker_serve.runtime.adapter import attach_storymaker, fuse_lora
+from storymaker_serve.runtime.denoise import VAEDecode
+from storymaker_serve.runtime.loaders import (
+    load_controlnet,
+    load_image_encoder,
+    load_mask_bin,
+    load_ppr,
+    load_sdxl_part,
+)
+
 
 class Stage:
     """Loads, for each component, only the weights that component needs, and drops them before the next: the
@@ -13,8 +27,6 @@ class Stage:
         self.layout, self.a, self.prof, self._specs, self._mask = layout, a, prof, None, None
 
     def mask_bin(self):
-        from storymaker_serve.runtime.loaders import load_mask_bin
-
         if self._mask is None:
             self._mask = load_mask_bin(self.layout.mask_bin)
         return self._mask
@@ -46,11 +58,6 @@ class Stage:
 
     def component(self, name: str):
         """Component(spec, graph, reference) for `name`, loaded now; drop it (and call release()) when done."""
-        from storymaker_serve.export import components as C
-        from storymaker_serve.runtime.adapter import attach_storymaker, fuse_lora
-        from storymaker_serve.runtime.denoise import VAEDecode
-        from storymaker_serve.runtime.loaders import load_controlnet, load_image_encoder, load_ppr, load_sdxl_part
-
         spec = self.specs()[name]
         part = lambda p: load_sdxl_part(self.layout.sdxl, p, self.layout.sdxl_config, self.layout.style_loras or ())
         print(f"  loading {name} weights ...", flush=True)
@@ -83,9 +90,6 @@ class Stage:
 
     def release(self) -> None:
         """Drop what the next component does not need (the UNet's mask.bin LoRA) and return memory to the OS."""
-        import ctypes
-        import gc
-
         gc.collect()
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)   # glibc keeps freed arenas otherwise; RSS would not fall

@@ -13,6 +13,8 @@ skips when TensorRT or a GPU is missing. No subprocess, no `shell=True`.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,9 +162,6 @@ def refit_engine(engine_path: Path, onnx_path: Path, out_path: Path | None = Non
 
 
 def engine_key(component_key: str, plan: EnginePlan) -> str:
-    import hashlib
-    import json
-
     blob = json.dumps({"component": component_key, "refittable": plan.refittable, "tensorrt": tensorrt_version(),
                        "version_compatible": plan.version_compatible, "hw": plan.hardware_compatibility,
                        "profile": {k: {w: list(v) for w, v in p.items()} for k, p in plan.profile.items()}},

@@ -14,6 +14,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from transformers import CLIPTokenizer
+
 CORPUS = (
     "a an the and of in on at with his her their man woman girl boy person people two one "
     "walking sitting standing running reading smiling looking holding playing wearing "
@@ -68,8 +70,6 @@ def learn_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
 
 def write_clip_tokenizer(out_dir: Path, pad_token: str = "<|endoftext|>", num_merges: int = 400) -> int:
     """Write vocab.json, merges.txt and the tokenizer configs; return the vocabulary size."""
-    from transformers import CLIPTokenizer
-
     out_dir.mkdir(parents=True, exist_ok=True)
     symbols = list(bytes_to_unicode().values())
     merges = learn_merges(CORPUS, num_merges)

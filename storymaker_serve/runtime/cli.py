@@ -1,11 +1,16 @@
 """What every command line here shares: defaults in `--help`, `-v/--log-level`, per-step progress, and one set
-of sampling flags for `runtime.generate` and `runtime.client`."""
+of sampling flags for `runtime.generate` and `runtime.client`.
+
+Import cost: the launcher and every `--help` import this module, so torch, diffusers and tqdm are imported inside
+the functions that need them (a launcher that manages a server process never loads torch)."""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
 from pathlib import Path
+
+from storymaker_serve.examples import STORY
 
 LEVELS = ("debug", "info", "warning", "error")
 
@@ -60,8 +65,6 @@ def argument_parser(prog: str, doc: str, **kw) -> argparse.ArgumentParser:
     """A parser with defaults in --help, the logging flags and worked examples; `prog` is the checkout command
     (`python -m runtime.serve`), shown as the console script's name when run as one; `doc` is the module docstring
     (first paragraph)."""
-    from storymaker_serve.examples import STORY
-
     shown = command_name(prog)
     examples = "\n".join("  " + e.format(prog=shown, story=STORY) for e in EXAMPLES.get(prog, []))
     ap = argparse.ArgumentParser(prog=shown, description=doc.strip().split("\n\n")[0], formatter_class=HelpFormatter,
@@ -122,8 +125,6 @@ COMPONENTS = (("sdxl", "SDXL base: a diffusers folder (default or fp16 files) or
 def add_component_args(ap: argparse.ArgumentParser):
     """Weights given one by one (instead of, or overriding parts of, --weights DIR); each may also be a local
     Hugging Face cache folder (models--ORG--NAME or its snapshots/REV)."""
-    from pathlib import Path
-
     g = ap.add_argument_group("weights given one by one (override --weights DIR; HF cache folders accepted)")
     for name, text in COMPONENTS:
         g.add_argument(f"--{name}", type=Path, help=text)

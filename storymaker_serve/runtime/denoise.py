@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 from torch import nn
 
 from storymaker_serve.runtime import fused
@@ -42,15 +44,11 @@ def vae_scale_factor(vae_config) -> int:
 
 def initial_latents(seed: int, height: int, width: int, channels: int, vae_factor: int) -> torch.Tensor:
     """The release's starting noise: diffusers' randn_tensor on a CPU generator, float32 (1, C, H/f, W/f)."""
-    from diffusers.utils.torch_utils import randn_tensor
-
     g = torch.Generator("cpu").manual_seed(int(seed))
     return randn_tensor((1, channels, height // vae_factor, width // vae_factor), generator=g, dtype=torch.float32)
 
 
 def pose_tensor(pose: np.ndarray, height: int, width: int) -> torch.Tensor:
-    from PIL import Image
-
     im = Image.fromarray(pose).convert("RGB").resize((width, height), Image.LANCZOS)
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]  # (1, 3, H, W)
 

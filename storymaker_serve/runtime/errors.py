@@ -6,6 +6,7 @@ file, the expected key/shape and the fix); `DeploymentError` for a build that ca
 (empty mask, size mismatch, too many characters, ...). Servers turn both into a
 per-request error; CLIs print them without a traceback.
 """
+import sys
 
 
 class StoryMakerError(Exception):
@@ -28,8 +29,6 @@ class InputError(StoryMakerError, ValueError):
 def cli_exit(fn, *args, catch: tuple = ()) -> int:
     """Run a command-line body: a StoryMakerError (and any of `catch`) becomes 'error: ...' on stderr and exit
     code 2 (bad input: the message names it and the fix); otherwise fn's own exit code."""
-    import sys
-
     try:
         return fn(*args)
     except (StoryMakerError, *catch) as e:

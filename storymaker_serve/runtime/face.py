@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from insightface.app.common import Face
+from insightface.model_zoo import get_model
 
 from storymaker_serve.runtime.errors import InputError, WeightsError
 
@@ -78,8 +80,6 @@ class FaceAnalyzer:
 
     def __init__(self, det_path: Path | str, rec_path: Path | str, det_size: tuple[int, int] = (640, 640),
                  providers=None):
-        from insightface.model_zoo import get_model
-
         for f in (det_path, rec_path):
             if not Path(f).exists():
                 raise WeightsError(f"{f}: missing (insightface buffalo_l). Unpack buffalo_l.zip there, or give each "
@@ -99,8 +99,6 @@ class FaceAnalyzer:
         return cls(folder / "det_10g.onnx", folder / "w600k_r50.onnx", **kw)
 
     def __call__(self, photo_rgb: np.ndarray, name: str = "photo") -> FaceInfo:
-        from insightface.app.common import Face
-
         bgr = np.ascontiguousarray(photo_rgb[:, :, ::-1])
         boxes, kpss = self.det.detect(bgr, max_num=0, metric="default")
         if boxes.shape[0] == 0:

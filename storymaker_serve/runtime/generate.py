@@ -18,7 +18,21 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
+from storymaker_serve.runtime.cli import (
+    add_component_args,
+    add_sampling_args,
+    argument_parser,
+    component_paths,
+    configure_logging,
+    sampling_overrides,
+)
 from storymaker_serve.runtime.errors import StoryMakerError
+from storymaker_serve.runtime.fast import FastOptions, FastPipeline
+from storymaker_serve.runtime.loaders import load_storymaker
+from storymaker_serve.runtime.story import Frame, LocalStoryMaker, Story, check_story, run_story
+from storymaker_serve.runtime.weights import WeightsLayout
 
 if TYPE_CHECKING:
     from storymaker_serve.runtime.story import Story
@@ -47,8 +61,6 @@ def _lora(s: str) -> tuple[Path, float]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from storymaker_serve.runtime.cli import add_component_args, add_sampling_args, argument_parser
-
     ap = argument_parser("python -m runtime.generate", __doc__.split("\n\n", 1)[1])
     ap.add_argument("--weights", type=Path, help="weights folder (sdxl/, mask.bin, image_encoder/, ...); or give the "
                                                  "components one by one")
@@ -96,7 +108,6 @@ def make_pipeline(a, models):
         from storymaker_serve.runtime.pipeline import StoryMakerPipeline
 
         return StoryMakerPipeline(models)
-    from storymaker_serve.runtime.fast import FastOptions, FastPipeline
 
     return FastPipeline(models, FastOptions(precision=a.precision, dual_attention_kernel=a.dual_attention_kernel,
                                             fused_qkv=a.fused_qkv, channels_last=a.channels_last,
@@ -105,8 +116,6 @@ def make_pipeline(a, models):
 
 
 def _single_frame_story(a) -> Story:
-    from storymaker_serve.runtime.story import Frame, Story
-
     if not a.character:
         raise StoryMakerError("--prompt needs at least one --character PHOTO,MASK[,FACE_JSON]")
     chars = []
@@ -126,13 +135,6 @@ def _single_frame_story(a) -> Story:
 
 
 def main(argv=None) -> int:
-    import torch
-
-    from storymaker_serve.runtime.cli import component_paths, configure_logging, sampling_overrides
-    from storymaker_serve.runtime.loaders import load_storymaker
-    from storymaker_serve.runtime.story import LocalStoryMaker, Story, check_story, run_story
-    from storymaker_serve.runtime.weights import WeightsLayout
-
     a = parse_args(argv)
     configure_logging(a)
     try:

@@ -13,14 +13,19 @@ Every failure names the file, what was expected and what to do.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import ControlNetModel, StableDiffusionXLPipeline
+from safetensors.torch import load_file
+from transformers import CLIPVisionModelWithProjection
 
 from storymaker_serve.runtime.adapter import attach_storymaker, check_state_dict
 from storymaker_serve.runtime.errors import WeightsError
+from storymaker_serve.runtime.face import FaceAnalyzer
 from storymaker_serve.runtime.ppr import PositionalPerceiverResampler, PPRConfig
 from storymaker_serve.runtime.weights import SOURCES, WeightsLayout, clip_file, clip_file_config, require
 
@@ -84,8 +89,6 @@ def weights_variant(folder: Path) -> str | None:
 def load_sdxl(path: Path, config_dir: Path | None = None) -> SDXLParts:
     """SDXL from a diffusers folder (default or fp16-variant files), or from a single .safetensors file plus a local
     config folder. Weights are loaded as float32; pipelines cast them to the precision they run in."""
-    from diffusers import StableDiffusionXLPipeline
-
     path = require(Path(path), "SDXL base model", "Pass a diffusers SDXL folder or a .safetensors checkpoint.")
     if path.is_file():
         if config_dir is None:
@@ -111,8 +114,6 @@ SDXL_PART_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("dif
 
 
 def _sdxl_part_class(part: str):
-    import importlib
-
     lib, name = SDXL_PART_CLASSES[part]
     return getattr(importlib.import_module(lib), name)
 
@@ -160,7 +161,6 @@ def fuse_style_loras(parts: SDXLParts, loras: list[tuple[Path, float]]) -> None:
     """Fuse style LoRA files (diffusers/kohya formats, via diffusers + peft) into UNet and text encoders."""
     if not loras:
         return
-    from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline(vae=parts.vae, text_encoder=parts.text_encoder,
                                      text_encoder_2=parts.text_encoder_2,
@@ -190,9 +190,6 @@ def _from_pretrained(cls, path: Path, what: str, fix: str):
 def load_image_encoder(path: Path):
     """The CLIP image encoder from a transformers folder, or from one .safetensors file (ComfyUI's
     clip_vision_h.safetensors: the same tensors, its config read off their shapes)."""
-    from safetensors.torch import load_file
-    from transformers import CLIPVisionModelWithProjection
-
     file = clip_file(require(Path(path), "CLIP image encoder", f"Get {SOURCES['image_encoder']}."))
     if file is None:
         return _from_pretrained(CLIPVisionModelWithProjection, path, "CLIP image encoder",
@@ -210,8 +207,6 @@ def load_image_encoder(path: Path):
 
 
 def load_controlnet(path: Path):
-    from diffusers import ControlNetModel
-
     return _from_pretrained(ControlNetModel, path, "SDXL ControlNet",
                             "Pass a diffusers SDXL ControlNet folder (e.g. an OpenPose model).")
 
@@ -231,8 +226,6 @@ class StoryMakerModels:
 def load_storymaker(layout: WeightsLayout, *, lora_scale: float = 0.8, ip_scale: float = 0.8, fuse: bool = True,
                     dtype: torch.dtype = torch.float32, device: str = "cpu",
                     dual_attention_kernel: bool = False) -> StoryMakerModels:
-    from storymaker_serve.runtime.face import FaceAnalyzer
-
     proj_sd, ip_sd = load_mask_bin(layout.mask_bin)
     parts = load_sdxl(layout.sdxl, layout.sdxl_config)
     fuse_style_loras(parts, layout.style_loras)

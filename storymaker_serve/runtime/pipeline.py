@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from storymaker_serve.runtime.characters import encode_characters
 from storymaker_serve.runtime.denoise import TorchDenoiser, VAEDecode, decode, denoise, step_inputs, vae_scale_factor
 from storymaker_serve.runtime.errors import InputError
 from storymaker_serve.runtime.unipc import UniPCPlan
@@ -105,8 +106,6 @@ class StoryMakerPipeline:
         self.plans: dict[int, UniPCPlan] = {}
 
     def encode_characters(self, chars, identity_only: bool = False, interpolation: float | None = None):
-        from storymaker_serve.runtime.characters import encode_characters
-
         return encode_characters(self.m, chars, identity_only, interpolation)
 
     def plan(self, steps: int) -> UniPCPlan:

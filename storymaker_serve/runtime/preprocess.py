@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-from PIL import Image
+from insightface.utils import face_align
+from PIL import Image, ImageOps
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from storymaker_serve.runtime.errors import InputError
 
@@ -51,8 +53,6 @@ def decode_image(data: bytes | str | Path | np.ndarray | Image.Image, name: str 
     Ghostscript, are refused by name before any decoder sees them); the pixel cap is checked from the header
     before decoding (decompression bombs); EXIF orientation is applied, so a phone photo and a mask drawn on
     it as displayed line up."""
-    from PIL import ImageOps
-
     if isinstance(data, np.ndarray):
         return data
     if isinstance(data, Image.Image):
@@ -119,15 +119,11 @@ def cloth_image(cloth: np.ndarray) -> Image.Image:
 
 def aligned_face(photo: np.ndarray, kps: np.ndarray) -> np.ndarray:
     """insightface norm_crop of the original photo at 224 (ArcFace template scaled by 2)."""
-    from insightface.utils import face_align
-
     return face_align.norm_crop(photo, landmark=np.asarray(kps, dtype=np.float32), image_size=CHAR_SIZE)
 
 
 @functools.lru_cache(maxsize=1)
 def _clip_processor():
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
     return CLIPImageProcessorPil()
 
 

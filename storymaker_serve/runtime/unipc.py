@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from diffusers import UniPCMultistepScheduler
 
 from storymaker_serve.runtime import fused
 
@@ -73,8 +74,6 @@ class UniPCPlan:
     """Host-side schedule: timesteps, conversion scalars, and predictor/corrector scalars per step."""
 
     def __init__(self, scheduler_config: dict, steps: int):
-        from diffusers import UniPCMultistepScheduler
-
         sched = UniPCMultistepScheduler.from_config(scheduler_config)
         cfg = sched.config
         if (cfg.prediction_type, cfg.predict_x0, cfg.solver_type, cfg.thresholding, list(cfg.disable_corrector)) != \

@@ -14,6 +14,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
+from safetensors import safe_open
+from transformers import CLIPVisionConfig
+
 from storymaker_serve.runtime.errors import WeightsError
 
 # where each part comes from (the commands in docs/weights.md)
@@ -115,8 +120,6 @@ def hf_cache_path(path: Path | str) -> Path:
     p = Path(path).expanduser()
     if not (p.name.startswith(("models--", "datasets--")) and (p / "snapshots").is_dir()):
         return p
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
 
     kind, _, repo = p.name.partition("--")
     try:
@@ -183,9 +186,6 @@ def clip_file_config(file: Path):
     """A CLIPVisionConfig read off a single-file CLIP ViT-H/14 vision checkpoint's tensor shapes (transformers key
     names, as ComfyUI's clip_vision_h.safetensors has them). Other architectures or OpenCLIP key names are refused
     with the file to get instead: their activation and head count cannot be read off the shapes."""
-    from safetensors import safe_open
-    from transformers import CLIPVisionConfig
-
     try:
         with safe_open(str(file), "pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -211,7 +211,5 @@ def clip_file_config(file: Path):
 
 def image_encoder_config(path: Path):
     """The image encoder's CLIPVisionConfig, from a transformers folder or a single file, without the weights."""
-    from transformers import CLIPVisionConfig
-
     file = clip_file(path)
     return clip_file_config(file) if file else CLIPVisionConfig.from_pretrained(str(path))

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 
 @dataclass
@@ -53,7 +54,6 @@ def _concat(arrays: list):
     if isinstance(first, np.ndarray):
         return np.concatenate(arrays) if shape is None else \
             np.lib.stride_tricks.as_strided(first, shape, first.strides, writeable=False)
-    import torch
 
     return torch.cat(arrays) if shape is None else torch.as_strided(first, shape, first.stride())
 

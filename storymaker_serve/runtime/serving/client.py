@@ -9,24 +9,32 @@ story YAML (runtime/story.py), encodes each distinct character set once,
 generates the frames (optionally several at once), prints progress per frame
 and writes PNGs, a contact sheet and the settings used. With `--serve REPO` it
 starts a local server on loopback for the run and stops it afterwards.
+
+Import cost: the client API needs no torch, so the story runner (which does) is imported where the CLI and
+`RemoteStoryMaker` use it.
 """
 from __future__ import annotations
 
 import io
 import json
+import queue
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+from tritonclient.utils import InferenceServerException
 
+from storymaker_serve.runtime.cli import add_sampling_args, argument_parser, configure_logging, sampling_overrides
 from storymaker_serve.runtime.errors import InputError, StoryMakerError
-from storymaker_serve.runtime.pipeline import GenerateOptions
 from storymaker_serve.runtime.serving import malloc
 from storymaker_serve.runtime.serving.contract import MODELS, NUMPY, SAMPLING
-from storymaker_serve.runtime.story import FrameResult, Story, check_story, run_story
+
+if TYPE_CHECKING:
+    from storymaker_serve.runtime.pipeline import GenerateOptions
 
 MAX_MESSAGE = 64 << 20
 OPTIONS = {p.option: p for p in SAMPLING if p.option}          # generate(**opts) keyword -> storymaker input
@@ -113,8 +121,6 @@ class StoryMakerClient:
     def wait_ready(self, timeout_s: float = 10.0, progress=None) -> None:
         """Wait until the server answers and the StoryMaker models are ready, at most `timeout_s`; raise with what
         was tried otherwise. `progress(text)` hears what it waits for."""
-        from tritonclient.utils import InferenceServerException
-
         kind = "gRPC" if self.protocol == "grpc" else "HTTP"
         if progress:
             progress(f"connecting to the StoryMaker server at {self.url} ({kind}, up to {timeout_s:g} s) ...")
@@ -145,8 +151,6 @@ class StoryMakerClient:
         return i
 
     def _call(self, model: str, inputs: list, outputs: list[str]) -> dict[str, np.ndarray]:
-        from tritonclient.utils import InferenceServerException
-
         kw = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         delay = 0.5
         for attempt in range(self.retries + 1):
@@ -216,10 +220,6 @@ class StoryMakerClient:
         preview [h, w, 3]} every `preview_every` steps, then {"final": True, "steps_done": n, "image": frame,
         "png": bytes, "truncated": bool}. Closing the generator early (break, .close()) cancels the request; the
         server stops its loop before the next step."""
-        import queue
-
-        from tritonclient.utils import InferenceServerException
-
         if self.protocol != "grpc":
             raise InputError("generate_stream needs protocol='grpc' (Triton streams over gRPC only)")
         model = "storymaker_stream"
@@ -269,7 +269,10 @@ class RemoteStoryMaker:
     def encode_characters(self, characters: list[dict], identity_only: bool, interpolation: float | None):
         return self.client.encode_characters(characters, identity_only, interpolation)
 
-    def generate(self, opts: GenerateOptions, tokens, frame: int, frames: int) -> FrameResult:
+    def generate(self, opts: GenerateOptions, tokens, frame: int, frames: int):
+        """Frame number `frame` of `frames` as a runtime.story.FrameResult."""
+        from storymaker_serve.runtime.story import FrameResult  # the story side loads torch: only when used
+
         sampling = {k: getattr(opts, k) for k in OPTIONS}
         pose = _png(opts.pose_image) if opts.pose_image is not None else None
         if self.previews is None:
@@ -293,7 +296,8 @@ def _png(image: np.ndarray) -> bytes:
 
 
 def main(argv=None) -> int:
-    from storymaker_serve.runtime.cli import add_sampling_args, argument_parser, configure_logging, sampling_overrides
+    # the story runner and its checks load torch and the preprocessing; the client API above does not
+    from storymaker_serve.runtime.story import Story, check_story, run_story
 
     ap = argument_parser("python -m runtime.client", __doc__)
     ap.add_argument("story", type=Path, help="story YAML (see runtime/story.py)")

@@ -28,6 +28,7 @@ class Port:
     def default(self):
         if self.option is None:
             return None
+        # imported here: the launcher and the gateway read this declaration and must not load torch
         from storymaker_serve.runtime.pipeline import GenerateOptions
 
         return next(f.default for f in fields(GenerateOptions) if f.name == self.option)

@@ -15,10 +15,13 @@ built (written for the GPU path, see export/tensorrt.py).
 """
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
+import torch
 
 from storymaker_serve.runtime.errors import DeploymentError, InputError
 from storymaker_serve.runtime.manifest import Component, Manifest
@@ -66,8 +69,6 @@ def require_providers(wanted: list[str], have: list[str], component: str, sessio
 class OrtEngine:
     def __init__(self, path: Path, record: Component, threads: int | None = None, providers=("cpu",),
                  device_id: int = 0, cache_dir: str | None = None):
-        import onnxruntime as ort
-
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:
@@ -119,7 +120,6 @@ class OrtEngine:
         values = values if values is not None else spec.bind({k: tuple(v.shape) for k, v in feeds.items()})
         if not bound:
             return {**feeds, **spec.zeros(missing, values, self._zeros)}
-        import torch
 
         return {**feeds, **spec.zeros(missing, values, self._bound_zeros,
                                       lambda shape: torch.zeros(shape, device=self.device))}
@@ -135,8 +135,6 @@ class OrtEngine:
         inputs (ControlNet residuals) are zeros on the device, allocated once per shape. On a GPU the torch stream is
         synchronised before the run (the engine reads what torch wrote; onnxruntime synchronises its own stream
         before returning), so the outputs are ready for the next torch op."""
-        import torch
-
         spec, (kind, _, index) = self.record.spec, self.device.partition(":")
         dev = torch.device(self.device)
         feeds = {k: v.to(dev, getattr(torch, spec.input(k).dtype)).contiguous()
@@ -190,8 +188,6 @@ class Build(Manifest):
 
 def _load_factory(dotted: str):
     """`module:name` -> that callable (a manifest's `deployment.engine_factory`: record -> engine)."""
-    import importlib
-
     module, _, attr = dotted.partition(":")
     try:
         return getattr(importlib.import_module(module), attr)

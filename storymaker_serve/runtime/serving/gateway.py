@@ -32,6 +32,11 @@ from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import grpc
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+from storymaker_serve.runtime.serving.contract import LIMITS
 from storymaker_serve.runtime.serving.ports import PortTaken
 
 log = logging.getLogger(__name__)
@@ -44,11 +49,6 @@ STREAMING = {"ModelStreamInfer"}
 
 def repo_message_limit(repo: Path) -> int:
     """The largest request any model of `repo` accepts under its budgets (config.pbtxt parameters)."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as pb
-
-    from storymaker_serve.runtime.serving.contract import LIMITS
-
     budget = dict(LIMITS)
     for cfg in Path(repo).glob("*/config.pbtxt"):
         params = text_format.Parse(cfg.read_text(), pb.ModelConfig()).parameters
@@ -69,8 +69,6 @@ class _Forward:
         self.channel = channel
 
     def service(self, details):
-        import grpc
-
         method = details.method
         if method.rsplit("/", 1)[-1] in STREAMING:
             upstream = self.channel.stream_stream(method)
@@ -169,8 +167,6 @@ class Gateway:
         self._grpc = self._http = self._channel = None
 
     def start(self) -> Gateway:
-        import grpc
-
         unlimited = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
         self._channel = grpc.insecure_channel(f"127.0.0.1:{self.upstream_grpc}", options=unlimited)
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers),

@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 
 import numpy as np
 
 from storymaker_serve.runtime.errors import InputError, StoryMakerError
+from storymaker_serve.runtime.serving.contract import LIMITS
+from storymaker_serve.runtime.serving.logic import Cancelled
 
 log = logging.getLogger("storymaker.triton")
 
@@ -53,8 +56,6 @@ def setup(args: dict) -> tuple[dict, dict]:
 
 class Glue:
     def __init__(self, pb, params: dict | None = None):
-        from storymaker_serve.runtime.serving.contract import LIMITS
-
         self.pb = pb
         self.limits = {k: int((params or {}).get(k, v)) for k, v in LIMITS.items()}
 
@@ -105,8 +106,6 @@ class Glue:
         """The error response for one request: CANCELLED for a cancelled one; INVALID_ARG for a client mistake
         (the message names the input and the fix); a called model's own code for its errors; INTERNAL with a
         request id for our own faults (the traceback goes to the server log under that id, never to the client)."""
-        from storymaker_serve.runtime.serving.logic import Cancelled
-
         E = self.pb.TritonError
         if isinstance(exc, Cancelled):
             return self.pb.InferenceResponse(error=E(str(exc), E.CANCELLED))
@@ -164,8 +163,6 @@ class Glue:
 
 
 def _request_id(request) -> str:
-    import uuid
-
     try:
         rid = request.request_id() if request is not None else ""
     except Exception:  # noqa: BLE001 - older stubs

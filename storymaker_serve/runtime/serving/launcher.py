@@ -13,6 +13,7 @@ the demo; it waits for readiness and stops the process it started on exit.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import shutil
@@ -22,10 +23,17 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
+import tritonclient.grpc as grpcclient
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+from storymaker_serve.runtime.cli import argument_parser, configure_logging
 from storymaker_serve.runtime.errors import StoryMakerError
 from storymaker_serve.runtime.serving import malloc
+from storymaker_serve.runtime.serving.gateway import Gateway, repo_message_limit
 from storymaker_serve.runtime.serving.ngc import ngc_command
 from storymaker_serve.runtime.serving.ports import PortTaken, free_port, is_free, reserve, taken_message, taken_port
 
@@ -43,9 +51,6 @@ PLATFORMS = {"tensorrt_plan": "tensorrt", "onnxruntime_onnx": "onnxruntime"}
 
 def repo_backends(repo: Path) -> dict[str, list[str]]:
     """backend -> models that need it, from the repository's config.pbtxt files (backend or platform)."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as pb
-
     out: dict[str, list[str]] = {}
     for f in sorted(Path(repo).glob("*/config.pbtxt")):
         cfg = text_format.Parse(f.read_text(), pb.ModelConfig())
@@ -69,9 +74,6 @@ def server_backends() -> tuple[set[str], str]:
 def check_repo(repo: Path, available: set[str] | None = None, where: str = "", required=None) -> None:
     """The repository is complete (every required model with its config and model file) and the server has every
     backend it names; otherwise a message that names what is missing and the fix."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as pb
-
     missing = []
     for m in REQUIRED_MODELS if required is None else required:
         cfg_file = repo / m / "config.pbtxt"
@@ -135,8 +137,6 @@ class TritonServer:
                  metrics_port: int | None = None, address: str = "127.0.0.1", admin_key: str | None = None,
                  log_file: Path | None = None, gateway: bool = True, max_message_bytes: int | None = None,
                  required_models: list[str] | None = None):
-        from storymaker_serve.runtime.serving.gateway import repo_message_limit
-
         self.repo = Path(repo).resolve()
         check_repo(self.repo, *server_backends(), required=required_models)   # a subset: benchmarks.full_size_serve
         self.address = address
@@ -165,8 +165,6 @@ class TritonServer:
         return f"{self.address}:{self.grpc_port}"
 
     def _new_gateway(self) -> None:
-        from storymaker_serve.runtime.serving.gateway import Gateway
-
         self.gateway = Gateway(self.address, self.grpc_port, self.http_port, self.upstream_grpc_port,
                                self.upstream_http_port, self.max_message_bytes)
 
@@ -232,8 +230,6 @@ class TritonServer:
     def _services_bound(self, deadline: float) -> bool:
         """gRPC answers ready before tritonserver binds its HTTP and metrics ports (in that order) and exits if
         one is taken: ready means every one answers."""
-        import urllib.request
-
         host = "127.0.0.1" if self.address in ("0.0.0.0", "::") else self.address
         http_host = "127.0.0.1" if self.gateway else host           # where tritonserver's own HTTP port listens
         urls = [f"http://{http_host}:{self.upstream_http_port}/v2/health/ready",
@@ -276,8 +272,6 @@ class TritonServer:
 
 def wait_until_ready(url: str, timeout: float, proc: subprocess.Popen | None = None) -> bool:
     """Poll a server's gRPC readiness until ready (True), the timeout, or `proc` exiting (False)."""
-    import tritonclient.grpc as grpcclient
-
     client, deadline = grpcclient.InferenceServerClient(url), time.monotonic() + timeout
     while time.monotonic() < deadline and (proc is None or proc.poll() is None):
         try:
@@ -292,8 +286,6 @@ def wait_until_ready(url: str, timeout: float, proc: subprocess.Popen | None = N
 def _die_with_parent() -> None:
     """In the forked child before exec (Linux): SIGTERM to tritonserver when the launcher dies, even by SIGKILL,
     so a killed launcher never leaves an orphan server holding its ports."""
-    import ctypes
-
     PR_SET_PDEATHSIG = 1
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -306,8 +298,6 @@ def _raise_interrupt(*_):
 
 
 def main(argv=None) -> int:
-    from storymaker_serve.runtime.cli import argument_parser, configure_logging
-
     ap = argument_parser("python -m runtime.serve", __doc__)
     ap.add_argument("--repo", type=Path, help="BUILD/triton_repo written by export.build")
     ap.add_argument("--ngc-command", type=Path, metavar="BUILD",

@@ -8,13 +8,15 @@ for the same seed. Requests are parsed and checked before they get here (runtime
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
 import torch
+from transformers import CLIPTokenizer
 
 from storymaker_serve.runtime.characters import Character, preprocess_characters
-from storymaker_serve.runtime.denoise import denoise, step_inputs
+from storymaker_serve.runtime.denoise import EngineDenoiser, denoise, step_inputs
 from storymaker_serve.runtime.errors import InputError
 from storymaker_serve.runtime.face import FaceAnalyzer, FaceInfo
 from storymaker_serve.runtime.pipeline import GenerateOptions, TextEmbeds, tokenize
@@ -35,10 +37,6 @@ class TextEncoding:
     the served `text_encoder` model passes BLS calls to the engine models `text_encoder_1` / `text_encoder_2`."""
 
     def __init__(self, build, fns: dict | None = None):
-        import threading
-
-        from transformers import CLIPTokenizer
-
         self.tok = [CLIPTokenizer.from_pretrained(str(build.file(build.assets[k])))
                     for k in ("tokenizer", "tokenizer_2")]
         self.te = [(fns or {}).get(n) or build.engine(n).run for n in ("text_encoder", "text_encoder_2")]
@@ -125,8 +123,6 @@ class EnginePipeline:
     Same text encoding, character encoding, validation, loop and decode as the BLS models."""
 
     def __init__(self, build):
-        from storymaker_serve.runtime.denoise import EngineDenoiser
-
         self.b, self.text, self.chars, self.plans = build, TextEncoding(build), CharacterEncoding(build), {}
         cn = build.engine("controlnet").run if build.has("controlnet") else None
         self.denoiser = EngineDenoiser(build.component("unet"), build.engine("unet").run, cn, build.text_len)

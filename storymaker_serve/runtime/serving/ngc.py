@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from storymaker_serve.runtime.errors import StoryMakerError
+from storymaker_serve.runtime.manifest import Manifest
 
 
 def ngc_command(build_dir: Path, mount: str = "/models",
@@ -14,8 +15,6 @@ def ngc_command(build_dir: Path, mount: str = "/models",
     version-compatible engines the TensorRT backend needs `--backend-config=tensorrt,version-compatible=true`;
     otherwise every engine loads only on the exact TensorRT version that built it. `container_tensorrt`
     (the container's TensorRT version) is checked against the engines: a mismatch raises with the fix."""
-    from storymaker_serve.runtime.manifest import Manifest
-
     m = Manifest(build_dir)
     built = {n: c.engine for n, c in m.components.items() if c.engine.get("status") == "built"}
     cmd = ["tritonserver", f"--model-repository={mount.rstrip('/')}/triton_repo_ngc", "--model-control-mode=none",

@@ -8,11 +8,21 @@ side (one instance serves many requests, each on its own thread, answered throug
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+import time
 
 import numpy as np
+import torch
 
+from storymaker_serve.runtime import fused
+from storymaker_serve.runtime.denoise import EngineDenoiser
+from storymaker_serve.runtime.serving.batcher import StepBatcher
+from storymaker_serve.runtime.serving.engines import Build
 from storymaker_serve.runtime.serving.glue import Glue, _request_id, setup, text_engine_fns
+from storymaker_serve.runtime.serving.logic import generate_latents
+from storymaker_serve.runtime.serving.pool import LifoPool
 
 log = logging.getLogger("storymaker.triton")
 
@@ -25,12 +35,6 @@ class Sampling:
 
     def __init__(self, glue: Glue, build_dir: str, send_zero_residuals: str | bool = False, max_wait_ms: float = 10.0,
                  engines: str = "bls"):
-        import torch
-
-        from storymaker_serve.runtime import fused
-        from storymaker_serve.runtime.serving.batcher import StepBatcher
-        from storymaker_serve.runtime.serving.engines import Build
-
         if engines not in ("bls", "inprocess"):
             raise ValueError(f"config parameter denoise_engines={engines!r}: use bls or inprocess")
         self.glue, self.build = glue, Build(build_dir)
@@ -56,24 +60,18 @@ class Sampling:
         fused.warm_up()                      # the loop's host kernels compiled (or loaded from cache) before a request
 
     def denoiser(self):
-        from storymaker_serve.runtime.denoise import EngineDenoiser
-
         b = self.batcher
         return EngineDenoiser(self.build.component("unet"), b.fn("unet"),
                               b.fn("controlnet") if "controlnet" in b.fns else None,
                               self.build.text_len, self.send_zero_residuals, self.device)
 
     def latents(self, opts, text, tokens, is_cancelled, on_step=None):
-        from storymaker_serve.runtime.serving.logic import generate_latents
-
         with self.batcher.loop():
             return generate_latents(opts, text, tokens, self.denoiser(), self.build, self.plans, is_cancelled, on_step)
 
 
 def _host(x) -> np.ndarray:
     """float32 contiguous numpy on the host, from numpy or a torch tensor on any device."""
-    import torch
-
     return np.ascontiguousarray(x.detach().cpu().numpy() if torch.is_tensor(x) else x, np.float32)
 
 
@@ -91,8 +89,6 @@ class StageMetrics:
     request came (runtime/serving/pool.py)."""
 
     def __init__(self, pb, model: str):
-        import threading
-
         self.model, self.seconds, self.count, self.series = model, None, None, {}
         self.pending: dict[tuple, list] = {}
         self.lock = threading.Lock()        # the counters
@@ -128,8 +124,6 @@ class StageMetrics:
 
     def flush(self) -> None:
         """Have what was added so far sent soon, by this object's sender thread (started on first use)."""
-        import threading
-
         if self.seconds is None:
             return
         with self.lock:
@@ -160,9 +154,6 @@ class StageMetrics:
                 metric.increment(amount)
 
     def stage(self, name: str):
-        import contextlib
-        import time
-
         @contextlib.contextmanager
         def timed():
             t0 = time.perf_counter()
@@ -201,8 +192,6 @@ class SamplingModel:
     pb = None
 
     def initialize(self, args):
-        from storymaker_serve.runtime.serving.pool import LifoPool
-
         _, params = setup(args)
         self.glue = Glue(self.pb, params)
         self.s = Sampling(self.glue, params["build_dir"], params.get("send_zero_residuals", "false"),
