@@ -14,5 +14,5 @@ class TritonPythonModel(SamplingModel):
     pb = pb_utils
 
     def _one(self, r):
-        req = sampler_request(self.glue, r, self.s.build)          # every input parsed and checked, once
-        return {"LATENTS": self.s.latents(req.options, req.text, req.tokens, r.is_cancelled).numpy()}
+        req = sampler_request(self.glue, r, self.sampling.build)          # every input parsed and checked, once
+        return {"LATENTS": self.sampling.latents(req.options, req.text, req.tokens, r.is_cancelled).numpy()}

@@ -68,16 +68,17 @@ class FrameModel(SamplingModel):
     _text = None
 
     def _frame(self, r, on_step=None, req: FrameRequest | None = None) -> dict:
-        req = req or frame_request(self.glue, r, self.s.build, self.stream)  # every input parsed and checked, once
-        stage = self.metrics.stage                                           # per-stage time, on the metrics port
+        # every input parsed and checked, once
+        req = req or frame_request(self.glue, r, self.sampling.build, self.stream)
+        stage = self.metrics.stage                                 # per-stage time, on the metrics port
         with stage("characters"):
             tokens = req.tokens or self.encode_characters(req.character_inputs)
         with stage("text"):
             text, truncated = self.text_encoding()(req.prompt, req.negative_prompt)
         with stage("denoise"):
-            latents = self.s.latents(req.options, text, tokens, r.is_cancelled, on_step=on_step)
+            latents = self.sampling.latents(req.options, text, tokens, r.is_cancelled, on_step=on_step)
         with stage("vae"):
-            image = decode(self.s.vae01, latents)
+            image = decode(self.sampling.vae01, latents)
         png = b""
         if req.encode_png:
             with stage("png"):
@@ -88,7 +89,7 @@ class FrameModel(SamplingModel):
         """The `encode_characters` model's tokens for the request's character inputs (already within budget)."""
         out = self.glue.bls("encode_characters", inputs, ["IMAGE_TOKENS", "NEG_IMAGE_TOKENS"])
         pos, neg = out["IMAGE_TOKENS"], out["NEG_IMAGE_TOKENS"]
-        check_tokens(pos, neg, self.s.dim)
+        check_tokens(pos, neg, self.sampling.dim)
         return pos, neg
 
     def text_encoding(self) -> TextEncoding:
@@ -96,7 +97,7 @@ class FrameModel(SamplingModel):
         this process (`inprocess`): one hop less than calling the `text_encoder` model. Made on first use."""
         with self._text_lock:
             if self._text is None:
-                self._text = TextEncoding(self.s.build, self.s.text_fns)
+                self._text = TextEncoding(self.sampling.build, self.sampling.text_fns)
             return self._text
 
 
@@ -117,15 +118,16 @@ class StreamModel(FrameModel):
     def preview(self) -> LatentPreview:
         with self._preview_lock:
             if self._preview is None:
-                b = self.s.build
-                lo = b.component("vae_decoder").profile["latent"]["min"]        # the smallest decode the engine takes
-                self._preview = LatentPreview.fit(self.s.vae01, b.latent_channels, (lo[2], lo[3]), b.vae_factor)
+                build = self.sampling.build
+                lo = build.component("vae_decoder").profile["latent"]["min"]   # the smallest decode the engine takes
+                self._preview = LatentPreview.fit(self.sampling.vae01, build.latent_channels, (lo[2], lo[3]),
+                                                  build.vae_factor)
             return self._preview
 
     def _respond(self, r, sender):
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
-            req = frame_request(self.glue, r, self.s.build, stream=True)
+            req = frame_request(self.glue, r, self.sampling.build, stream=True)
             every = req.preview_every
             preview, done = (self.preview() if every else None), [0]
 

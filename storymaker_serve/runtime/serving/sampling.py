@@ -194,10 +194,10 @@ class SamplingModel:
     def initialize(self, args):
         _, params = setup(args)
         self.glue = Glue(self.pb, params)
-        self.s = Sampling(self.glue, params["build_dir"], params.get("send_zero_residuals", "false"),
+        self.sampling = Sampling(self.glue, params["build_dir"], params.get("send_zero_residuals", "false"),
                           float(params.get("step_batch_wait_ms", 10.0)), params.get("denoise_engines", "bls"))
         self.metrics = StageMetrics(self.pb, params.get("component", "storymaker"))
-        self.s.batcher.on_execution = self.metrics.execution
+        self.sampling.batcher.on_execution = self.metrics.execution
         self.pool = LifoPool(int(params.get("max_inflight", 16)), "request")
         _import_before_threads()
 
