@@ -261,13 +261,17 @@ def test_build_loads_one_component_at_a_time(tmp_path, built, monkeypatch):
     """The memory-conscious build never loads the whole SDXL pipeline (a full-size fp32 UNet is 11.6 GB; the old
     build held a fused and an unfused one): each component loads its own part, and the UNet is exported from the
     same model whose unfused processors gave the reference outputs."""
+    import storymaker_serve.export.stage as stage
     import storymaker_serve.runtime.loaders as L
 
-    monkeypatch.setattr(L, "load_sdxl", lambda *a, **k: pytest.fail("whole SDXL pipeline loaded"))
-    monkeypatch.setattr(L, "load_storymaker", lambda *a, **k: pytest.fail("all models loaded at once"))
+    for module in (L, stage):                    # wherever the build could call them from
+        monkeypatch.setattr(module, "load_sdxl", lambda *a, **k: pytest.fail("whole SDXL pipeline loaded"),
+                            raising=False)
+        monkeypatch.setattr(module, "load_storymaker", lambda *a, **k: pytest.fail("all models loaded at once"),
+                            raising=False)
     loaded = []
     real = L.load_sdxl_part
-    monkeypatch.setattr(L, "load_sdxl_part", lambda path, part, *a: loaded.append(part) or real(path, part, *a))
+    monkeypatch.setattr(stage, "load_sdxl_part", lambda path, part, *a: loaded.append(part) or real(path, part, *a))
     assert main(["--weights", str(built / "demo_bundle"), "--out", str(tmp_path / "b"),
                  "--components", "text_encoder,unet,vae_decoder"]) == 0
     assert loaded == ["text_encoder", "unet", "vae"]
