@@ -43,7 +43,7 @@ clean:
 	rm -rf $(VENV) out build demo_bundle
 
 # Regenerate the locks from pyproject.toml's ranges (newest versions that fit), with uv. Run the suite after it.
-# lock.txt: this machine's CPU install (Python 3.11, Linux x86_64, torch's CPU wheel; the dev and CI venv).
+# lock.txt: the CPU install (Python 3.11, Linux x86_64, torch's CPU wheel; the dev and CI venv).
 # lock-gpu.txt: the serving image (deploy/Dockerfile: Python 3.12, CUDA torch, onnxruntime-gpu only).
 UV_VERSION   := 0.13.9
 TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)

@@ -1,6 +1,9 @@
 """What several test modules share: the test photos, the demo story's characters, diffusers' SDXL scheduler
 config, small UNet inputs and the host-read probe. Test modules import from here, never from each other."""
 
+import contextlib
+import shutil
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -50,3 +53,22 @@ class HostSyncs(TorchDispatchMode):
         if to_host or any(s in name for s in ("_local_scalar_dense", "nonzero", "aten.equal")):
             self.ops.append(name)
         return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """Full float32 on a GPU while it lasts: TF32 off for cuBLAS matmuls and for cuDNN convolutions (both default to
+    TF32 on Ampere and later), restored afterwards. A no-op for results on the CPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def copy_build(built, tmp_path):
+    """A private copy of the session's demo build (the bundle stays where the manifest's keys expect it)."""
+    dst = tmp_path / "build"
+    shutil.copytree(built, dst, symlinks=True, ignore=shutil.ignore_patterns("demo_bundle", "triton_repo*"))
+    return dst

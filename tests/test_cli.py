@@ -68,3 +68,22 @@ def test_torch_opt_flags_need_the_torch_opt_backend(bundle, capsys):
     with pytest.raises(SystemExit):
         main(["--weights", str(bundle), "--prompt", "a man", "--character", "a,b", "--fused-qkv"])
     assert "--fused-qkv needs --backend torch-opt" in capsys.readouterr().err
+
+
+def test_every_scheduler_runs_from_the_command_line(bundle, tmp_path, capsys):
+    import pytest
+
+    from storymaker_serve.runtime.sampler_names import SCHEDULERS
+
+    char = f"{DATA}/ldh.png,{DATA}/ldh_mask.png,{DATA}/ldh.face.json"
+    one = ["--weights", str(bundle), "--prompt", "a man", "--character", char, "--steps", "2", "--width", "64",
+           "--height", "48"]
+    for name in SCHEDULERS:
+        assert main([*one, "--scheduler", name, "--out", str(tmp_path / name)]) == 0, name
+        frame = json.loads((tmp_path / name / "settings.json").read_text())["frames"][0]
+        assert frame["scheduler"] == name and frame["unet_rows"] == 4
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([*one, "--scheduler", "bogus"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "invalid choice: 'bogus'" in err and all(n in err for n in SCHEDULERS)

@@ -1,7 +1,7 @@
 """Fused dual-stream attention kernel vs the two-SDPA reference (Triton interpreter on CPU, native on a GPU)."""
 import pytest
 import torch
-from helpers import unet_inputs, unet_with
+from helpers import exact_fp32, unet_inputs, unet_with
 
 from storymaker_serve.kernels.dual_attention import dual_attention, dual_attention_reference
 from storymaker_serve.runtime.kernel_attention import KernelAttnProcessor, use_dual_attention_kernel
@@ -21,9 +21,8 @@ def qkv(b, h, m, d, n_img, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("ip_scale", [0.0, 0.8])
 def test_dual_attention_matches_reference_fp32(m, chars, ip_scale):
     t = qkv(2, 2, m, 64, 20 * (chars + 1), seed=m + chars)
-    if DEV == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-    got, want = dual_attention(*t, ip_scale), dual_attention_reference(*t, ip_scale)
+    with exact_fp32():
+        got, want = dual_attention(*t, ip_scale), dual_attention_reference(*t, ip_scale)
     assert got.shape == want.shape == (2, 2, m, 64)
     assert (got - want).abs().max().item() <= FP32_TOL
 
@@ -67,8 +66,6 @@ def test_dual_attention_unet_step_matches_reference_processors(bundle, monkeypat
     # model and inputs on the test device: on a GPU the kernel runs natively only on CUDA tensors
     (ref, _), (fused, _) = unet_with(bundle, fuse=False), unet_with(bundle, fuse=True)
     ref, fused = ref.to(DEV), fused.to(DEV)
-    if DEV == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
     assert use_dual_attention_kernel(fused) == len(fused.attn_processors) // 2
     if fused_qkv:
         use_fused_projections(fused)
@@ -76,7 +73,7 @@ def test_dual_attention_unet_step_matches_reference_processors(bundle, monkeypat
     real = kd.dual_attention
     monkeypatch.setattr(kd, "dual_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     x = to_device(unet_inputs(ref, t_img=60), DEV)
-    with torch.no_grad():
+    with torch.no_grad(), exact_fp32():
         want = ref(**x).sample
         got = fused(**x, cross_attention_kwargs={"ip_scale": torch.tensor([0.8, 0.8], device=DEV)}).sample
     assert len(calls) == len(fused.attn_processors) // 2                    # the kernel ran in every cross-attention

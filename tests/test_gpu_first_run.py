@@ -105,3 +105,125 @@ def test_tensorrt_provider_gets_the_component_profile(built):
         assert set(entries) == set(prof)
         assert entries["sample"] == "x".join(str(d) for d in prof["sample"][which])
     assert "trt_profile_min_shapes" not in session_providers(["tensorrt"], 0, "/cache")[1][0]
+
+
+def test_exact_fp32_turns_off_tf32_for_matmuls_and_convolutions():
+    """The GPU parity tests' fp32 reference: TF32 off for both cuBLAS and cuDNN (convolutions default to TF32),
+    and the settings restored after."""
+    import torch
+    from helpers import exact_fp32
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    with exact_fp32():
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert torch.backends.cudnn.allow_tf32 is True
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def _engine_build(monkeypatch, gpu: dict, built_calls: list):
+    """TensorRT 'available' with a stand-in builder on a stand-in GPU."""
+    import storymaker_serve.export.tensorrt as trt_mod
+
+    def fake_build(plan):
+        built_calls.append(plan.component)
+        plan.engine_path.parent.mkdir(parents=True, exist_ok=True)
+        plan.engine_path.write_bytes(plan.component.encode())
+        return plan.engine_path
+
+    monkeypatch.setattr(trt_mod, "availability", lambda: (True, "ok"))
+    monkeypatch.setattr(trt_mod, "tensorrt_version", lambda: "10.8.0")
+    monkeypatch.setattr(trt_mod, "gpu_identity", lambda: gpu)
+    monkeypatch.setattr(trt_mod, "build_engine", fake_build)
+
+
+@pytest.mark.slow
+def test_engines_are_kept_per_gpu_and_never_dropped_by_a_rebuild(built, tmp_path, monkeypatch, capsys):
+    """Engine keys and records hold the GPU's compute capability: a rebuild on another GPU builds them again
+    instead of calling them cached; a rebuild without TensorRT, or with --engines off, keeps built engines."""
+    import json
+
+    from helpers import copy_build
+
+    import storymaker_serve.export.tensorrt as trt_mod
+    from storymaker_serve.export.build import main as build_main
+
+    b, calls = copy_build(built, tmp_path), []
+    args = ["--weights", str(built / "demo_bundle"), "--out", str(b)]
+    _engine_build(monkeypatch, {"gpu": "NVIDIA A100", "compute_capability": "8.0"}, calls)
+    assert build_main(args) == 0
+    engines = {n: c["engine"] for n, c in json.loads((b / "manifest.json").read_text())["components"].items()}
+    assert engines["unet"]["compute_capability"] == "8.0" and engines["unet"]["gpu"] == "NVIDIA A100"
+    first = len(calls)
+    assert build_main(args) == 0 and len(calls) == first                     # same GPU: cached
+    monkeypatch.setattr(trt_mod, "gpu_identity", lambda: {"gpu": "NVIDIA H200", "compute_capability": "9.0"})
+    assert build_main(args) == 0 and len(calls) == 2 * first                 # another GPU: built again
+    for no_trt in (["--engines", "off"], []):
+        monkeypatch.setattr(trt_mod, "availability", lambda: (False, "no CUDA GPU is visible"))
+        assert build_main(args + no_trt) == 0
+        m = json.loads((b / "manifest.json").read_text())
+        assert all(c["engine"]["status"] == "built" and c["engine"]["compute_capability"] == "9.0"
+                   for c in m["components"].values()), no_trt
+    capsys.readouterr()
+
+
+def test_the_ngc_command_checks_the_gpu_and_tensorrt_here(built, tmp_path, monkeypatch):
+    """By default (no --container-tensorrt) the engines are checked against the TensorRT and the GPU where the
+    command runs: engines for another compute capability or TensorRT are refused with the fix."""
+    import json
+
+    from helpers import copy_build
+
+    import storymaker_serve.runtime.serving.ngc as ngc
+
+    b = copy_build(built, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    for c in m["components"].values():
+        c["engine"] = {"status": "built", "path": "engines/x.plan", "tensorrt": "10.8.0", "version_compatible": False,
+                       "compute_capability": "8.0", "hardware_compatibility": "none"}
+    (b / "manifest.json").write_text(json.dumps(m))
+    monkeypatch.setattr(ngc, "tensorrt_version", lambda: None)
+    monkeypatch.setattr(ngc, "gpu_identity", lambda: {"gpu": "NVIDIA H200", "compute_capability": "9.0"})
+    with pytest.raises(DeploymentError, match=r"built for compute capability \['8.0'\] but this GPU \(NVIDIA H200\) "
+                                              r"is 9.0.*--trt-hardware-compat ampere\+"):
+        ngc.ngc_command(b)
+    monkeypatch.setattr(ngc, "gpu_identity", lambda: {"gpu": "NVIDIA A100", "compute_capability": "8.0"})
+    cmd, notes = ngc.ngc_command(b)
+    assert any("NVIDIA A100" in n for n in notes)
+    monkeypatch.setattr(ngc, "tensorrt_version", lambda: "10.9.0")            # the TensorRT installed here
+    with pytest.raises(DeploymentError, match="TensorRT 10.9.0 cannot load the engines"):
+        ngc.ngc_command(b)
+
+
+def test_noise_on_the_gpu_is_an_option_with_a_clear_error_elsewhere(monkeypatch):
+    """The release draws its starting noise with torch.Generator(device="cuda"): noise_device="cuda" does the same
+    (the release's images for a seed); the CPU default stays portable. Without a GPU the option is refused."""
+    import torch
+
+    import storymaker_serve.runtime.denoise as denoise_mod
+    from storymaker_serve.runtime.errors import InputError
+    from storymaker_serve.runtime.pipeline import GenerateOptions
+
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="noise_device cuda needs a CUDA GPU"):
+            GenerateOptions("x", noise_device="cuda").validate()
+    with pytest.raises(InputError, match="noise_device 'tpu'"):
+        GenerateOptions("x", noise_device="tpu").validate()
+    asked, real = [], torch.Generator
+    monkeypatch.setattr(denoise_mod.torch, "Generator", lambda device="cpu": asked.append(device) or real("cpu"))
+    denoise_mod.noise_generator(3, "cuda")
+    assert asked == ["cuda"]
+
+
+@pytest.mark.gpu
+def test_cuda_noise_is_the_releases_noise():
+    import torch
+
+    from storymaker_serve.runtime.denoise import initial_latents, noise_generator
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    ours = initial_latents(7, 64, 64, 4, 8, noise_generator(7, "cuda"))
+    release = torch.randn((1, 4, 8, 8), generator=torch.Generator(device="cuda").manual_seed(7), device="cuda")
+    assert ours.device.type == "cuda" and torch.equal(ours, release)
+    assert not torch.equal(ours.cpu(), initial_latents(7, 64, 64, 4, 8))

@@ -11,20 +11,13 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from helpers import DATA
+from helpers import DATA, copy_build
 
 from storymaker_serve.export.build import main as build_main
 from storymaker_serve.export.triton_config import parse_pbtxt
 from storymaker_serve.runtime.errors import StoryMakerError
 
 ENGINE_MODELS = ("clip_vision", "ppr", "text_encoder_1", "text_encoder_2", "unet", "controlnet", "vae_decoder")
-
-
-def _copy_build(built, tmp_path):
-    """A private copy of the session's demo build (the bundle stays where the manifest's keys expect it)."""
-    dst = tmp_path / "build"
-    shutil.copytree(built, dst, symlinks=True, ignore=shutil.ignore_patterns("demo_bundle", "triton_repo*"))
-    return dst
 
 
 def test_batched_configs_promise_no_more_rows_than_the_profile(built):
@@ -67,7 +60,7 @@ def test_ngc_repository_is_relocatable(built, tmp_path):
 def test_ngc_python_env_is_copied_and_named_relative(built, tmp_path):
     from storymaker_serve.export.triton_repo import write_ngc_repo
 
-    b = _copy_build(built, tmp_path)
+    b = copy_build(built, tmp_path)
     env = tmp_path / "env.tar.gz"
     env.write_bytes(b"packed")
     out, _ = write_ngc_repo(b, python_env=env)
@@ -85,7 +78,7 @@ def test_engine_failures_are_recorded_and_survive_a_partial_rebuild(built, tmp_p
     onnxruntime (saying why) where it failed. A later partial build keeps the other components' engines."""
     import storymaker_serve.export.tensorrt as trt_mod
 
-    b = _copy_build(built, tmp_path)
+    b = copy_build(built, tmp_path)
     monkeypatch.setattr(trt_mod, "availability", lambda: (True, "ok"))
     monkeypatch.setattr(trt_mod, "tensorrt_version", lambda: "10.8.0")
 
@@ -124,10 +117,11 @@ def test_engine_failures_are_recorded_and_survive_a_partial_rebuild(built, tmp_p
 
 
 def test_launcher_states_the_tensorrt_an_ngc_container_needs(built, tmp_path):
+    from storymaker_serve.runtime.gpu import trt_loads as _trt_loads
     from storymaker_serve.runtime.serving.launcher import main
-    from storymaker_serve.runtime.serving.ngc import _trt_loads, ngc_command
+    from storymaker_serve.runtime.serving.ngc import ngc_command
 
-    b = _copy_build(built, tmp_path)
+    b = copy_build(built, tmp_path)
     m = json.loads((b / "manifest.json").read_text())
     cmd, notes = ngc_command(b)                     # no engines: onnxruntime models, no TensorRT requirement
     assert "--model-repository=/models/triton_repo_ngc" in cmd and not any("backend-config" in c for c in cmd)
@@ -165,7 +159,7 @@ def test_refit_weights_are_found_by_stable_names(built, tmp_path, capsys):
     from storymaker_serve.export.refit import check_refit_names
     from storymaker_serve.export.refit import main as refit_main
 
-    b = _copy_build(built, tmp_path)
+    b = copy_build(built, tmp_path)
     m = json.loads((b / "manifest.json").read_text())
     old_onnx = b / m["components"]["unet"]["files"][0]["path"]
     n_attn = sum(1 for n in onnx.load(str(old_onnx)).graph.node if n.name.endswith("/attn1/to_q/MatMul"))
@@ -259,7 +253,7 @@ def test_deployment_sets_providers_instances_and_batch(built, tmp_path, device, 
     from storymaker_serve.runtime.manifest import Manifest
     from storymaker_serve.runtime.serving.engines import session_providers
 
-    b = _copy_build(built, tmp_path)
+    b = copy_build(built, tmp_path)
     argv = ["--weights", str(built / "demo_bundle"), "--out", str(b), "--device", device, "--gpu-instances", str(gpus)]
     assert build_main(argv + (["--providers", providers] if providers else [])) == 0
     m = Manifest(b)

@@ -55,8 +55,9 @@ def test_a_good_story_loads_with_absolute_paths(tmp_path):
     (tmp_path / "story.yaml").write_text(GOOD + "defaults: {steps: 4, seed: 3}\n")
     story = Story.load(tmp_path / "story.yaml")
     assert story.characters[0]["photo"] == str(DATA / "ldh.png") and story.defaults == {"steps": 4, "seed": 3}
-    [(names, opts)] = check_story(story, {"width": 64})
+    [(names, opts, given)] = check_story(story, {"width": 64})
     assert names == ["man"] and (opts.steps, opts.seed, opts.width) == (4, 3, 64)
+    assert given == {"steps", "seed", "width"}
 
 
 def test_a_wrong_port_is_reported_within_the_connect_timeout(tmp_path, capsys):

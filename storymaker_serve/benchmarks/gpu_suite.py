@@ -1,7 +1,7 @@
-"""`python -m benchmarks.gpu_suite`: every GPU figure the performance issue asks for, in named stages.
+"""`python -m benchmarks.gpu_suite`: every GPU figure of the performance goals, in named stages.
 
-A lent GPU session is short, so the whole GPU to-do list is one command per
-stage (each fits a 10-minute call):
+Each stage is one command that finishes in a few minutes on one GPU, so a short time on a GPU host covers the
+list stage by stage:
 
 - `tests`: the GPU variants of the parity tests (fp16/bf16 torch-opt with every
   optimisation vs the fp32 reference; the fused kernel natively).
@@ -15,16 +15,11 @@ stage (each fits a 10-minute call):
 - `sizes`: the best eager ladder rung at 768/1024/1280 px and 1/2 characters
   (the latency-vs-resolution and vs-characters charts).
 
-Results go to `--results DIR` (default benchmarks/results; on the device tool
-pass `$OUT`) as the usual JSON lines plus one `suite.jsonl` line per stage
-(exit code, seconds). A stage that fails is recorded and the next one runs.
-`--tiny` runs the same plumbing on the demo bundle at 64 px and 2 steps with
-the CUDA-only flags dropped when there is no GPU (how the CPU test checks it).
-
-On the lent GPU machine (no internet; PyTorch and Triton are there): carry the
-project's pure-Python requirements as wheels (recipe: the device tool's README;
-requirements/lock-gpu.txt minus what the image has), then
-`python -m benchmarks.gpu_suite --stages tests,kernel,e2e --results $OUT`.
+Results go to `--results DIR` (default benchmarks/results) as the usual JSON lines plus one `suite.jsonl` line
+per stage (exit code, seconds). A stage that fails is recorded and the next one runs. `--tiny` runs the same
+plumbing on the demo bundle at 64 px and 2 steps with the CUDA-only flags dropped when there is no GPU (how the
+CPU test checks it). On a GPU host without network, docs/performance.md ("Device check") says which wheels to
+bring.
 """
 from __future__ import annotations
 

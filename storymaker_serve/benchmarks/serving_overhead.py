@@ -326,7 +326,7 @@ def main(argv=None) -> list[dict]:
             warm = SERVER_WARM_UP                  # the first case of each server, then WARM_UP per case
             for ch, pose, png, conc, steps in [(*c, a.steps) for c in plan[engines]] + [(*plan[engines][0], 1)]:
                 # ~8 s per image with the residuals via BLS; 10x the images at concurrency 1, where one image is short
-                # (25-40 ms: a handful is within this machine's noise)
+                # (25-40 ms: a handful is within the host's noise)
                 n_each = 1 if (engines == "bls" and pose) else per_client * (10 if conc == 1 else 1)
                 rec = run_case(server, client, admin, ch, pose, conc, n_each, steps, a.width, a.height, png,
                                buf.getvalue(), warm)

@@ -28,6 +28,9 @@ from storymaker_serve.export.onnx_export import check_opset, export_onnx, to_fp1
 from storymaker_serve.export.stage import Stage
 from storymaker_serve.runtime.cli import add_component_args, argument_parser, component_paths, configure_logging
 from storymaker_serve.runtime.errors import StoryMakerError, cli_exit
+from storymaker_serve.runtime.few_step import sampling_defaults
+from storymaker_serve.runtime.pipeline import GenerateOptions
+from storymaker_serve.runtime.sampler_names import SCHEDULERS, SPACINGS
 from storymaker_serve.runtime.serving.engines import session_providers
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "same major; serve with --backend-config=tensorrt,version-compatible=true)")
     ap.add_argument("--trt-hardware-compat", choices=("none", "ampere+", "same-cc"), default="none",
                     help="TensorRT hardware compatibility level (default none: this GPU's architecture only)")
+    smp = ap.add_argument_group("sampling defaults (served when a request gives none; a few-step --lora sets its "
+                                "authors' recommendation, these flags win)")
+    smp.add_argument("--default-scheduler", choices=SCHEDULERS, help="sampler (default: unipc, the release's)")
+    smp.add_argument("--default-timestep-spacing", choices=SPACINGS, help="timestep spacing (default: the config's)")
+    smp.add_argument("--default-steps", type=int, help="sampling steps (default: 25)")
+    smp.add_argument("--default-guidance", type=float, help="guidance scale; <= 1 runs no CFG batch (default: 7.5)")
     dep = ap.add_argument_group("deployment (where the served engine models run)")
     dep.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="engine models on the CPU or on GPUs")
     dep.add_argument("--providers", help="onnxruntime execution providers in priority order, from tensorrt, cuda, cpu "
@@ -93,6 +102,16 @@ def parse_args(argv=None) -> argparse.Namespace:
             ap.error("--out DIR is required: the build folder to write (e.g. --out build/prod)")
         a.out = Path("build/demo")
     return a
+
+
+def build_sampling_defaults(a, loras) -> dict:
+    """What the deployment serves when a request gives no scheduler, spacing, steps or guidance: a few-step LoRA's
+    recommendation (runtime/few_step.py), then the --default-* flags over it."""
+    flags = {"scheduler": a.default_scheduler, "timestep_spacing": a.default_timestep_spacing,
+             "steps": a.default_steps, "guidance": a.default_guidance}
+    out = {**sampling_defaults(loras), **{k: v for k, v in flags.items() if v is not None}}
+    GenerateOptions("check", **out).validate()
+    return out
 
 
 def deployment(a) -> dict:
@@ -274,7 +293,9 @@ def build(a) -> int:
     stage, records = Stage(layout, a, prof), {}
 
     settings = dict(opset=a.opset, profile=asdict(prof), lora_scale=a.lora_scale)
-    extra: dict = {}
+    extra: dict = {"sampling_defaults": build_sampling_defaults(a, layout.style_loras)}
+    if extra["sampling_defaults"]:
+        print(f"sampling defaults served: {extra['sampling_defaults']}", flush=True)
     hasher.save()
     assets = _assets(layout, out)
 
@@ -324,7 +345,9 @@ def build(a) -> int:
             print(f"TensorRT engines: skipped: {'; '.join(sorted(skipped))}", flush=True)
     else:
         for name in records:
-            records[name]["engine"] = {"status": "skipped", "reason": "--engines off"}
+            kept = (old.get(name) or {}).get("engine") or {}
+            built = kept.get("status") == "built" and (out / kept["path"]).exists()
+            records[name]["engine"] = kept if built else {"status": "skipped", "reason": "--engines off"}
     extra["engines"] = trt_build.summary({**old, **records})
     write_manifest()
     print("\nparity (onnxruntime CPU vs PyTorch reference)\n" + _table(records))

@@ -156,7 +156,7 @@ def build_specs(m, prof: ExportProfile) -> dict[str, ComponentSpec]:
     lat = lambda px: px // f
     hw = {"h": (lat(prof.min_size), lat(prof.opt_size), lat(prof.max_size))}
     hw["w"] = hw["h"]
-    n2 = {"N": (2, 2, 2 * prof.max_batch)}
+    n2 = {"N": (1, 2, 2 * prof.max_batch)}             # 1: a request without CFG (guidance <= 1)
     s_rng = {"S": (L + 2 * tpc, L + (1 + min(2, prof.max_characters)) * tpc, L + (1 + prof.max_characters) * tpc)}
     pooled = u.projection_class_embeddings_input_dim - 6 * u.addition_time_embed_dim
     cond = [_f("text_embeds", ("N", pooled)), _f("time_ids", ("N", 6), 0.0, 1.0)]

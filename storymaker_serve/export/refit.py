@@ -4,7 +4,7 @@ Steps: re-export the UNet ONNX with the new LoRA settings (the same spec, profil
 build, parity checked as in `export.build`) into `BUILD/refit/`, check that its weights carry exactly the names
 of the engine's source ONNX (TensorRT's `OnnxParserRefitter` matches weights by initializer name; export keeps
 them stable, see `onnx_export.stable_weight_names`), then refit the engine (`export/tensorrt.refit_engine`).
-The TensorRT step is WRITTEN, NOT RUN here (no TensorRT on our machines); everything before it runs on a CPU.
+The TensorRT step is WRITTEN, NOT RUN (it has not run with TensorRT yet); everything before it runs on a CPU.
 """
 from __future__ import annotations
 

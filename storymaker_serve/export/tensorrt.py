@@ -1,4 +1,4 @@
-"""TensorRT engines from the build's ONNX files (WRITTEN, NOT RUN HERE: no TensorRT on our machines).
+"""TensorRT engines from the build's ONNX files (WRITTEN, NOT RUN: they have not been built with TensorRT yet).
 
 Written against TensorRT 10's documented Python API: strongly typed networks
 (the ONNX dtypes decide the precision, so fp16 comes from the fp16 ONNX),
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from storymaker_serve.export.manifest import model_file
+from storymaker_serve.runtime.gpu import gpu_identity, tensorrt_version
 
 log = logging.getLogger(__name__)
 REFITTABLE = ("unet",)
@@ -76,15 +77,6 @@ def availability() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA GPU is visible"
     return True, "ok"
-
-
-def tensorrt_version() -> str | None:
-    try:
-        from importlib import metadata
-
-        return metadata.version("tensorrt")
-    except Exception:  # noqa: BLE001 - not installed
-        return None
 
 
 def plan_engines(records: dict, out: Path, opts: EngineOptions = EngineOptions()) -> list[EnginePlan]:
@@ -162,7 +154,9 @@ def refit_engine(engine_path: Path, onnx_path: Path, out_path: Path | None = Non
 
 
 def engine_key(component_key: str, plan: EnginePlan) -> str:
+    gpu = "ampere+" if plan.hardware_compatibility == "ampere+" else gpu_identity().get("compute_capability")
     blob = json.dumps({"component": component_key, "refittable": plan.refittable, "tensorrt": tensorrt_version(),
+                       "compute_capability": gpu,
                        "version_compatible": plan.version_compatible, "hw": plan.hardware_compatibility,
                        "profile": {k: {w: list(v) for w, v in p.items()} for k, p in plan.profile.items()}},
                       sort_keys=True)
@@ -172,16 +166,20 @@ def engine_key(component_key: str, plan: EnginePlan) -> str:
 def build_engines(records: dict, out: Path, opts: EngineOptions = EngineOptions(), on_record=None) -> dict[str, dict]:
     """Build one engine per component, independently: a failure is recorded for that component and the others
     still build. Returns {component: engine record}; `on_record(name, record)` is called after each one so the
-    caller can write the manifest at once. An engine whose key (component key, options, TensorRT version,
-    profile) is unchanged and whose file still exists is reused ("cached")."""
+    caller can write the manifest at once. An engine whose key (component key, options, TensorRT version, the GPU's
+    compute capability, profile) is unchanged and whose file still exists is reused ("cached"); so is a built one
+    where TensorRT or a GPU is missing now (a rebuild elsewhere never drops the engines)."""
     ok, reason = availability()
     result = {}
     for p in plan_engines(records, out, opts):
-        base = {"tensorrt": tensorrt_version(), "refittable": p.refittable, "version_compatible": p.version_compatible,
+        base = {"tensorrt": tensorrt_version(), **gpu_identity(), "refittable": p.refittable,
+                "version_compatible": p.version_compatible,
                 "hardware_compatibility": p.hardware_compatibility}
         key = engine_key(records[p.component].get("key", ""), p)
         old = records[p.component].get("engine") or {}
-        if not ok:
+        if not ok and old.get("status") == "built" and (out / old["path"]).exists():
+            rec = {**old, "cached": True}               # no TensorRT here now: the engine built before stays
+        elif not ok:
             rec = {**base, "status": "skipped", "reason": reason}
         elif old.get("status") == "built" and old.get("key") == key and (out / old["path"]).exists():
             rec = {**old, "cached": True}

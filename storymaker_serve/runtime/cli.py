@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from storymaker_serve.examples import STORY
+from storymaker_serve.runtime.sampler_names import SCHEDULERS, SPACINGS
 
 LEVELS = ("debug", "info", "warning", "error")
 
@@ -107,12 +108,20 @@ def add_sampling_args(ap: argparse.ArgumentParser, title: str = "sampling (overr
 
     d = {f.name: f.default for f in fields(GenerateOptions)}
     g = ap.add_argument_group(title)
-    for name, typ, text in (("steps", int, "UniPC steps"), ("guidance", float, "classifier-free guidance scale"),
+    for name, typ, text in (("steps", int, "sampling steps"), ("guidance", float, "classifier-free guidance scale"),
                             ("width", int, "image width in pixels"), ("height", int, "image height in pixels"),
                             ("seed", int, "noise seed"), ("ip-scale", float, "character-image attention scale"),
                             ("controlnet-scale", float, "ControlNet residual scale (with a pose map)")):
         g.add_argument(f"--{name}", type=typ, help=f"{text} (default: the story's, else {d[name.replace('-', '_')]})")
     g.add_argument("--negative-prompt", help="negative prompt (default: the story's, else none: zero embeddings)")
+    g.add_argument("--scheduler", choices=SCHEDULERS,
+                   help="sampler (default: the story's, else the deployment's or the weights' default, else unipc)")
+    g.add_argument("--noise-device", choices=("cpu", "cuda"),
+                   help="where the seed's noise is drawn: cpu (the same images on every host) or cuda (the "
+                        "StoryMaker release's images; needs a GPU)")
+    g.add_argument("--timestep-spacing", choices=SPACINGS,
+                   help="timestep spacing (default: the story's, else the scheduler config's; few-step LoRAs such as "
+                        "SDXL-Lightning need trailing)")
     return g
 
 
@@ -135,7 +144,8 @@ def component_paths(a: argparse.Namespace) -> dict:
     return {n.replace("-", "_"): getattr(a, n.replace("-", "_")) for n, _ in COMPONENTS}
 
 
-SAMPLING_KEYS = ("steps", "guidance", "width", "height", "seed", "ip_scale", "controlnet_scale", "negative_prompt")
+SAMPLING_KEYS = ("steps", "guidance", "width", "height", "seed", "ip_scale", "controlnet_scale", "negative_prompt",
+                 "scheduler", "timestep_spacing", "noise_device")
 
 
 def sampling_overrides(a: argparse.Namespace) -> dict:

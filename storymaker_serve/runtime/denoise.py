@@ -4,9 +4,10 @@ A prompt becomes an image in three steps, the same for the reference, torch-opt,
 process and the Triton BLS models:
 
 1. `step_inputs(text, tokens, opts)`: what stays fixed over the loop (CFG batch [negative, positive]).
-2. `denoise(denoiser, inputs, opts, plan, vae_factor)`: the UniPC loop with classifier-free guidance over
-   host-precomputed scalars (`runtime/unipc.py`, bit-identical to diffusers' scheduler, which stays the
-   test oracle); latents stay where the denoiser works and the loop never reads a value back to the host.
+2. `denoise(denoiser, inputs, opts, plan, vae_factor)`: the sampling loop (UniPC by default, or any sampler of
+   `runtime/schedulers.py`) with classifier-free guidance above guidance 1, over host-precomputed scalars (equal
+   to diffusers' schedulers, which stay the test oracle); latents stay where the denoiser works and the loop never
+   reads a value back to the host.
 3. `decode(vae01, latents)`: latents -> uint8 image, through any "latents -> image in [0, 1]" function.
 
 A `Denoiser` computes eps for the CFG batch. Its `forward` holds the one ControlNet branch (residuals when the
@@ -30,7 +31,7 @@ from torch import nn
 from storymaker_serve.runtime import fused
 from storymaker_serve.runtime.attention import TEXT_TOKENS
 from storymaker_serve.runtime.errors import InputError
-from storymaker_serve.runtime.unipc import UniPCPlan, UniPCSampler
+from storymaker_serve.runtime.schedulers import sampler_for
 
 # Step inputs kept in float32 whatever the model precision: they feed sinusoidal embeddings (diffusers casts the
 # embedding, not its argument), and bf16's 8-bit mantissa would round sizes such as 1032 in time_ids
@@ -42,10 +43,20 @@ def vae_scale_factor(vae_config) -> int:
     return 2 ** (len(vae_config.block_out_channels) - 1)
 
 
-def initial_latents(seed: int, height: int, width: int, channels: int, vae_factor: int) -> torch.Tensor:
-    """The release's starting noise: diffusers' randn_tensor on a CPU generator, float32 (1, C, H/f, W/f)."""
-    g = torch.Generator("cpu").manual_seed(int(seed))
-    return randn_tensor((1, channels, height // vae_factor, width // vae_factor), generator=g, dtype=torch.float32)
+def noise_generator(seed: int, device: str = "cpu") -> torch.Generator:
+    """The generator a request's noise comes from: on the CPU by default (the same images on every host), or on the
+    GPU as the StoryMaker release does (`torch.Generator(device="cuda")`: its images, on CUDA hosts only)."""
+    return torch.Generator(device).manual_seed(int(seed))
+
+
+def initial_latents(seed: int, height: int, width: int, channels: int, vae_factor: int,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """The starting noise: diffusers' randn_tensor on the request's generator (a CPU one seeded with `seed` unless
+    given), float32 (1, C, H/f, W/f), on the generator's device. A stochastic sampler goes on drawing its step
+    noise from the same generator."""
+    g = generator if generator is not None else noise_generator(seed)
+    return randn_tensor((1, channels, height // vae_factor, width // vae_factor), generator=g, device=g.device,
+                        dtype=torch.float32)
 
 
 def pose_tensor(pose: np.ndarray, height: int, width: int) -> torch.Tensor:
@@ -53,9 +64,15 @@ def pose_tensor(pose: np.ndarray, height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]  # (1, 3, H, W)
 
 
+def uses_cfg(opts) -> bool:
+    """Classifier-free guidance runs (a batch of 2 per step) only above guidance 1, as in diffusers; at 1 or below
+    the loop runs the positive row alone, half the UNet rows."""
+    return opts.guidance > 1
+
+
 def step_inputs(text, tokens: tuple[torch.Tensor, torch.Tensor], opts, device: torch.device | str = "cpu") -> dict:
-    """The per-request UNet inputs that stay fixed over the loop, CFG batch [negative, positive], float32 on
-    `device`; `pose` and `controlnet_scale` only when the request has a pose map."""
+    """The per-request UNet inputs that stay fixed over the loop, CFG batch [negative, positive] (the positive row
+    alone without CFG), float32 on `device`; `pose` and `controlnet_scale` only when the request has a pose map."""
     f32 = dict(device=device, dtype=torch.float32)
     pos_tok, neg_tok = (torch.as_tensor(np.asarray(t) if not torch.is_tensor(t) else t).detach().to(**f32)
                         for t in tokens)
@@ -67,6 +84,8 @@ def step_inputs(text, tokens: tuple[torch.Tensor, torch.Tensor], opts, device: t
     if opts.pose_image is not None:
         out["pose"] = pose_tensor(opts.pose_image, opts.height, opts.width).to(**f32).repeat(2, 1, 1, 1)  # (2,3,H,W)
         out["controlnet_scale"] = torch.full((2,), float(opts.controlnet_scale), **f32)
+    if not uses_cfg(opts):
+        out = {k: v[1:] for k, v in out.items()}
     return out
 
 
@@ -191,28 +210,34 @@ class EngineDenoiser(Denoiser):
 
 
 @torch.no_grad()
-def denoise(denoiser: Denoiser, inputs: dict, opts, plan: UniPCPlan, vae_factor: int, in_channels: int = 4,
+def denoise(denoiser: Denoiser, inputs: dict, opts, plan, vae_factor: int, in_channels: int = 4,
             device: torch.device | str = "cpu", channels_last: bool = False, step_callback=None,
             on_step=None) -> torch.Tensor:
-    """The one loop: UniPC with CFG (batch of 2: negative, positive), latents float32 on `device`.
+    """The one loop: the plan's sampler (runtime/schedulers.py) with classifier-free guidance above guidance 1 (a
+    batch of 2: negative, positive; the positive row alone otherwise), latents float32 on `device`.
 
     `step_callback(i, n)` runs before each step and may raise to stop (cancellation); `on_step(i, n, x0)` after
     each step with the sampler's x0 prediction (previews; reading it on the host is the caller's choice). No host
     read happens inside the loop otherwise, so on a GPU it never synchronises (tests/test_fast.py probes it)."""
     denoiser.prepare(inputs)
-    sampler = UniPCSampler(plan)
-    x = (initial_latents(opts.seed, opts.height, opts.width, in_channels,
-                         vae_factor) * plan.init_noise_sigma).to(device)
+    generator = noise_generator(opts.seed, getattr(opts, "noise_device", "cpu"))
+    x = initial_latents(opts.seed, opts.height, opts.width, in_channels, vae_factor, generator)
+    sampler = sampler_for(plan, generator, tuple(x.shape), device)     # a stochastic sampler's noise: drawn next
+    x = (x * plan.init_noise_sigma).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     ts = torch.tensor(plan.timesteps, device=device, dtype=torch.float32)   # float32, uploaded once
-    n = len(plan.timesteps)
+    n, cfg = len(plan.timesteps), uses_cfg(opts)
     for i in range(n):
         if step_callback is not None:
             step_callback(i, n)
-        x = sampler.guided_step(denoiser(sampler.doubled(x), ts[i]).float(), opts.guidance, i, x)
+        x_in = sampler.model_input(x, i)
+        if cfg:
+            x = sampler.guided_step(denoiser(sampler.doubled(x_in), ts[i]).float(), opts.guidance, i, x)
+        else:
+            x = sampler.step(denoiser(x_in, ts[i]).float(), i, x)
         if on_step is not None:
-            on_step(i, n, sampler.ms[-1])
+            on_step(i, n, sampler.x0)
     return x
 
 
@@ -255,4 +280,5 @@ def engine_vae01(vae_fn):
 
 
 __all__ = ["Denoiser", "TorchDenoiser", "EngineDenoiser", "denoise", "decode", "VAEDecode", "engine_vae01",
-           "step_inputs", "initial_latents", "vae_scale_factor", "pose_tensor"]
+           "step_inputs", "initial_latents", "vae_scale_factor", "pose_tensor", "uses_cfg",
+           "noise_generator"]

@@ -189,7 +189,7 @@ class FastPipeline(StoryMakerPipeline):
                 step_callback=None) -> torch.Tensor:
         """runtime.denoise.denoise on the device: no host synchronisation until the caller reads the result."""
         t0 = time.perf_counter()
-        x = denoise(self.denoiser, step_inputs(text, tokens, opts, self.dev), opts, self.plan(opts.steps),
+        x = denoise(self.denoiser, step_inputs(text, tokens, opts, self.dev), opts, self.plan(opts),
                     self.vae_factor, self.m.sdxl.unet.config.in_channels, device=self.dev,
                     channels_last=self.o.channels_last, step_callback=step_callback)
         if times is not None:

@@ -30,6 +30,7 @@ from storymaker_serve.runtime.cli import (
 )
 from storymaker_serve.runtime.errors import StoryMakerError
 from storymaker_serve.runtime.fast import FastOptions, FastPipeline
+from storymaker_serve.runtime.few_step import sampling_defaults
 from storymaker_serve.runtime.loaders import load_storymaker
 from storymaker_serve.runtime.story import Frame, LocalStoryMaker, Story, check_story, run_story
 from storymaker_serve.runtime.weights import WeightsLayout
@@ -140,7 +141,10 @@ def main(argv=None) -> int:
     try:
         story = Story.load(a.story) if a.story else _single_frame_story(a)
         overrides = sampling_overrides(a)
-        check_story(story, overrides)                   # the story's own mistakes first, before the weights load
+        base = sampling_defaults(a.lora)                # a few-step LoRA's recommended sampler, steps, guidance
+        if base:
+            print(f"few-step LoRA: sampling defaults {base} (the story's and the flags' own values win)", flush=True)
+        check_story(story, overrides, base)             # the story's own mistakes first, before the weights load
         if a.story and (a.identity_only or a.interpolation is not None):
             for f in story.frames:
                 f.identity_only = f.identity_only or a.identity_only
@@ -155,7 +159,7 @@ def main(argv=None) -> int:
               "frame(s) "
               f"with {len(story.characters)} character(s)", flush=True)
         pipeline = LocalStoryMaker(make_pipeline(a, models))
-        paths = run_story(pipeline, story, a.out, overrides, progress=lambda s: print(s, flush=True))
+        paths = run_story(pipeline, story, a.out, overrides, progress=lambda s: print(s, flush=True), base=base)
     except StoryMakerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -103,6 +103,12 @@ class Manifest:
         return out
 
     @property
+    def sampling_defaults(self) -> dict:
+        """GenerateOptions fields this build serves by default (`export.build --lora` with a few-step LoRA, or
+        --default-scheduler ...): a request's own values win."""
+        return dict(self.data.get("sampling_defaults") or {})
+
+    @property
     def scheduler_config(self) -> dict:
         return json.loads((self.path / self.assets["scheduler_config"]).read_text())
 

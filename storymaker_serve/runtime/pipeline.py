@@ -23,7 +23,7 @@ import torch
 from storymaker_serve.runtime.characters import encode_characters
 from storymaker_serve.runtime.denoise import TorchDenoiser, VAEDecode, decode, denoise, step_inputs, vae_scale_factor
 from storymaker_serve.runtime.errors import InputError
-from storymaker_serve.runtime.unipc import UniPCPlan
+from storymaker_serve.runtime.schedulers import cached_plan, check_name
 
 log = logging.getLogger(__name__)
 MAX_SEED = 2**32 - 1
@@ -41,6 +41,9 @@ class GenerateOptions:
     ip_scale: float = 0.8
     pose_image: np.ndarray | None = None  # uint8 RGB OpenPose map
     controlnet_scale: float = 1.0
+    scheduler: str = "unipc"             # runtime/schedulers.py: SCHEDULERS
+    timestep_spacing: str | None = None  # leading, trailing or linspace; None: the scheduler config's
+    noise_device: str = "cpu"            # where the seed's noise is drawn: cpu (portable) or cuda (the release's)
 
     def validate(self, vae_factor: int = 8) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -51,11 +54,17 @@ class GenerateOptions:
             v = getattr(self, k)
             if v <= 0 or v % vae_factor:
                 raise InputError(f"{k}={v} must be a positive multiple of {vae_factor}")
+        check_name(self.scheduler, self.timestep_spacing)
+        if self.noise_device not in ("cpu", "cuda"):
+            raise InputError(f"noise_device {self.noise_device!r}: use cpu (the same images on every host) or cuda "
+                             "(the release's images: it draws its starting noise on the GPU)")
+        if self.noise_device == "cuda" and not torch.cuda.is_available():
+            raise InputError("noise_device cuda needs a CUDA GPU on the host that runs the loop; use cpu")
         if not np.isfinite([self.guidance, self.ip_scale, self.controlnet_scale]).all():
             raise InputError("guidance, ip_scale and controlnet_scale must be finite numbers")
         if not 0 <= int(self.seed) <= MAX_SEED:
-            raise InputError(f"seed={self.seed} must be 0..{MAX_SEED}: the CPU generator that draws the starting noise "
-                             "(as in the release) uses 32 bits, so larger seeds would repeat images")
+            raise InputError(f"seed={self.seed} must be 0..{MAX_SEED}: the generator that draws the starting noise "
+                             "uses 32 bits, so larger seeds would repeat images")
 
 
 @dataclass
@@ -103,20 +112,19 @@ class StoryMakerPipeline:
     def __init__(self, models):
         self.m = models
         self.vae_factor = vae_scale_factor(models.sdxl.vae.config)
-        self.plans: dict[int, UniPCPlan] = {}
+        self.plans: dict[tuple, object] = {}
 
     def encode_characters(self, chars, identity_only: bool = False, interpolation: float | None = None):
         return encode_characters(self.m, chars, identity_only, interpolation)
 
-    def plan(self, steps: int) -> UniPCPlan:
-        if steps not in self.plans:
-            self.plans[steps] = UniPCPlan(self.m.sdxl.scheduler_config, steps)
-        return self.plans[steps]
+    def plan(self, opts: GenerateOptions):
+        """The sampler plan of a request (runtime/schedulers.py), made once per scheduler, steps and spacing."""
+        return cached_plan(self.plans, self.m.sdxl.scheduler_config, opts)
 
     def latents(self, opts: GenerateOptions, text: TextEmbeds, tokens, step_callback=None) -> torch.Tensor:
         unet = self.m.sdxl.unet
         return denoise(TorchDenoiser(unet, self.m.controlnet), step_inputs(text, tokens, opts), opts,
-                       self.plan(opts.steps), self.vae_factor, unet.config.in_channels,
+                       self.plan(opts), self.vae_factor, unet.config.in_channels,
                        device=next(unet.parameters()).device,
                        step_callback=step_callback)
 

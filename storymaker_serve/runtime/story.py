@@ -4,7 +4,7 @@ settings JSON.
 A story YAML (paths relative to the file) looks like:
 
     defaults: {width: 960, height: 1280, steps: 25, guidance: 7.5, ip_scale: 0.8, seed: 42,
-               negative_prompt: "bad quality"}
+               negative_prompt: "bad quality", scheduler: unipc}     # scheduler: see runtime/schedulers.py
     characters:
       - {name: man, photo: man.png, mask: man_mask.png, face: man.face.json}   # face optional
       - {name: woman, photo: woman.png, mask: woman_mask.png}
@@ -27,7 +27,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import pydantic
@@ -36,12 +36,15 @@ from PIL import Image, ImageDraw
 
 from storymaker_serve.runtime.characters import Character
 from storymaker_serve.runtime.cli import step_progress
+from storymaker_serve.runtime.denoise import uses_cfg
 from storymaker_serve.runtime.errors import InputError
 from storymaker_serve.runtime.pipeline import GenerateOptions
 from storymaker_serve.runtime.preprocess import character_image, decode_image
+from storymaker_serve.runtime.sampler_names import SCHEDULERS, SPACINGS
 
 log = logging.getLogger(__name__)
-OPTION_KEYS = ("negative_prompt", "steps", "guidance", "width", "height", "seed", "ip_scale", "controlnet_scale")
+OPTION_KEYS = ("negative_prompt", "steps", "guidance", "width", "height", "seed", "ip_scale", "controlnet_scale",
+               "scheduler", "timestep_spacing", "noise_device")
 
 
 # ---- the file format ----
@@ -57,6 +60,9 @@ class _Options(pydantic.BaseModel):
     seed: pydantic.StrictInt | None = None
     ip_scale: float | None = None
     controlnet_scale: float | None = None
+    scheduler: Literal[SCHEDULERS] | None = None
+    timestep_spacing: Literal[SPACINGS] | None = None
+    noise_device: Literal["cpu", "cuda"] | None = None
 
 
 class _Character(pydantic.BaseModel):
@@ -168,8 +174,10 @@ class StoryPipeline(Protocol):
 
     def encode_characters(self, characters: list[dict], identity_only: bool, interpolation: float | None): ...
 
-    def generate(self, opts: GenerateOptions, tokens, frame: int, frames: int) -> FrameResult:
-        """Frame number `frame` (1-based) of `frames`."""
+    def generate(self, opts: GenerateOptions, tokens, frame: int, frames: int, given: frozenset = frozenset()
+                 ) -> FrameResult:
+        """Frame number `frame` (1-based) of `frames`; `given`: the option names the story or the command line set
+        (a deployment applies its own defaults to the others)."""
 
 
 class LocalStoryMaker:
@@ -183,50 +191,56 @@ class LocalStoryMaker:
                                 c.get("mask_channel", 0)) for c in characters]
         return self.pipe.encode_characters(chars, identity_only, interpolation)
 
-    def generate(self, opts: GenerateOptions, tokens, frame: int, frames: int) -> FrameResult:
+    def generate(self, opts: GenerateOptions, tokens, frame: int, frames: int, given: frozenset = frozenset()
+                 ) -> FrameResult:
         return FrameResult(self.pipe.generate(opts, tokens, step_callback=step_progress(f"frame {frame}/{frames}")))
 
 
-def _frame_plan(story: Story, i: int, fr: Frame, overrides: dict) -> tuple[list[str], GenerateOptions]:
-    """The characters and the checked options of frame i: the same checks for every backend."""
+def _frame_plan(story: Story, i: int, fr: Frame, overrides: dict,
+                base: dict) -> tuple[list[str], GenerateOptions, frozenset]:
+    """The characters, the checked options and the names of the options set of frame i: the same checks for every
+    backend. `base`: defaults below the story's (a few-step LoRA's scheduler, steps and guidance)."""
     by_name = {c["name"]: c for c in story.characters}
     names = fr.characters or list(by_name)
     missing = [n for n in names if n not in by_name]
     if missing:
         raise InputError(f"frame {i + 1}: unknown characters {missing}; the story defines {list(by_name)}")
-    opts = GenerateOptions(prompt=fr.prompt, **{**story.defaults, **fr.options, **overrides})
+    given = {**story.defaults, **fr.options, **overrides}
+    opts = GenerateOptions(prompt=fr.prompt, **{**base, **given})
     if fr.pose:
         opts.pose_image = decode_image(fr.pose, f"frame {i + 1} pose")
     opts.validate()
-    return names, opts
+    return names, opts, frozenset(given)
 
 
-def check_story(story: Story, overrides: dict | None = None) -> list[tuple[list[str], GenerateOptions]]:
-    """Every frame's characters and checked options, before anything is loaded or sent (run_story does it too)."""
-    return [_frame_plan(story, i, fr, overrides or {}) for i, fr in enumerate(story.frames)]
+def check_story(story: Story, overrides: dict | None = None, base: dict | None = None) -> list[tuple]:
+    """Every frame's characters, checked options and set option names, before anything is loaded or sent
+    (run_story does it too)."""
+    return [_frame_plan(story, i, fr, overrides or {}, base or {}) for i, fr in enumerate(story.frames)]
 
 
 def run_story(pipeline: StoryPipeline, story: Story, out: Path, overrides: dict | None = None, concurrency: int = 1,
-              progress=print) -> list[Path]:
+              progress=print, base: dict | None = None) -> list[Path]:
     """Every frame of `story` on `pipeline`: characters encoded once per distinct set, frames generated
-    `concurrency` at a time; writes frame_NN.png, contact_sheet.png and settings.json to `out`."""
+    `concurrency` at a time; writes frame_NN.png, contact_sheet.png and settings.json to `out`. `base`: option
+    defaults below the story's (in process: a few-step LoRA's)."""
     out.mkdir(parents=True, exist_ok=True)
     by_name = {c["name"]: c for c in story.characters}
-    plans = check_story(story, overrides)                  # every frame checked before the first is made
+    plans = check_story(story, overrides, base)            # every frame checked before the first is made
     tokens: dict = {}
     jobs = []
-    for i, (fr, (names, opts)) in enumerate(zip(story.frames, plans)):
+    for i, (fr, (names, opts, given)) in enumerate(zip(story.frames, plans)):
         key = (tuple(names), tuple(sorted(fr.cloth.items())), fr.identity_only, fr.interpolation)
         if key not in tokens:
             chars = [{**by_name[n], "cloth": fr.cloth.get(n)} for n in names]
             tokens[key] = pipeline.encode_characters(chars, fr.identity_only, fr.interpolation)
             progress(f"encoded characters {', '.join(names)}" + (" (cloth swap)" if fr.cloth else ""))
-        jobs.append((i, fr, names, opts, tokens[key]))
+        jobs.append((i, fr, names, opts, given, tokens[key]))
     n = len(jobs)
 
     def one(job):
-        i, fr, names, opts, tok = job
-        result = pipeline.generate(opts, tok, i + 1, n)
+        i, fr, names, opts, given, tok = job
+        result = pipeline.generate(opts, tok, i + 1, n, given)
         p = out / f"frame_{i + 1:02d}.png"
         if result.png:
             p.write_bytes(result.png)
@@ -235,6 +249,7 @@ def run_story(pipeline: StoryPipeline, story: Story, out: Path, overrides: dict 
         cut = "  [prompt truncated to 77 tokens]" if result.truncated else ""
         progress(f"frame {i + 1}/{n}: {p}  ({fr.prompt[:50]}){cut}")
         settings = {k: v for k, v in asdict(opts).items() if k != "pose_image"}
+        settings["unet_rows"] = opts.steps * (2 if uses_cfg(opts) else 1)    # UNet evaluations of one latent row
         return result.image, p, {**settings, "characters": names, "cloth": fr.cloth, "pose": fr.pose,
                                  "identity_only": fr.identity_only, "interpolation": fr.interpolation, "file": p.name}
 

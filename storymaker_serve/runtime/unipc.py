@@ -107,6 +107,14 @@ class UniPCSampler:
         self.last: torch.Tensor | None = None
         self.pair: tuple | None = None                    # (sample returned, [sample, sample]) from the fused step
 
+    @property
+    def x0(self) -> torch.Tensor:
+        """The last x0 prediction (previews)."""
+        return self.ms[-1]
+
+    def model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return x                                          # UniPC does not scale the model input
+
     def doubled(self, x: torch.Tensor) -> torch.Tensor:
         """torch.cat([x, x]), the CFG batch of a sample: the one the fused step already wrote if x is its result."""
         if self.pair is not None and self.pair[0] is x:

@@ -269,11 +269,13 @@ class RemoteStoryMaker:
     def encode_characters(self, characters: list[dict], identity_only: bool, interpolation: float | None):
         return self.client.encode_characters(characters, identity_only, interpolation)
 
-    def generate(self, opts: GenerateOptions, tokens, frame: int, frames: int):
-        """Frame number `frame` of `frames` as a runtime.story.FrameResult."""
+    def generate(self, opts: GenerateOptions, tokens, frame: int, frames: int, given: frozenset = frozenset()):
+        """Frame number `frame` of `frames` as a runtime.story.FrameResult. Only the options the story or the
+        command line set are sent: the deployment applies its own defaults (its profile's size, a few-step LoRA's
+        scheduler) to the others."""
         from storymaker_serve.runtime.story import FrameResult  # the story side loads torch: only when used
 
-        sampling = {k: getattr(opts, k) for k in OPTIONS}
+        sampling = {k: getattr(opts, k) for k in OPTIONS if k in given}
         pose = _png(opts.pose_image) if opts.pose_image is not None else None
         if self.previews is None:
             img, info = self.client.generate(opts.prompt, tokens=tokens, pose=pose,

@@ -90,13 +90,19 @@ TEXT = (Port("PROMPT_EMBEDS", "FP32", (2, "L", "D"), doc="[negative, positive] t
         Port("POOLED", "FP32", (2, "P"), doc="[negative, positive] pooled text embedding"))
 SAMPLING = (
     Port("SEED", "INT64", (1,), True, "seed", "noise seed (0 .. 2^32-1, as the CPU generator draws it)"),
-    Port("STEPS", "INT32", (1,), True, "steps", "UniPC steps"),
+    Port("STEPS", "INT32", (1,), True, "steps", "sampling steps (UNet evaluations: steps, x2 with CFG)"),
     Port("GUIDANCE", "FP32", (1,), True, "guidance", "classifier-free guidance scale"),
     Port("WIDTH", "INT32", (1,), True, "width", "image width in pixels"),
     Port("HEIGHT", "INT32", (1,), True, "height", "image height in pixels"),
     Port("IP_SCALE", "FP32", (1,), True, "ip_scale", "character-image attention scale"),
     Port("POSE", "BYTES", (1,), True, doc="encoded OpenPose map (needs the controlnet model)"),
     Port("CONTROLNET_SCALE", "FP32", (1,), True, "controlnet_scale", "ControlNet residual scale"),
+    Port("SCHEDULER", "BYTES", (1,), True, "scheduler", "sampler: unipc, dpmpp-2m, dpmpp-2m-karras, euler, "
+         "euler-a, ddim, lcm or tcd"),
+    Port("TIMESTEP_SPACING", "BYTES", (1,), True, "timestep_spacing", "leading, trailing or linspace (default: "
+         "the scheduler config's)"),
+    Port("NOISE_DEVICE", "BYTES", (1,), True, "noise_device", "cpu (default: the same images on every host) or "
+         "cuda (the release's images; the loop must run on a GPU)"),
 )
 PROMPTS = (Port("PROMPT", "BYTES", (1,), doc="UTF-8 prompt"),
            Port("NEGATIVE_PROMPT", "BYTES", (1,), True, doc="UTF-8 negative prompt (none: zero embeddings)"))
@@ -115,7 +121,7 @@ MODELS = {m.name: m for m in (
              "crop by mask, face detection/alignment (the build's buffalo_l files), CLIP, resampler"),
     BLSModel("sampler", (*TEXT, *TOKENS, *SAMPLING),
              (Port("LATENTS", "FP32", (1, "C", -1, -1), doc="denoised latents"),),
-             1, "the UniPC + CFG loop, unet/controlnet each step", inflight=True),
+             1, "the sampling loop (SCHEDULER; CFG above guidance 1), unet/controlnet each step", inflight=True),
     BLSModel("storymaker", (*PROMPTS, *_opt(TOKENS), *_opt(CHARACTERS), *SAMPLING, ENCODE_PNG), FRAME, 1,
              "a frame: text (tokenizers here, the text encoder engines), tokens (given, or computed from PHOTOS...), "
              "loop, VAE", inflight=True),

@@ -95,7 +95,10 @@ class Glue:
         if a.size != 1:
             raise InputError(f"{name} must hold one value, got shape {list(a.shape)}")
         v = a.reshape(-1)[0]
-        return cast(v.decode() if isinstance(v, bytes) else v)
+        try:
+            return cast(v.decode() if isinstance(v, bytes) else v)
+        except (ValueError, TypeError, UnicodeDecodeError):
+            raise InputError(f"{name}: {v!r} is not a valid {cast.__name__}") from None
 
     # ---- outputs ----
     def respond(self, outputs: dict[str, np.ndarray]):

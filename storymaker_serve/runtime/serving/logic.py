@@ -20,8 +20,8 @@ from storymaker_serve.runtime.denoise import EngineDenoiser, denoise, step_input
 from storymaker_serve.runtime.errors import InputError
 from storymaker_serve.runtime.face import FaceAnalyzer, FaceInfo
 from storymaker_serve.runtime.pipeline import GenerateOptions, TextEmbeds, tokenize
+from storymaker_serve.runtime.schedulers import cached_plan
 from storymaker_serve.runtime.serving.request import CharacterRequest, validate_options
-from storymaker_serve.runtime.unipc import UniPCPlan
 
 # a served request's is_cancelled() is a round trip from the Python backend's stub to the server (measured: with
 # stand-in engines at 960x1280, checked every step it was a sixth of the loop's time); checked at most this often, a
@@ -150,8 +150,8 @@ def generate_latents(opts: GenerateOptions, text: TextEmbeds, tokens, denoiser, 
                      is_cancelled=None, on_step=None) -> torch.Tensor:
     """runtime.denoise.denoise on the build's engines; `is_cancelled()` is checked before a step once CANCEL_CHECK_S
     has passed since the last check (before every step where a step takes longer, as a UNet step does), `on_step(i, n,
-    x0)` sees the x0 prediction after each (previews). `plans` caches the UniPC plan per step count (host
-    arithmetic, once)."""
+    x0)` sees the x0 prediction after each (previews). `plans` caches the sampler plans (host arithmetic, once
+    per scheduler, steps and spacing)."""
     last = [-CANCEL_CHECK_S]
 
     def check(i, n):
@@ -160,8 +160,6 @@ def generate_latents(opts: GenerateOptions, text: TextEmbeds, tokens, denoiser, 
         last[0] = time.monotonic()
         if is_cancelled():
             raise Cancelled(f"request cancelled before step {i + 1}/{n}")
-    plans = {} if plans is None else plans
-    if opts.steps not in plans:
-        plans[opts.steps] = UniPCPlan(build.scheduler_config, opts.steps)
-    return denoise(denoiser, step_inputs(text, tokens, opts), opts, plans[opts.steps], build.vae_factor,
+    plan = cached_plan({} if plans is None else plans, build.scheduler_config, opts)
+    return denoise(denoiser, step_inputs(text, tokens, opts), opts, plan, build.vae_factor,
                    build.latent_channels, device=denoiser.device or "cpu", step_callback=check, on_step=on_step)

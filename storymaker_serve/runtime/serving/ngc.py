@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from storymaker_serve.runtime.errors import StoryMakerError
+from storymaker_serve.runtime.errors import DeploymentError
+from storymaker_serve.runtime.gpu import gpu_identity, runs_on, tensorrt_version, trt_loads
 from storymaker_serve.runtime.manifest import Manifest
 
 
@@ -14,7 +15,8 @@ def ngc_command(build_dir: Path, mount: str = "/models",
     mounted at `mount`, and notes on what the container must have. Reads the manifest's engine records: with
     version-compatible engines the TensorRT backend needs `--backend-config=tensorrt,version-compatible=true`;
     otherwise every engine loads only on the exact TensorRT version that built it. `container_tensorrt`
-    (the container's TensorRT version) is checked against the engines: a mismatch raises with the fix."""
+    (the container's TensorRT version; default: the TensorRT installed where this runs, if any) and the GPU here (if
+    any) are checked against the engines: a mismatch raises with the fix."""
     m = Manifest(build_dir)
     built = {n: c.engine for n, c in m.components.items() if c.engine.get("status") == "built"}
     cmd = ["tritonserver", f"--model-repository={mount.rstrip('/')}/triton_repo_ngc", "--model-control-mode=none",
@@ -30,10 +32,22 @@ def ngc_command(build_dir: Path, mount: str = "/models",
         else:
             notes.append(f"TensorRT engines ({', '.join(built)}) load only on TensorRT {', '.join(versions)} exactly: "
                          "use the NGC tritonserver release that ships it, or rebuild with --trt-version-compatible")
+        container_tensorrt = container_tensorrt or tensorrt_version()
+        gpu = gpu_identity()
+        if gpu:
+            wrong = {n: e.get("compute_capability") for n, e in built.items()
+                     if not runs_on(e, gpu["compute_capability"])}
+            if wrong:
+                raise DeploymentError(f"the engines of {sorted(wrong)} were built for compute capability "
+                                      f"{sorted(set(wrong.values()))} but this GPU ({gpu['gpu']}) is "
+                                      f"{gpu['compute_capability']}: rebuild them on this GPU (`python -m export.build "
+                                      "... --engines auto`) or build with --trt-hardware-compat ampere+")
+            notes.append(f"engines checked against this GPU: {gpu['gpu']}, compute capability "
+                         f"{gpu['compute_capability']}")
         if container_tensorrt:
-            bad = [n for n, e in built.items() if not _trt_loads(e, container_tensorrt)]
+            bad = [n for n, e in built.items() if not trt_loads(e, container_tensorrt)]
             if bad:
-                raise StoryMakerError(f"TensorRT {container_tensorrt} cannot load the engines of {bad} (built with "
+                raise DeploymentError(f"TensorRT {container_tensorrt} cannot load the engines of {bad} (built with "
                                       f"{versions}{', version-compatible' if compat else ''}); rebuild them with that "
                                       "TensorRT (`python -m export.build ... --engines auto`) or pick the matching "
                                       "container")
@@ -42,13 +56,3 @@ def ngc_command(build_dir: Path, mount: str = "/models",
                  "--ngc-python-env; they find the build folder as ../.. from their model folder, so mount the whole "
                  "build folder")
     return cmd, notes
-
-
-def _trt_loads(engine: dict, runtime_version: str) -> bool:
-    """Does a TensorRT `runtime_version` load this engine record? Exact version, or with a version-compatible
-    engine any later version of the same major (TensorRT's documented rule)."""
-    as_tuple = lambda v: tuple(int(x) for x in v.split(".")[:3] if x.isdigit())
-    built, run = as_tuple(engine["tensorrt"]), as_tuple(runtime_version)
-    if not engine.get("version_compatible"):
-        return built == run
-    return run[:1] == built[:1] and run >= built

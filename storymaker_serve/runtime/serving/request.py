@@ -87,10 +87,11 @@ def check_request_budget(glue, r, max_characters: int) -> None:
 # ---- options, tokens, embeddings ----
 def generate_options(glue, r, prompt_text: str, build) -> GenerateOptions:
     """Sampling options of a request, checked against the build: every input of contract.SAMPLING that sets a
-    GenerateOptions field, its default where the request leaves it out. A missing WIDTH/HEIGHT takes the release's
-    960x1280 where the build's engines accept it, else the engines' optimal size."""
-    cast = lambda p: int if NUMPY[p.dtype].startswith("int") else float
-    defaults = {p.option: p.default for p in SAMPLING if p.option}
+    GenerateOptions field, else the build's sampling defaults (a few-step LoRA's scheduler, steps, guidance), else
+    the contract's. A missing WIDTH/HEIGHT takes the release's 960x1280 where the build's engines accept it, else
+    the engines' optimal size."""
+    cast = lambda p: str if p.dtype == "BYTES" else int if NUMPY[p.dtype].startswith("int") else float
+    defaults = {**{p.option: p.default for p in SAMPLING if p.option}, **build.sampling_defaults}
     lo, opt, hi = build.size_range
     if not (lo <= defaults["width"] <= hi and lo <= defaults["height"] <= hi):
         defaults["width"] = defaults["height"] = opt
