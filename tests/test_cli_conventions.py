@@ -10,7 +10,7 @@ import pytest
 ENTRY_POINTS = ["export.build", "export.refit", "export.demo_bundle", "export.scale_check", "runtime.generate",
                 "runtime.serving.launcher", "runtime.serving.client", "benchmarks.run", "benchmarks.load",
                 "benchmarks.flops", "benchmarks.unet_step", "benchmarks.dual_attention", "benchmarks.gpu_suite",
-                "benchmarks.plot", "benchmarks.exporters", "benchmarks.samplers"]
+                "benchmarks.plot", "benchmarks.exporters", "benchmarks.samplers", "benchmarks.device_check"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)

@@ -227,3 +227,71 @@ def test_cuda_noise_is_the_releases_noise():
     release = torch.randn((1, 4, 8, 8), generator=torch.Generator(device="cuda").manual_seed(7), device="cuda")
     assert ours.device.type == "cuda" and torch.equal(ours, release)
     assert not torch.equal(ours.cpu(), initial_latents(7, 64, 64, 4, 8))
+
+
+@pytest.mark.slow
+def test_an_in_place_refit_updates_the_manifest(built, tmp_path, monkeypatch, capsys):
+    """After `export.refit` replaces the build's UNet engine, the manifest's LoRA scale and the engine record (hash,
+    the ONNX it was refitted from, that export's key) describe the new engine, not the old one."""
+    import json
+
+    from helpers import copy_build
+
+    import storymaker_serve.export.refit as refit
+
+    b = copy_build(built, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    (b / "engines").mkdir(exist_ok=True)
+    (b / "engines" / "unet.plan").write_bytes(b"old engine")
+    m["components"]["unet"]["engine"] = {"status": "built", "path": "engines/unet.plan", "refittable": True,
+                                         "tensorrt": "10.8.0", "version_compatible": False, "sha256": "old"}
+    (b / "manifest.json").write_text(json.dumps(m))
+    monkeypatch.setattr(refit, "availability", lambda: (True, "ok"))
+
+    def fake_refit(engine, onnx_path, out=None, version_compatible=False):
+        engine.write_bytes(b"refitted at 0.6")
+        return engine
+
+    monkeypatch.setattr(refit, "refit_engine", fake_refit)
+    assert refit.main(["--build", str(b), "--weights", str(built / "demo_bundle"), "--lora-scale", "0.6"]) == 0
+    after = json.loads((b / "manifest.json").read_text())
+    eng = after["components"]["unet"]["engine"]
+    assert after["lora_scale"] == 0.6 and eng["refit"]["lora_scale"] == 0.6
+    assert eng["sha256"] != "old" and eng["bytes"] == len(b"refitted at 0.6")
+    assert eng["refit"]["onnx"].startswith("refit/") and eng["refit"]["component_key"]
+    capsys.readouterr()
+
+
+def test_device_check_dry_run_fits_its_budget_and_checks_the_wheels(tmp_path, capsys):
+    """The GPU device check's plan fits 8 minutes, and its dry run says which carried wheel is missing and when the
+    wheels exceed the 64 MiB that can travel with the checkout."""
+    from storymaker_serve.benchmarks import device_check as dc
+
+    wheels = tmp_path / ".whl"
+    wheels.mkdir()
+    want = dc.wanted_wheels()
+    assert {"diffusers", "transformers", "insightface"} <= set(want)
+    for name, version in want.items():
+        (wheels / f"{name}-{version}-py3-none-any.whl").write_bytes(b"x" * 1000)
+    [row] = dc.main(["--out", str(tmp_path / "o"), "--dry-run", "--wheels", str(wheels)])
+    assert row["wheel_problems"] == [] and row["budget_s"] <= 8 * 60 and not (tmp_path / "o").exists()
+    assert row["fit"][:3] == ["parity", "e2e", "kernel"]             # the figures that matter most fit the budget
+    assert "the 470 s budget covers parity, e2e, kernel" in capsys.readouterr().out
+    (wheels / "diffusers-0.42.1-py3-none-any.whl").unlink()
+    with open(wheels / "huge-1.0-py3-none-any.whl", "wb") as f:
+        f.truncate(65 << 20)
+    problems = dc.check_wheels(wheels)
+    assert any("diffusers==0.42.1 missing" in p for p in problems)
+    assert any("over the 64 MiB budget" in p for p in problems)
+
+
+def test_device_check_wheels_are_the_locks_versions():
+    """The carried wheels are the versions the suite passes with (requirements/lock.txt)."""
+    import re
+
+    from storymaker_serve.benchmarks import device_check as dc
+
+    lock = dc.CHECKOUT / "requirements" / "lock.txt"
+    pins = {re.sub(r"[-_.]+", "_", n).lower(): v for n, v in re.findall(r"^([A-Za-z0-9._-]+)==(\S+)", lock.read_text(),
+                                                                        re.M)}
+    assert {n: pins[n] for n in dc.wanted_wheels()} == dc.wanted_wheels()

@@ -57,17 +57,24 @@ def test_ngc_repository_is_relocatable(built, tmp_path):
     assert params["build_dir"] == str(moved) and (moved / "manifest.json").exists()
 
 
-def test_ngc_python_env_is_copied_and_named_relative(built, tmp_path):
+def test_ngc_python_env_lies_in_every_python_models_folder(built, tmp_path):
+    """python_backend defines EXECUTION_ENV_PATH relative to the model's own folder only: the packed environment
+    lies in each Python model's folder (hard links to one copy) and is named there."""
     from storymaker_serve.export.triton_repo import write_ngc_repo
 
     b = copy_build(built, tmp_path)
     env = tmp_path / "env.tar.gz"
     env.write_bytes(b"packed")
     out, _ = write_ngc_repo(b, python_env=env)
-    assert (out / "storymaker" / "python_env.tar.gz").read_bytes() == b"packed"
-    cfg = parse_pbtxt((out / "sampler" / "config.pbtxt").read_text())
-    env_path = cfg.parameters["EXECUTION_ENV_PATH"].string_value
-    assert env_path == "$$TRITON_MODEL_DIRECTORY/../storymaker/python_env.tar.gz"
+    python_models = [d.parent.parent.name for d in out.glob("*/1/model.py")]
+    assert {"sampler", "storymaker", "encode_characters", "text_encoder"} <= set(python_models)
+    for name in python_models:
+        assert (out / name / "python_env.tar.gz").read_bytes() == b"packed"
+        cfg = parse_pbtxt((out / name / "config.pbtxt").read_text())
+        env_path = cfg.parameters["EXECUTION_ENV_PATH"].string_value
+        assert env_path == "$$TRITON_MODEL_DIRECTORY/python_env.tar.gz" and ".." not in env_path
+    inode = lambda model: (out / model / "python_env.tar.gz").stat().st_ino
+    assert inode("sampler") == inode("storymaker")                       # one copy on disk
     with pytest.raises(FileNotFoundError, match="conda-pack"):
         write_ngc_repo(b, python_env=tmp_path / "missing.tar.gz")
 

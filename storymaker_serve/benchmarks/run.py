@@ -30,13 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import tritonclient.grpc as grpcclient
 
 from storymaker_serve.benchmarks import CHECKOUT, RESULTS, TEST_DATA
 from storymaker_serve.benchmarks.flops import achieved, image_flops
-from storymaker_serve.benchmarks.load import run_level
 from storymaker_serve.benchmarks.plot import main as plot
-from storymaker_serve.export.build import main as build_main
 from storymaker_serve.runtime.characters import (
     Character,
     CharacterFeatures,
@@ -49,9 +46,7 @@ from storymaker_serve.runtime.denoise import VAEDecode, decode, engine_vae01
 from storymaker_serve.runtime.fast import DTYPES, FastOptions, FastPipeline
 from storymaker_serve.runtime.loaders import load_storymaker
 from storymaker_serve.runtime.pipeline import GenerateOptions, StoryMakerPipeline, encode_text
-from storymaker_serve.runtime.serving.client import StoryMakerClient
 from storymaker_serve.runtime.serving.engines import Build
-from storymaker_serve.runtime.serving.launcher import TritonServer
 from storymaker_serve.runtime.serving.logic import EnginePipeline, generate_latents
 from storymaker_serve.runtime.serving.request import CharacterRequest
 from storymaker_serve.runtime.weights import WeightsLayout
@@ -67,7 +62,8 @@ def parse_args(argv=None):
     ap.add_argument("--weights", default="demo", help="demo | random-full | a weights folder")
     ap.add_argument("--build", type=Path,
                     help="ONNX build folder for onnxruntime/triton (default: build/bench_<weights>)")
-    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--size", type=int, default=1024, help="image height (and width unless --width) in pixels")
+    ap.add_argument("--width", type=int, help="image width in pixels (default: --size)")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--characters", type=int, default=1, choices=(1, 2))
     ap.add_argument("--guidance", type=float, default=7.5)
@@ -141,7 +137,7 @@ def _characters(n):
 
 def _opts(a, seed=0):
     return GenerateOptions("a man walking in a park, cinematic", negative_prompt="blurry", steps=a.steps,
-                           guidance=a.guidance, width=a.size, height=a.size, seed=seed)
+                           guidance=a.guidance, width=a.width or a.size, height=a.size, seed=seed)
 
 
 def _summary(totals: list[float], stages: list[dict]) -> dict:
@@ -155,13 +151,13 @@ _FLOPS: dict = {}
 
 
 def _flops_key(a) -> tuple:
-    return a.weights, a.size, a.characters, a.steps
+    return a.weights, a.size, a.width, a.characters, a.steps
 
 
 def _image_flops(a, models) -> dict | None:
     """Counted FLOPs per stage (benchmarks/flops.py); None if counting fails (it never blocks a timing run)."""
     try:
-        return image_flops(models, a.size, a.characters, a.steps)
+        return image_flops(models, a.size, a.characters, a.steps, width=a.width)
     except Exception as e:    # noqa: BLE001 -- a model class FlopCounterMode cannot rebuild on meta
         print(f"(FLOP count skipped: {type(e).__name__}: {e})", flush=True)
         return None
@@ -236,6 +232,7 @@ def bench_torch(a, backend: str) -> dict:
 
 
 def _build(a) -> Path:
+    from storymaker_serve.export.build import main as build_main  # the exporter: only for a build
     out = a.build or CHECKOUT / f"build/bench_{a.weights if a.weights in ('demo', 'random-full') else 'weights'}"
     args = ["--demo"] if a.weights == "demo" else ["--weights", a.weights]
     if build_main(args + ["--out", str(out)]) != 0:
@@ -285,12 +282,19 @@ def _tree_rss_bytes(pid: int) -> int:
 
 
 def bench_triton(a) -> list[dict]:
+    # imported here: the triton backend alone needs tritonclient and a tritonserver (the GPU device check has neither)
+    import tritonclient.grpc as grpcclient
+
+    from storymaker_serve.benchmarks.load import run_level
+    from storymaker_serve.runtime.serving.client import StoryMakerClient
+    from storymaker_serve.runtime.serving.launcher import TritonServer
+
     rows = []
     with TritonServer(_build(a) / "triton_repo") as srv:
         client, admin = StoryMakerClient(srv.url), grpcclient.InferenceServerClient(srv.url)
         chars = [{"photo": DATA / p, "mask": DATA / m, "face": DATA / f} for p, m, f in CHARS[:a.characters]]
         tokens = client.encode_characters(chars)
-        opts = {"width": a.size, "height": a.size, "steps": a.steps, "guidance": a.guidance}
+        opts = {"width": a.width or a.size, "height": a.size, "steps": a.steps, "guidance": a.guidance}
         run_level(client, admin, tokens, 2, a.warmup, opts)    # warm both storymaker instances, not just one
         for c in (int(x) for x in a.concurrency.split(",")):
             level = run_level(client, admin, tokens, c, a.repeats, opts)
@@ -301,10 +305,9 @@ def bench_triton(a) -> list[dict]:
 def main(argv=None) -> list[dict]:
     a = parse_args(argv)
     env = environment()
-    flags = {k: getattr(a, k) for k in ("weights", "size", "steps", "characters", "guidance", "repeats", "warmup",
-                                        "device", "precision", "dual_attention_kernel", "channels_last", "fused_qkv",
-                                        "offload_encoders",
-                                        "cuda_graph", "compile", "vae_precision")}
+    flags = {k: getattr(a, k) for k in ("weights", "size", "width", "steps", "characters", "guidance", "repeats",
+                                        "warmup", "device", "precision", "dual_attention_kernel", "channels_last",
+                                        "fused_qkv", "offload_encoders", "cuda_graph", "compile", "vae_precision")}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     lines = []
     for backend in a.backends.split(","):
@@ -312,8 +315,8 @@ def main(argv=None) -> list[dict]:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        print(f"[{backend}] {a.weights}, {a.size}x{a.size}, {a.steps} steps, {a.characters} character(s) ...",
-              flush=True)
+        print(f"[{backend}] {a.weights}, {a.width or a.size}x{a.size}, {a.steps} steps, {a.characters} "
+              "character(s) ...", flush=True)
         if backend in ("reference", "torch-opt"):
             results = [bench_torch(a, backend)]
         elif backend == "onnxruntime":

@@ -61,6 +61,14 @@ def code_hash() -> str:
     return h.hexdigest()[:16]
 
 
+def sha256_file(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class Hasher:
     def __init__(self, cache_file: Path):
         self.file = cache_file
@@ -70,11 +78,7 @@ class Hasher:
         st = p.stat()
         key = f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
         if key not in self.memo:
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 24), b""):
-                    h.update(chunk)
-            self.memo[key] = h.hexdigest()
+            self.memo[key] = sha256_file(p)
         return self.memo[key]
 
     def tree(self, p: Path | None, label: str | None = None) -> dict[str, str]:

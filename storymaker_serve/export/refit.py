@@ -14,6 +14,8 @@ from pathlib import Path
 
 import onnx
 
+from storymaker_serve.export import manifest as mf
+from storymaker_serve.export.tensorrt import availability, refit_engine
 from storymaker_serve.runtime.cli import argument_parser, configure_logging
 from storymaker_serve.runtime.errors import StoryMakerError, cli_exit
 from storymaker_serve.runtime.manifest import Manifest
@@ -64,7 +66,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def refit(a) -> int:
     from storymaker_serve.export.build import main as build_main
-    from storymaker_serve.export.tensorrt import availability, refit_engine
 
     m = Manifest(a.build)
     unet = m.component("unet")
@@ -98,8 +99,24 @@ def refit(a) -> int:
         print("dry run: TensorRT refit skipped")
         return 0
     target = refit_engine(a.build / engine["path"], new_onnx, a.out, engine.get("version_compatible", False))
+    if a.out is None:                    # the build's own engine changed: its manifest says what it now holds
+        record_refit(a.build, a.lora_scale, a.lora, target, Manifest(work).component("unet").raw.get("key"),
+                     new_onnx)
     print(f"refitted engine: {target}")
     return 0
+
+
+def record_refit(build: Path, lora_scale: float, loras: list[str], engine_file: Path, unet_key: str | None,
+                 new_onnx: Path) -> None:
+    """After an in-place refit: the manifest's LoRA settings and the UNet engine record describe the refitted
+    engine (its hash, the re-exported ONNX it was refitted from and that export's key)."""
+    data = mf.load(build)
+    eng = data["components"]["unet"]["engine"]
+    eng.update(sha256=mf.sha256_file(engine_file), bytes=engine_file.stat().st_size,
+               refit={"lora_scale": lora_scale, "style_loras": list(loras), "component_key": unet_key,
+                      "onnx": str(new_onnx.relative_to(build))})
+    data["lora_scale"], data["style_loras"] = lora_scale, list(loras)
+    mf.write(build, data)
 
 
 def main(argv=None) -> int:

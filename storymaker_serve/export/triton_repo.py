@@ -81,6 +81,21 @@ def _relative_link(link: Path, target: Path) -> None:
     link.symlink_to(os.path.relpath(target.resolve(), link.parent.resolve()))
 
 
+ENV_FILE = "python_env.tar.gz"
+
+
+def _place_file(src: Path, dst: Path, placed: list[Path]) -> Path:
+    """`src` at `dst`: a hard link to a copy already placed (one copy on disk for every model), else a copy."""
+    if placed:
+        try:
+            dst.hardlink_to(placed[0])
+            return dst
+        except OSError:                 # another filesystem: a copy
+            pass
+    shutil.copyfile(src, dst)
+    return dst
+
+
 def write_ngc_repo(build_dir: Path, python_env: Path | None = None) -> tuple[Path, dict]:
     """`OUT/triton_repo_ngc`: the same repository with native backends for the engine models, for the NGC
     tritonserver container (which has them; the bundled wheel server has only the Python backend).
@@ -89,18 +104,18 @@ def write_ngc_repo(build_dir: Path, python_env: Path | None = None) -> tuple[Pat
     files are relative links into the build folder and the Python models find it as "../.." from their own
     folder, so the build folder can be moved or mounted anywhere as a whole; no host path is written. The
     Python-backend models run in the container's Python unless `python_env` (a conda-pack tarball with this
-    project installed) is given: it is copied into the repository and named by `EXECUTION_ENV_PATH` relative to
-    `$$TRITON_MODEL_DIRECTORY`. WRITTEN, NOT RUN here (the bundled server has no onnxruntime/tensorrt backend)."""
+    project installed) is given: it is placed in every Python model's own folder (hard links to one copy) and
+    named by `EXECUTION_ENV_PATH` as `$$TRITON_MODEL_DIRECTORY/python_env.tar.gz`. WRITTEN, NOT RUN here (the
+    bundled server has no onnxruntime/tensorrt backend)."""
     m = Manifest(build_dir)
     out = build_dir / "triton_repo_ngc"
     shutil.rmtree(out, ignore_errors=True)
-    env_param = None
+    env_param, env_copies = None, []
     if python_env is not None:
         if not Path(python_env).is_file():
             raise FileNotFoundError(f"--ngc-python-env {python_env}: no such file (make it with conda-pack)")
-        (out / "storymaker").mkdir(parents=True)
-        shutil.copyfile(python_env, out / "storymaker" / "python_env.tar.gz")
-        env_param = "$$TRITON_MODEL_DIRECTORY/../storymaker/python_env.tar.gz"
+        env_param = "$$TRITON_MODEL_DIRECTORY/" + ENV_FILE     # inside the model's own folder, as python_backend
+        out.mkdir(parents=True)                                # documents it (a path outside it is undefined)
     backends = {}
     for name, (cfg, src) in _python_configs(m).items():
         native = name in ENGINE_MODELS
@@ -131,6 +146,8 @@ def write_ngc_repo(build_dir: Path, python_env: Path | None = None) -> tuple[Pat
         (out / name / "config.pbtxt").write_text(to_pbtxt(cfg))
         if not native:
             shutil.copyfile(ROOT / "triton_repo" / f"{src}.py", out / name / "1" / "model.py")
+            if env_param:
+                env_copies.append(_place_file(Path(python_env), out / name / ENV_FILE, env_copies))
             continue
         target = build_dir / (plan or rec.model_file)
         _relative_link(out / name / "1" / cfg.default_model_filename, target)
