@@ -15,14 +15,51 @@ if not torch.cuda.is_available():
     # OpenAI Triton kernels run on CPU tensors through Triton's interpreter; must be set before triton loads
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from helpers import DATA
 
 # Fixtures that start a real tritonserver or install the package into a fresh venv: a test that uses one is slow
 # (`pytest -m "not slow"` is the inner loop; `make test` runs everything).
 SLOW_FIXTURES = {"server", "client", "echo_repo", "from_lock", "borrowed"}
+
+
+# A server's processes (tritonserver, its Python-backend stubs): the suite fails if it leaves one behind.
+SERVER_PROCESSES = ("tritonserver", "triton_python_backend_stub")
+_STARTED = time.time()
+
+
+def _left_behind() -> list[psutil.Process]:
+    """Server processes started during this session that are still ours (below this process) or orphaned."""
+    mine = {p.pid for p in psutil.Process().children(recursive=True)}
+    out = []
+    for p in psutil.process_iter(["name", "cmdline", "create_time", "ppid"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if (p.info["create_time"] or 0) >= _STARTED - 1 and (p.pid in mine or p.info["ppid"] == 1) \
+                and any(n in (p.info["name"] or "") or n in cmd for n in SERVER_PROCESSES):
+            out.append(p)
+    return out
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """After every fixture is torn down: no tritonserver or stub of ours may outlive the suite (30 s grace)."""
+    deadline, left = time.time() + 30, _left_behind()
+    while left and time.time() < deadline:
+        time.sleep(0.5)
+        left = _left_behind()
+    if left:
+        for p in left:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            "FAILED: the suite left server processes running (killed now): "
+            + "; ".join(f"{p.pid} {' '.join(p.info['cmdline'] or [])[:100]}" for p in left), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(items):

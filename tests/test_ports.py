@@ -148,9 +148,9 @@ def test_the_server_and_its_stubs_get_the_malloc_settings(echo_repo, monkeypatch
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1234567")              # the operator's
     with TritonServer(echo_repo, required_models=[]) as srv:
-        stubs = child_pids(srv.proc.pid)
+        stubs = child_pids(srv.server_pid)
         assert stubs, "no Python-backend stub"
-        for pid in [srv.proc.pid, *stubs]:
+        for pid in [srv.server_pid, *stubs]:
             env = environ(pid)
             assert env[b"MALLOC_MMAP_THRESHOLD_"] == str(malloc.MMAP_THRESHOLD).encode()
             assert env[b"MALLOC_TRIM_THRESHOLD_"] == b"1234567"

@@ -143,5 +143,5 @@ def test_formats_outside_the_allow_list_are_refused_by_name(tmp_path):
         with pytest.raises(InputError, match=f"{label} images are not accepted"):
             decode_image(buf.getvalue())
     buf = io.BytesIO()
-    Image.new("RGB", (8, 6), (10, 20, 30)).save(buf, format="WEBP", lossless=True)
-    assert decode_image(buf.getvalue()).shape == (6, 8, 3)
+    Image.new("RGB", (32, 24), (10, 20, 30)).save(buf, format="WEBP", lossless=True)
+    assert decode_image(buf.getvalue()).shape == (24, 32, 3)

@@ -34,8 +34,8 @@ from storymaker_serve.runtime.serving.launcher import TritonServer
 
 
 def tree_rss_gib(pid: int) -> float:
-    """RSS of process `pid` and its children (tritonserver and its stubs), GiB."""
-    return round(sum(rss_kib(p) for p in [pid, *child_pids(pid)]) / 2**20, 2)
+    """RSS of process `pid` and all below it (the reaper, tritonserver and its stubs), GiB."""
+    return round(sum(rss_kib(p) for p in [pid, *child_pids(pid, recursive=True)]) / 2**20, 2)
 
 
 def stub_rss_gib(pid: int, part: str = "all") -> dict[str, float]:
@@ -84,8 +84,9 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         srv.start(timeout=1800)
         report = {"build": str(a.build), "models": names, "cold_start_s": round(time.perf_counter() - t0, 1),
-                  "server_rss_ready_gib": tree_rss_gib(srv.proc.pid), "model_rss_ready_gib": stub_rss_gib(srv.proc.pid),
-                  "model_anon_ready_gib": stub_rss_gib(srv.proc.pid, "anon"),
+                  "server_rss_ready_gib": tree_rss_gib(srv.proc.pid),
+                  "model_rss_ready_gib": stub_rss_gib(srv.server_pid),
+                  "model_anon_ready_gib": stub_rss_gib(srv.server_pid, "anon"),
                   "requests": {}}
         try:
             c = grpcclient.InferenceServerClient(srv.url, channel_args=[("grpc.max_receive_message_length", -1)])
@@ -168,8 +169,8 @@ def main(argv=None) -> None:
                                          "outputs": {k: list(v.shape) for k, v in outs.items()},
                                          "finite": bool(all(np.isfinite(v).all() for v in outs.values()))}
             report["server_rss_after_gib"] = tree_rss_gib(srv.proc.pid)
-            report["model_rss_after_gib"] = stub_rss_gib(srv.proc.pid)
-            report["model_anon_after_gib"] = stub_rss_gib(srv.proc.pid, "anon")
+            report["model_rss_after_gib"] = stub_rss_gib(srv.server_pid)
+            report["model_anon_after_gib"] = stub_rss_gib(srv.server_pid, "anon")
             report["host_available_gib_after"] = round(int(Path("/proc/meminfo").read_text().split("MemAvailable:")[1]
                                                            .split()[0]) / 2**20, 2)
         finally:

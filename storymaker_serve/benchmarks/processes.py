@@ -8,11 +8,11 @@ from __future__ import annotations
 import psutil
 
 
-def child_pids(parent: int, name: str | None = None) -> list[int]:
-    """Direct children of `parent` (tritonserver's Python-backend stubs, a launcher's server), optionally only
-    those with this process name."""
+def child_pids(parent: int, name: str | None = None, recursive: bool = False) -> list[int]:
+    """Children of `parent` (tritonserver's Python-backend stubs, a launcher's server), all descendants with
+    `recursive` (a launcher's reaper, tritonserver and its stubs), optionally only those with this process name."""
     try:
-        children = psutil.Process(parent).children()
+        children = psutil.Process(parent).children(recursive=recursive)
     except psutil.Error:
         return []
     out = []

@@ -109,7 +109,7 @@ class DeployedServer:
 
     def processes(self) -> dict[str, list[int]]:
         """pids per role: the launcher with its gateway, tritonserver, the Python-backend stubs."""
-        server = child_pids(self.proc.pid, "tritonserver")
+        server = child_pids(self.proc.pid, "tritonserver", recursive=True)
         return {"launcher_gateway": [self.proc.pid], "tritonserver": server,
                 "stubs": [c for pid in server for c in child_pids(pid)]}
 

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 CHAR_SIZE = 224
 MAX_PIXELS = 4096 * 4096
+MAX_SIDE = 8192           # OpenCV's remap (face alignment) takes at most 32767 per side; the detector resizes
+MIN_SIDE = 16
+MAX_ASPECT = 8.0          # longer side / shorter side: a 6400x8 strip is no photo and breaks the detector's resize
 
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -72,12 +75,22 @@ def decode_image(data: bytes | str | Path | np.ndarray | Image.Image, name: str 
         w, h = im.size
         if w * h > max_pixels:
             raise InputError(f"{name}: {w}x{h} pixels exceeds the limit of {max_pixels}; downscale it first")
+        check_shape(w, h, name)
         return np.array(ImageOps.exif_transpose(im).convert(mode))
     except InputError:
         raise
     except Exception as e:  # PIL raises many types for undecodable input
         raise InputError(f"{name}: cannot decode image ({type(e).__name__}: {e}); "
                          "send PNG, JPEG or WEBP bytes") from None
+
+
+def check_shape(width: int, height: int, name: str = "image") -> None:
+    """Each side within MIN_SIDE..MAX_SIDE and the aspect ratio at most MAX_ASPECT (checked from the header)."""
+    if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
+        raise InputError(f"{name}: {width}x{height} pixels; each side must be {MIN_SIDE} to {MAX_SIDE} pixels")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise InputError(f"{name}: {width}x{height} pixels has an aspect ratio over {MAX_ASPECT:g}:1; crop it to the "
+                         "character first")
 
 
 def mask_bbox(mask: np.ndarray, name: str = "mask") -> tuple[int, int, int, int]:

@@ -64,6 +64,24 @@ def _bytes(x) -> bytes:
     raise InputError(f"cannot send a {type(x).__name__}: give a path, bytes, a PIL image or a uint8 numpy array")
 
 
+class ServerError(StoryMakerError):
+    """An error the deployment answered. `code` is the gRPC/HTTP status: INVALID_ARGUMENT for a mistake in the
+    request (the message starts with "invalid input:" and names the input and the fix), CANCELLED, INTERNAL (with a
+    request id to find in the server log), UNAVAILABLE. A stream's errors travel as messages only (Triton's
+    streaming protocol has no status per response); their code is read from the documented message prefix."""
+
+    PREFIXES = (("invalid input:", "INVALID_ARGUMENT"), ("request cancelled", "CANCELLED"),
+                ("internal error", "INTERNAL"))
+
+    def __init__(self, model: str, message: str, status=None):
+        super().__init__(f"{model}: {message}")
+        self.model, self.message = model, message
+        code = str(status).removeprefix("StatusCode.") if status else None
+        if code in (None, "None", "400", "500"):
+            code = next((c for prefix, c in self.PREFIXES if message.startswith(prefix)), code)
+        self.code = code
+
+
 class StoryMakerClient:
     """A Triton client for the StoryMaker models over gRPC (default) or HTTP, optionally with TLS.
 
@@ -162,7 +180,7 @@ class StoryMakerClient:
                     time.sleep(delay)
                     delay *= 2
                     continue
-                raise StoryMakerError(f"{model}: {e.message()}") from None
+                raise ServerError(model, e.message(), e.status()) from None
         raise AssertionError("unreachable")
 
     def _character_inputs(self, characters: list[dict], identity_only=False, interpolation=None,
@@ -237,7 +255,8 @@ class StoryMakerClient:
                 result, error = events.get(timeout=self.timeout_s)
                 if error is not None:
                     msg = error.message() if isinstance(error, InferenceServerException) else str(error)
-                    raise StoryMakerError(f"{model}: {msg}")
+                    raise ServerError(model, msg, error.status() if isinstance(error, InferenceServerException)
+                                      else None)
                 done = bool(result.as_numpy("FINAL")[0])
                 ev = {"final": done, "steps_done": int(result.as_numpy("STEPS_DONE")[0]),
                       "image": result.as_numpy("IMAGE")}

@@ -33,7 +33,8 @@ class CalleeError(Exception):
     INVALID prefix and cancellations their own wording, which restores the code."""
 
     def __init__(self, model: str, message: str, code, pb):
-        super().__init__(f"{model}: {message}")
+        # a client mistake or a cancellation keeps its documented prefix first; other errors name the callee
+        super().__init__(message if message.startswith((INVALID, "request cancelled")) else f"{model}: {message}")
         E = pb.TritonError
         if code is None or code == E.INTERNAL:
             code = E.INVALID_ARG if message.startswith(INVALID) else \

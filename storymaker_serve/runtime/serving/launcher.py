@@ -13,7 +13,6 @@ the demo; it waits for readiness and stops the process it started on exit.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import secrets
 import shutil
@@ -26,13 +25,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import tritonclient.grpc as grpcclient
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from storymaker_serve.runtime.cli import argument_parser, configure_logging
 from storymaker_serve.runtime.errors import StoryMakerError
-from storymaker_serve.runtime.serving import malloc
+from storymaker_serve.runtime.serving import malloc, reaper
 from storymaker_serve.runtime.serving.gateway import Gateway, repo_message_limit
 from storymaker_serve.runtime.serving.ngc import ngc_command
 from storymaker_serve.runtime.serving.ports import PortTaken, free_port, is_free, reserve, taken_message, taken_port
@@ -205,9 +205,9 @@ class TritonServer:
         cmd, env = server_command(self.repo, self.upstream_grpc_port, self.upstream_http_port, self.metrics_port,
                                   internal, self.admin_key, self.work, metrics_address=self.address)
         self._log = open(self.log_file, "w")
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **malloc.env(), **env}, stdout=self._log,
-                                     stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen([sys.executable, "-m", reaper.__name__, *cmd],
+                                     env={**os.environ, **malloc.env(), **env}, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         if self.gateway:                             # after the fork (gRPC threads); readiness is polled through it
             try:
                 self.gateway.start()
@@ -249,6 +249,17 @@ class TritonServer:
         except OSError:
             return ""
 
+    @property
+    def server_pid(self) -> int | None:
+        """tritonserver's process id (self.proc is the reaper that runs it), None before it starts or after."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        try:
+            children = psutil.Process(self.proc.pid).children()
+        except psutil.Error:
+            return None
+        return next((c.pid for c in children if c.pid != self.proc.pid), None)
+
     def stop(self) -> None:
         if self.gateway:
             self.gateway.stop()
@@ -281,16 +292,6 @@ def wait_until_ready(url: str, timeout: float, proc: subprocess.Popen | None = N
             pass
         time.sleep(0.5)
     return False
-
-
-def _die_with_parent() -> None:
-    """In the forked child before exec (Linux): SIGTERM to tritonserver when the launcher dies, even by SIGKILL,
-    so a killed launcher never leaves an orphan server holding its ports."""
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):     # not Linux: stop() and the signal handlers still cover clean exits
-        pass
 
 
 def _raise_interrupt(*_):

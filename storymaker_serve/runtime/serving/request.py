@@ -181,5 +181,9 @@ def character_request(glue, r, max_characters: int) -> CharacterRequest:
     if not (len(cloths) == len(faces) == len(channels) == n):
         raise InputError(f"{n} photos: CLOTHS, FACE_INFO and MASK_CHANNELS need one entry per photo")
     interp = glue.scalar(r, "INTERPOLATION", None)
+    if interp is not None and not (np.isfinite(interp) and 0.0 <= interp <= 1.0):
+        raise InputError(f"INTERPOLATION={interp}: give a weight from 0 (character 1) to 1 (character 2)")
+    if interp is not None and n != 2:
+        raise InputError(f"INTERPOLATION blends two characters; {n} given")
     return CharacterRequest(photos, masks, [c or None for c in cloths], [f or None for f in faces], channels,
                             bool(glue.scalar(r, "IDENTITY_ONLY", False, bool)), interp)
