@@ -81,10 +81,20 @@ def test_manifests_validate_against_the_kubernetes_schemas(folder):
     dep = next(d for d in docs if d["kind"] == "Deployment")
     pod = dep["spec"]["template"]
     assert dep["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
-    c = pod["spec"]["containers"][0]
-    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and "--model-control-mode=none" in c["args"]
+    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    server, gateway = containers["tritonserver"], containers["gateway"]
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == 1 and "--model-control-mode=none" in server["args"]
+    # tritonserver listens on loopback only, on the ports the gateway forwards to; the pod's gRPC/HTTP are the
+    # gateway's, and the probes go through it
+    assert {"--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--http-port=9000", "--grpc-port=9001"} <= set(
+        server["args"])
+    assert {"--upstream-http-port=9000", "--upstream-grpc-port=9001", "--address=0.0.0.0"} <= set(gateway["args"])
+    assert {p["name"] for p in server["ports"]} == {"metrics"} and {p["name"] for p in gateway["ports"]} == {
+        "http", "grpc"}
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    service = next(d for d in docs if d["kind"] == "Service")
+    named = {p["name"] for c in containers.values() for p in c.get("ports", [])}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= named
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == "8002"
     hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "triton_queue_duration_us_per_request"
@@ -100,7 +110,7 @@ def test_validation_can_fail():
     with pytest.raises(kubernetes_validate.ValidationError):
         validate(bad)
     typo = copy.deepcopy(dep)
-    typo["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    typo["spec"]["template"]["spec"]["containers"][1]["readinesProbe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         validate(typo)
 
@@ -112,3 +122,39 @@ def test_object_storage_overlay_replaces_the_volume():
     vol = next(v for v in pod["volumes"] if v["name"] == "build")
     assert "emptyDir" in vol and "persistentVolumeClaim" not in vol
     assert pod["initContainers"][0]["volumeMounts"][0]["mountPath"] == "/models"
+
+
+def test_gateway_sidecar_command_runs_in_front_of_a_server(server, tmp_path):
+    """The gateway container's command and arguments, as deploy/ writes them (ports moved to free ones, the
+    repository to the test server's), in front of a real tritonserver: health answers through it, a gzip body is
+    refused with 415, and SIGTERM stops it cleanly."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from storymaker_serve.runtime.serving.ports import free_port
+
+    pod = next(d for d in render(DEPLOY / "base") if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    gateway = next(c for c in pod["containers"] if c["name"] == "gateway")
+    http, grpc_port = free_port(), free_port()
+    moved = {"--repo": str(server.repo), "--address": "127.0.0.1", "--http-port": str(http),
+             "--grpc-port": str(grpc_port), "--upstream-http-port": str(server.upstream_http_port),
+             "--upstream-grpc-port": str(server.upstream_grpc_port), "--drain-s": "5"}
+    args = [f"{k}={moved.get(k, v)}" for k, v in (a.split("=", 1) for a in gateway["args"])]
+    assert gateway["command"][:2] == ["python3", "-m"]
+    proc = subprocess.Popen([sys.executable, "-m", *gateway["command"][2:], *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert "gateway: gRPC" in proc.stdout.readline()
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=10) as r:
+            assert r.status == 200
+        req = urllib.request.Request(f"http://127.0.0.1:{http}/v2/models/storymaker/infer", data=b"\x1f\x8b" * 10,
+                                     headers={"Content-Encoding": "gzip"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 415
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0

@@ -24,6 +24,10 @@ larger than `max_message_bytes` before reading it:
 The limit is derived from the repository's own budgets (`max_request_bytes` plus
 both prompts plus headroom for the small tensors of a request), so it moves with
 the config. The metrics port is not proxied.
+
+`python -m storymaker_serve.runtime.serving.gateway --repo REPO` runs the gateway alone, in front of a
+tritonserver started elsewhere on loopback ports (the Kubernetes sidecar in `deploy/`). On SIGTERM it stops
+taking new requests and lets the running ones finish (up to `--drain-s`), as tritonserver does.
 """
 from __future__ import annotations
 
@@ -32,9 +36,12 @@ import json
 import logging
 import re
 import select
+import signal
 import socket
 import socketserver
+import sys
 import threading
+import time
 import urllib.parse
 from concurrent import futures
 from pathlib import Path
@@ -45,6 +52,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as pb
 
+from storymaker_serve.runtime.cli import argument_parser, configure_logging
 from storymaker_serve.runtime.serving import rest_infer
 from storymaker_serve.runtime.serving.contract import LIMITS
 from storymaker_serve.runtime.serving.ports import PortTaken
@@ -175,6 +183,16 @@ class _HttpFront(socketserver.BaseRequestHandler):
     limit: int = 0
 
     def handle(self) -> None:
+        with self.active:
+            self.active.count += 1
+        try:
+            self._handle()
+        finally:
+            with self.active:
+                self.active.count -= 1
+                self.active.notify_all()
+
+    def _handle(self) -> None:
         sock = self.request
         sock.settimeout(IDLE_S)
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
@@ -342,8 +360,10 @@ class Gateway:
         infer_call = self._channel.unary_unary(rest_infer.METHOD,
                                                request_serializer=pb.ModelInferRequest.SerializeToString,
                                                response_deserializer=pb.ModelInferResponse.FromString)
+        self._active = threading.Condition()
+        self._active.count = 0                      # HTTP connections being served
         handler = type("Handler", (_HttpFront,), {"upstream": ("127.0.0.1", self.upstream_http), "limit": self.limit,
-                                                  "infer_call": infer_call})
+                                                  "infer_call": infer_call, "active": self._active})
         try:
             self._http = _ThreadingServer((self.address, self.http_port), handler)
         except OSError as e:
@@ -351,12 +371,57 @@ class Gateway:
         threading.Thread(target=self._http.serve_forever, name="gateway-http", daemon=True).start()
         return self
 
-    def stop(self) -> None:
-        if self._grpc is not None:
-            self._grpc.stop(grace=1).wait()
+    def stop(self, grace: float = 1.0) -> None:
+        """Stop taking requests; those running get up to `grace` seconds to finish (then gRPC cancels them and
+        HTTP connections are dropped)."""
+        deadline = time.monotonic() + grace
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+        grpc_done = self._grpc.stop(grace=grace) if self._grpc is not None else None
+        if self._http is not None:
+            with self._active:
+                self._active.wait_for(lambda: self._active.count == 0, timeout=max(0.0, deadline - time.monotonic()))
+        if grpc_done is not None:
+            grpc_done.wait()
         if self._channel is not None:
             self._channel.close()
         self._grpc = self._http = self._channel = None
+
+
+def main(argv=None) -> int:
+    ap = argument_parser("python -m storymaker_serve.runtime.serving.gateway", __doc__)
+    ap.add_argument("--repo", type=Path, required=True,
+                    help="the Triton repository tritonserver serves: the request limit is read from its configs")
+    ap.add_argument("--address", default="127.0.0.1", help="public bind address (0.0.0.0 in a pod)")
+    ap.add_argument("--grpc-port", type=int, default=8001)
+    ap.add_argument("--http-port", type=int, default=8000)
+    ap.add_argument("--upstream-grpc-port", type=int, default=9001, help="tritonserver's gRPC port on 127.0.0.1")
+    ap.add_argument("--upstream-http-port", type=int, default=9000, help="tritonserver's HTTP port on 127.0.0.1")
+    ap.add_argument("--max-message-bytes", type=int, help="request limit (default: from the repository's budgets)")
+    ap.add_argument("--drain-s", type=float, default=50.0, help="on SIGTERM, how long running requests may finish")
+    a = ap.parse_args(argv)
+    configure_logging(a)
+    if not (a.repo / "storymaker" / "config.pbtxt").is_file() and a.max_message_bytes is None:
+        ap.error(f"--repo {a.repo}: no storymaker/config.pbtxt there; pass the repository tritonserver serves "
+                 "(BUILD/triton_repo or BUILD/triton_repo_ngc) or --max-message-bytes")
+    limit = a.max_message_bytes or repo_message_limit(a.repo)
+    try:
+        gateway = Gateway(a.address, a.grpc_port, a.http_port, a.upstream_grpc_port, a.upstream_http_port,
+                          limit).start()
+    except PortTaken as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"gateway: gRPC {a.address}:{a.grpc_port}, HTTP {a.address}:{a.http_port} -> tritonserver on 127.0.0.1:"
+          f"{a.upstream_grpc_port}/{a.upstream_http_port}; requests up to {limit} bytes", flush=True)
+    stop.wait()
+    print(f"gateway: stopping (running requests get up to {a.drain_s:g} s)", flush=True)
+    gateway.stop(grace=a.drain_s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
