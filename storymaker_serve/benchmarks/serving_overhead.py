@@ -22,13 +22,11 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace as NS
 
@@ -40,6 +38,7 @@ from PIL import Image
 from storymaker_serve.benchmarks import CHECKOUT, RESULTS
 from storymaker_serve.benchmarks.processes import child_pids
 from storymaker_serve.benchmarks.processes import cpu_seconds as process_cpu
+from storymaker_serve.benchmarks.server_stats import model_stats, stage_metrics
 from storymaker_serve.benchmarks.standin import FACTORY
 from storymaker_serve.export.components import ExportProfile, build_specs, models_view
 from storymaker_serve.export.demo_bundle import SDXL_SCHEDULER
@@ -146,25 +145,6 @@ def step_bytes(m, characters: int, pose: bool, width: int, height: int) -> dict[
     return out
 
 
-def _metrics(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        m = re.match(r'storymaker_(stage|engine)_(seconds|count|rows|executions)_total\{(.*)\} ([0-9.e+-]+)', line)
-        if m and 'model="storymaker"' in m.group(3):
-            key = re.search(r'(?:stage|engine)="([^"]+)"', m.group(3)).group(1)
-            out[f"{key}.{m.group(2)}"] = float(m.group(4))
-    return out
-
-
-def _model_stats(admin, model: str) -> dict[str, int]:
-    s = admin.get_inference_statistics(model, as_json=True)["model_stats"][0]
-    st = s.get("inference_stats", {})
-    ns = lambda k: int(st.get(k, {}).get("ns", 0))
-    return {"rows": int(s.get("inference_count", 0)), "executions": int(s.get("execution_count", 0)),
-            "compute_ns": ns("compute_infer") + ns("compute_input") + ns("compute_output"), "queue_ns": ns("queue")}
-
-
 WARM_UP = 3
 # A fresh server's first ~15 frames at concurrency 1 take 30-40 ms, later ones 23-25 ms (measured with and without the
 # gateway); the figures are a warm server's, so each server first answers this many frames of its first case
@@ -181,7 +161,7 @@ def run_case(server, client, admin, characters: int, pose: bool, concurrency: in
     lat, lock, errors = [], threading.Lock(), []
     roles = {"client": [os.getpid()], **server.processes()}
     cpu0 = cpu_seconds(roles)
-    m0, u0, c0 = _metrics(server.metrics_port), _model_stats(admin, "unet"), _model_stats(admin, "controlnet") \
+    m0, u0, c0 = stage_metrics(server.metrics_port), model_stats(admin, "unet"), model_stats(admin, "controlnet") \
         if pose else None
 
     def worker(k):
@@ -205,7 +185,7 @@ def run_case(server, client, admin, characters: int, pose: bool, concurrency: in
     cpu1 = cpu_seconds(roles)
     deadline = time.time() + 10
     while True:         # the model sends its metrics just after each response (off the request's path): all of them
-        m1, u1 = _metrics(server.metrics_port), _model_stats(admin, "unet")
+        m1, u1 = stage_metrics(server.metrics_port), model_stats(admin, "unet")
         if m1.get("respond.count", 0) - m0.get("respond.count", 0) >= n - len(errors) or time.time() > deadline:
             break
         time.sleep(0.02)
@@ -230,7 +210,7 @@ def run_case(server, client, admin, characters: int, pose: bool, concurrency: in
            # CPU time per image of each process (all on the same cores here): where the wall time's work is done
            "cpu_ms_per_image": {k: round(1000 * (cpu1[k] - cpu0[k]) / n, 1) for k in roles}}
     if pose:
-        c1 = _model_stats(admin, "controlnet")
+        c1 = model_stats(admin, "controlnet")
         executions = max(1, c1["executions"] - c0["executions"])
         rec["controlnet_rows_per_execution"] = round((c1["rows"] - c0["rows"]) / executions, 2)
     if errors:
