@@ -50,7 +50,10 @@ def main(argv=None) -> list[dict]:
     ap = argument_parser("python -m benchmarks.samplers", __doc__)
     ap.add_argument("--build", type=Path, default=Path("build/demo"), help="a build folder (manifest.json)")
     ap.add_argument("--size", type=int, default=512, help="image side in pixels")
-    ap.add_argument("--repeats", type=int, default=2, help="timed images per setting (after one warm-up)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed images per setting")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed images per setting first; 0: one 1-step image before all settings instead (sessions "
+                         "and buffers), for the released sizes where a warm-up image costs minutes")
     ap.add_argument("--out", type=Path, default=RESULTS / "samplers.jsonl")
     a = ap.parse_args(argv)
     configure_logging(a)
@@ -61,15 +64,18 @@ def main(argv=None) -> list[dict]:
                              [(DATA / "ldh.face.json").read_text()], [0])
     tokens = pipeline.encode_characters(chars)
     records = []
+    if a.warmup == 0:
+        pipeline.generate(GenerateOptions("warm-up", width=a.size, height=a.size, seed=1, steps=1), tokens)
     for label, setting in SETTINGS:
         opts = GenerateOptions("a man walking in a park", width=a.size, height=a.size, seed=1, **setting)
-        pipeline.generate(opts, tokens)                                  # warm-up: sessions, plans
+        for _ in range(a.warmup):
+            pipeline.generate(opts, tokens)                              # warm-up: sessions, plans
         rows[0], times = 0, []
         for _ in range(a.repeats):
             t0 = time.perf_counter()
             pipeline.generate(opts, tokens)
             times.append(time.perf_counter() - t0)
-        rec = {"setting": label, **setting, "size": a.size, "build": str(a.build),
+        rec = {"setting": label, **setting, "size": a.size, "build": str(a.build), "warmup": a.warmup,
                "precision": build.data.get("precision"), "unet_rows_per_image": rows[0] // a.repeats,
                "seconds_per_image": round(float(np.median(times)), 3), "runs_s": [round(t, 3) for t in times],
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
