@@ -23,7 +23,8 @@ def test_stream_errors_carry_their_code(server, client):
 def test_http_front_refuses_what_tritonserver_would_not_survive_or_answer_500(server):
     """The gateway's h11 front: a gzip body (a 300 kB bomb inflates to 300 MiB inside tritonserver) is refused
     with 415, a negative Content-Length with 400, an oversized one with 413, a body that is not JSON, one without
-    inputs and STEPS as a string with 400, all before tritonserver sees them; its memory stays."""
+    inputs, STEPS as a string and a POST without Content-Length (no body, as HTTP/1.1 reads it) with
+    400, all before tritonserver sees them; its memory stays."""
     import gzip
     import socket
 
@@ -59,6 +60,9 @@ def test_http_front_refuses_what_tritonserver_would_not_survive_or_answer_500(se
                                                "data": ["many"]}]}).encode(), "input STEPS: INT32 data holds 'many'")):
         status, text = send(post(body))
         assert status == 400 and why in text and "invalid input:" in text, (status, text)
+    status, text = send(b"POST /v2/models/storymaker/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                        + b"x" * 4096)                       # no Content-Length: a request without a body
+    assert status == 400 and "not JSON" in text, (status, text)
     assert tree_rss_mb(server.proc.pid) - rss0 < 150
     ok = {"inputs": [{"name": "PROMPT", "datatype": "BYTES", "shape": [1], "data": ["a man"]}],
           "outputs": [{"name": "TRUNCATED"}]}
