@@ -227,3 +227,21 @@ def test_a_filled_round_leaves_the_calls_beyond_whole_executions_for_the_next():
     assert b._round() == calls[2:] and b.pending == []
     b.pending, b.first_pending = calls[:3], time.perf_counter() - 60
     assert b._round() == calls[:3]                          # waited max_wait_s: everything runs
+
+
+def test_an_execution_that_cannot_take_every_waiting_call_takes_the_oldest_requests_first():
+    """Five loops in flight, three waiting with 2 rows each, 4 rows per execution: the round runs the two oldest
+    requests' calls and the newest waits, whatever the order of their threads or arrivals. A fixed order by thread
+    served the same loops first in every round, so some clients waited far longer than others (the p99 tail)."""
+    from storymaker_serve.runtime.serving.batcher import _Call
+
+    b = StepBatcher({"unet": _engine([])}, {"unet": 4}, max_wait_s=30.0)
+    b.active = 5
+    feeds = {"sample": np.zeros((2, 3), np.float32)}
+    loops = [30, 10, 20]                                   # thread idents; the highest started first
+    calls = [_Call("unet", feeds, 2, loop=ident) for ident in loops]
+    for started, c in zip((1.0, 3.0, 2.0), calls):
+        c.order = (started, c.loop)
+    b.pending, b.first_pending = list(reversed(calls)), 1e18   # newest arrived first; no timeout
+    taken = b._round()
+    assert [c.loop for c in taken] == [30, 20] and [c.loop for c in b.pending] == [10]
