@@ -127,3 +127,12 @@ def test_serving_overhead_standin_build_has_the_released_shapes(tmp_path):
     # sample + noise_pred 2x614400, encoder_hidden_states 2x117x2048x4, small vectors
     assert plain == {"unet": 2 * 614400 + 2 * 117 * 2048 * 4 + 4 * (2 + 2 * 1280 + 12 + 2)}
     assert pose["unet"] - plain["unet"] > 250e6 and "controlnet" in pose     # the residuals, when sent by BLS
+
+
+def test_load_reports_the_fastest_and_slowest_clients_mean_latency():
+    """Rejected requests do not count; an unfair schedule shows as a wide spread of per-client means."""
+    from storymaker_serve.benchmarks.load import _client_spread
+
+    results = [("ok", 1.0, 0), ("ok", 3.0, 0), ("ok", 5.0, 1), ("rejected: busy", 0.1, 1), ("ok", 7.0, 1)]
+    assert _client_spread(results) == {"min": 2.0, "max": 6.0}
+    assert _client_spread([("rejected: x", 1.0, 0)]) == {}

@@ -9,7 +9,8 @@ latency, from the server's own statistics the UNet's average batch (rows per
 UNet execution: 2 = one CFG pair, i.e. no sharing; 4 = two requests' steps
 shared one run), and where a request's time went: per model the queue and
 compute milliseconds per request, and the storymaker model's stages (its
-metrics). One JSON line per level goes to benchmarks/results/load.jsonl.
+metrics), and the fastest and slowest client's mean latency (far apart: the tail is
+unfair scheduling, not slow requests). One JSON line per level goes to benchmarks/results/load.jsonl.
 Equivalent with NVIDIA's tool (Triton SDK container; not installable here):
 `perf_analyzer -m storymaker -u 127.0.0.1:8001 -i grpc --concurrency-range 1:8
 --input-data story_inputs.json`.
@@ -58,7 +59,7 @@ def run_level(client, admin, tokens, concurrency: int, per_client: int, opts: di
             except StoryMakerError as e:
                 status = f"rejected: {str(e)[:80]}"
             with lock:
-                results.append((status, time.perf_counter() - t))
+                results.append((status, time.perf_counter() - t, k))
 
     before = {m: model_stats(admin, m) for m in MODELS}
     stages0 = stage_metrics(metrics_port) if metrics_port else {}
@@ -79,6 +80,7 @@ def run_level(client, admin, tokens, concurrency: int, per_client: int, opts: di
            "req_per_s": round(len(results) / wall, 3),
            **{f"p{q}_s": round(float(np.percentile(lat, q)), 3) for q in (50, 90, 99)},
            "max_s": round(float(lat.max()), 3),
+           "client_mean_s": _client_spread(results),
            "unet_rows_per_execution": round(unet["rows"] / max(1, unet["executions"]), 2),
            "ms_per_request": {m: {"queue": round((after[m]["queue_ns"] - before[m]["queue_ns"]) / n / 1e6, 1),
                                   "compute": round((after[m]["compute_ns"] - before[m]["compute_ns"]) / n / 1e6, 1)}
@@ -89,6 +91,17 @@ def run_level(client, admin, tokens, concurrency: int, per_client: int, opts: di
             k.removesuffix(".seconds"): round((v - stages0.get(k, 0.0)) / n * 1e3, 1)
             for k, v in sorted(stages1.items()) if k.endswith(".seconds")}
     return row
+
+
+def _client_spread(results: list) -> dict:
+    """The fastest and slowest client's mean latency: far apart, the tail is some clients served before others
+    (unfair scheduling) rather than every request sometimes slow."""
+    per: dict[int, list[float]] = {}
+    for status, dt, k in results:
+        if status == "ok":
+            per.setdefault(k, []).append(dt)
+    means = [float(np.mean(v)) for v in per.values()]
+    return {"min": round(min(means), 3), "max": round(max(means), 3)} if means else {}
 
 
 def _without_unet_batching(repo: Path) -> Path:
