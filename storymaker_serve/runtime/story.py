@@ -43,8 +43,6 @@ from storymaker_serve.runtime.preprocess import character_image, decode_image
 from storymaker_serve.runtime.sampler_names import SCHEDULERS, SPACINGS
 
 log = logging.getLogger(__name__)
-OPTION_KEYS = ("negative_prompt", "steps", "guidance", "width", "height", "seed", "ip_scale", "controlnet_scale",
-               "scheduler", "timestep_spacing", "noise_device")
 
 
 # ---- the file format ----
@@ -63,6 +61,9 @@ class _Options(pydantic.BaseModel):
     scheduler: Literal[SCHEDULERS] | None = None
     timestep_spacing: Literal[SPACINGS] | None = None
     noise_device: Literal["cpu", "cuda"] | None = None
+
+
+OPTION_KEYS = tuple(_Options.model_fields)      # the option names a story may set, in the schema's order
 
 
 class _Character(pydantic.BaseModel):
