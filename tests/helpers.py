@@ -7,7 +7,7 @@ import shutil
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from storymaker_serve.benchmarks.processes import child_pids, rss_kib
+from storymaker_serve.benchmarks.processes import tree_rss_kib
 from storymaker_serve.examples import DATA, STORY  # noqa: F401 - shared with the test modules
 from storymaker_serve.runtime.adapter import attach_storymaker
 from storymaker_serve.runtime.loaders import load_mask_bin, load_sdxl
@@ -77,4 +77,4 @@ def copy_build(built, tmp_path):
 
 def tree_rss_mb(pid: int) -> float:
     """RSS of a process and all below it (a server's reaper, tritonserver and its Python-backend stubs), in MB."""
-    return sum(rss_kib(p) for p in [pid, *child_pids(pid, recursive=True)]) / 1024
+    return tree_rss_kib(pid) / 1024

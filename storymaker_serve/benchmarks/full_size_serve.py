@@ -27,7 +27,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from storymaker_serve.benchmarks import TEST_DATA
-from storymaker_serve.benchmarks.processes import child_pids, command_line, rss_kib
+from storymaker_serve.benchmarks.processes import child_pids, command_line, rss_kib, tree_rss_kib
 from storymaker_serve.runtime.cli import argument_parser
 from storymaker_serve.runtime.manifest import Manifest
 from storymaker_serve.runtime.serving.launcher import TritonServer
@@ -35,7 +35,7 @@ from storymaker_serve.runtime.serving.launcher import TritonServer
 
 def tree_rss_gib(pid: int) -> float:
     """RSS of process `pid` and all below it (the reaper, tritonserver and its stubs), GiB."""
-    return round(sum(rss_kib(p) for p in [pid, *child_pids(pid, recursive=True)]) / 2**20, 2)
+    return round(tree_rss_kib(pid) / 2**20, 2)
 
 
 def stub_rss_gib(pid: int, part: str = "all") -> dict[str, float]:

@@ -37,6 +37,12 @@ def rss_kib(pid: int, part: str = "all") -> int:
     return kib // 1024
 
 
+def tree_rss_kib(pid: int) -> int:
+    """Resident memory of a process and all below it (a launcher's reaper, tritonserver and its Python-backend
+    stubs), KiB."""
+    return sum(rss_kib(p) for p in [pid, *child_pids(pid, recursive=True)])
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used so far, all its threads."""
     try:

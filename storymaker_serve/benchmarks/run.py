@@ -34,6 +34,7 @@ import torch
 from storymaker_serve.benchmarks import CHECKOUT, RESULTS, TEST_DATA
 from storymaker_serve.benchmarks.flops import achieved, image_flops
 from storymaker_serve.benchmarks.plot import main as plot
+from storymaker_serve.benchmarks.processes import tree_rss_kib
 from storymaker_serve.runtime.characters import (
     Character,
     CharacterFeatures,
@@ -268,19 +269,6 @@ def bench_onnxruntime(a) -> dict:
     return _summary(totals, stages)
 
 
-def _tree_rss_bytes(pid: int) -> int:
-    """Resident memory of a process and all its descendants (the server and its Python-backend stubs)."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            total += int(next(line for line in open(f"/proc/{p}/status") if line.startswith("VmRSS")).split()[1]) * 1024
-            todo += [int(c) for c in open(f"/proc/{p}/task/{p}/children").read().split()]
-        except (OSError, StopIteration):
-            pass
-    return total
-
-
 def bench_triton(a) -> list[dict]:
     # imported here: the triton backend alone needs tritonclient and a tritonserver (the GPU device check has neither)
     import tritonclient.grpc as grpcclient
@@ -298,7 +286,7 @@ def bench_triton(a) -> list[dict]:
         run_level(client, admin, tokens, 2, a.warmup, opts)    # warm both storymaker instances, not just one
         for c in (int(x) for x in a.concurrency.split(",")):
             level = run_level(client, admin, tokens, c, a.repeats, opts)
-            rows.append({**level, "median_s": level["p50_s"], "server_rss_bytes": _tree_rss_bytes(srv.proc.pid)})
+            rows.append({**level, "median_s": level["p50_s"], "server_rss_bytes": tree_rss_kib(srv.proc.pid) * 1024})
     return rows
 
 
