@@ -1,4 +1,4 @@
-"""Shared fixtures: the demo bundle (written once per session) and loaded models.
+"""Shared fixtures: the demo bundle (written once per test run) and loaded models.
 
 Everything runs offline on a CPU: HF_HUB_OFFLINE is set before any
 huggingface import, and all weights come from the demo bundle that our own
@@ -33,7 +33,7 @@ _STARTED = time.time()
 
 
 def _left_behind() -> list[psutil.Process]:
-    """Server processes started during this session that are still ours (below this process) or orphaned."""
+    """Server processes started during this test run that are still ours (below this process) or orphaned."""
     mine = {p.pid for p in psutil.Process().children(recursive=True)}
     out = []
     for p in psutil.process_iter(["name", "cmdline", "create_time", "ppid"]):
@@ -108,7 +108,7 @@ def two_characters():
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory) -> Path:
-    """`python -m export.build --demo` once per session: ONNX, manifest and Triton repository."""
+    """`python -m export.build --demo` once per test run: ONNX, manifest and Triton repository."""
     from storymaker_serve.export.build import main
 
     out = tmp_path_factory.mktemp("build") / "demo"
