@@ -295,7 +295,7 @@ class RemoteStoryMaker:
         from storymaker_serve.runtime.story import FrameResult  # the story side loads torch: only when used
 
         sampling = {k: getattr(opts, k) for k in OPTIONS if k in given}
-        pose = _png(opts.pose_image) if opts.pose_image is not None else None
+        pose = opts.pose_image                    # a uint8 array: sent as lossless PNG (_bytes), the array exactly
         if self.previews is None:
             img, info = self.client.generate(opts.prompt, tokens=tokens, pose=pose,
                                              negative_prompt=opts.negative_prompt, **sampling)
@@ -307,13 +307,6 @@ class RemoteStoryMaker:
                 Image.fromarray(ev["image"]).save(pv)
                 self.progress(f"frame {frame}/{frames}: step {ev['steps_done']} preview {pv}")
         return FrameResult(ev["image"], ev["png"], ev["truncated"])
-
-
-def _png(image: np.ndarray) -> bytes:
-    """A decoded pose map as PNG: lossless, so the server decodes exactly the array the story loaded."""
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def main(argv=None) -> int:
