@@ -51,7 +51,7 @@ def recommended(path: Path) -> dict:
 
 def sampling_defaults(loras) -> dict:
     """The defaults a set of LoRAs implies: the few-step one's (at most one may be given)."""
-    found = [(Path(p), s) for p, s in loras if recommended(Path(p))]
+    found = [(Path(p), settings) for p, _ in loras if (settings := recommended(Path(p)))]
     if len(found) > 1:
         raise WeightsError(f"{len(found)} few-step LoRAs given ({', '.join(str(p) for p, _ in found)}); fuse one")
-    return recommended(found[0][0]) if found else {}
+    return found[0][1] if found else {}
