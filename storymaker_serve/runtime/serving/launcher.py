@@ -7,9 +7,8 @@ plus its 3.x stub into a private backend folder. Secure defaults: loopback
 addresses, model control mode `none` (no remote model loading, which would run
 arbitrary code), and the administrative protocols (model repository, shared
 memory, trace, logging) restricted to clients that send the operator's key in
-the `admin-key` header (gRPC clients send it as `triton-grpc-protocol-admin-key`). `TritonServer` is also a context
-manager for tests and
-the demo; it waits for readiness and stops the process it started on exit.
+the `admin-key` header (gRPC clients send it as `triton-grpc-protocol-admin-key`). `TritonServer` is also a
+context manager for tests and the demo; it waits for readiness and stops the process it started on exit.
 """
 from __future__ import annotations
 
@@ -38,8 +37,7 @@ from storymaker_serve.runtime.serving.ngc import ngc_command
 from storymaker_serve.runtime.serving.ports import PortTaken, free_port, is_free, reserve, taken_message, taken_port
 
 REQUIRED_MODELS = ("text_encoder", "text_encoder_1", "text_encoder_2", "clip_vision", "ppr", "encode_characters",
-                   "unet",
-                   "vae_decoder", "sampler", "storymaker")
+                   "unet", "vae_decoder", "sampler", "storymaker")
 ADMIN_PROTOCOLS = "model-repository,shared-memory,trace,logging"
 PORT_FLAGS = {"grpc_port": "--grpc-port", "http_port": "--http-port", "metrics_port": "--metrics-port"}
 PORT_NAMES = (*PORT_FLAGS, "upstream_grpc_port", "upstream_http_port")
@@ -187,8 +185,7 @@ class TritonServer:
                 raise StoryMakerError(taken_message(taken, self.address, flag))
             if attempt == PORT_ATTEMPTS:
                 raise StoryMakerError(f"tritonserver found the ports drawn for it taken {attempt} times (last: "
-                                      f"{taken}); "
-                                      "pass free ports with --grpc-port/--http-port/--metrics-port. "
+                                      f"{taken}); pass free ports with --grpc-port/--http-port/--metrics-port. "
                                       f"Log: {self.log_file}")
             fresh = free_port("127.0.0.1" if all(n.startswith("upstream") for n in mine) else self.address)
             for n in mine:
@@ -258,7 +255,7 @@ class TritonServer:
             children = psutil.Process(self.proc.pid).children()
         except psutil.Error:
             return None
-        return next((c.pid for c in children if c.pid != self.proc.pid), None)
+        return children[0].pid if children else None
 
     def stop(self) -> None:
         if self.gateway:
